@@ -1,0 +1,76 @@
+"""Layers shared by the image encoders, the prompt encoder and the mask decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of a B x C x H x W tensor (SAM's and EfficientViT's).
+
+    Both references compute ``(x - mean) / sqrt(var + eps)`` in the same operation order, so one
+    class serves both and matches each bit for bit.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class MLPBlock(nn.Module):
+    """Two linear layers with an activation between them (transformer feed-forward)."""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        mlp_dim: int,
+        act: type[nn.Module] = nn.GELU,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(embedding_dim, mlp_dim, device=device, dtype=dtype)
+        self.lin2 = nn.Linear(mlp_dim, embedding_dim, device=device, dtype=dtype)
+        self.act = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (SAM's hypernetwork and IoU heads)."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(
+            nn.Linear(i, o, device=device, dtype=dtype) for i, o in zip(dims_in, dims_out)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last:
+                x = torch.relu(x)
+        return x

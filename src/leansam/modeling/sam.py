@@ -1,0 +1,150 @@
+"""The SAM model: any image encoder + SAM's prompt encoder and mask decoder."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configs import (
+    EMBED_DIM,
+    EMBED_SIZE,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    PROMPT_FRAME,
+    EfficientViTConfig,
+    SamConfig,
+)
+from .efficientvit import EfficientViTImageEncoder
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+from .transformer import TwoWayTransformer
+from .vit import ViTImageEncoder
+
+
+class Sam(nn.Module):
+    """SAM-family model.
+
+    ``image_size`` is the encoder's square input side R (512 or 1024). Prompts and masks always use
+    the 1024 long-side frame (``prompt_frame``), also when R = 512.
+    """
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(
+        self,
+        config: SamConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.config = config
+        self.image_size = config.image_size
+        self.prompt_frame = PROMPT_FRAME
+        if isinstance(config.encoder, EfficientViTConfig):
+            self.image_encoder: nn.Module = EfficientViTImageEncoder(
+                config.encoder, config.image_size, **kw
+            )
+        else:
+            self.image_encoder = ViTImageEncoder(config.encoder, **kw)
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=EMBED_DIM,
+            image_embedding_size=(EMBED_SIZE, EMBED_SIZE),
+            input_image_size=(PROMPT_FRAME, PROMPT_FRAME),
+            mask_in_chans=16,
+            **kw,
+        )
+        self.mask_decoder = MaskDecoder(
+            transformer_dim=EMBED_DIM,
+            transformer=TwoWayTransformer(
+                depth=2,
+                embedding_dim=EMBED_DIM,
+                mlp_dim=2048,
+                num_heads=8,
+                norm_eps=config.decoder_norm_eps,
+                **kw,
+            ),
+            num_multimask_outputs=3,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+            **kw,
+        )
+        self.init_pixel_stats(device)
+
+    def init_pixel_stats(self, device: torch.device | str | None = None) -> None:
+        """(Re)create the normalisation constants, e.g. after building on the meta device.
+
+        They are not in checkpoints (upstream SAM registers them non-persistent too). Dividing in
+        float64 before rounding to float32 reproduces the references' Python constants.
+        """
+        scale = 255.0 if self.config.unit_range_normalize else 1.0
+        mean = torch.tensor([m / scale for m in PIXEL_MEAN], device=device).view(-1, 1, 1)
+        std = torch.tensor([s / scale for s in PIXEL_STD], device=device).view(-1, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mask_decoder.iou_token.weight.dtype
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise B x 3 x h x w pixel values (0..255, long side R) and zero-pad to R x R.
+
+        EfficientViT-SAM's reference normalises in [0, 1] units (ToTensor + Normalize), SAM's in
+        0..255 units; each family reproduces its own reference's rounding.
+        """
+        x = x.float()
+        if self.config.unit_range_normalize:
+            x = x / 255
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        if max(h, w) > self.image_size:
+            raise ValueError(f"image of {h}x{w} exceeds the encoder input {self.image_size}")
+        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+
+    def postprocess_masks(
+        self,
+        masks: torch.Tensor,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+    ) -> torch.Tensor:
+        """256 x 256 logits -> bilinear to 1024 -> crop to ``input_size`` (the image content in the
+        1024 frame) -> bilinear to ``original_size`` (H, W). Works on B x C x 256 x 256."""
+        masks = F.interpolate(
+            masks, (self.prompt_frame, self.prompt_frame), mode="bilinear", align_corners=False
+        )
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """End-to-end pass for training: one prompt set per image.
+
+        Arguments:
+          images: B x 3 x R x R, already normalised and padded (:meth:`preprocess`).
+          point_coords / point_labels: B x N x 2 / B x N, 1024 frame.
+          boxes: B x 4 XYXY, 1024 frame.  mask_input: B x 1 x 256 x 256.
+
+        Returns low-res logits B x C x 256 x 256 and IoU predictions B x C.
+        """
+        emb = self.image_encoder(images)
+        points = None if point_coords is None else (point_coords, point_labels)
+        sparse, dense = self.prompt_encoder(points, boxes, mask_input)
+        return self.mask_decoder(
+            emb, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+        )

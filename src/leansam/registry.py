@@ -1,0 +1,59 @@
+"""Model registry: ``create_model(name, checkpoint=...)`` and ``list_models()``."""
+
+from __future__ import annotations
+
+import difflib
+import os
+
+import torch
+
+from .configs import VARIANTS, SamConfig
+from .errors import UnknownModelError
+from .modeling.sam import Sam
+
+
+def list_models(*, include_tiny: bool = True) -> list[str]:
+    """Names of the registered variants (test-size ``tiny`` ones last unless excluded)."""
+    names = [n for n, c in VARIANTS.items() if not c.tiny]
+    if include_tiny:
+        names += [n for n, c in VARIANTS.items() if c.tiny]
+    return names
+
+
+def get_config(name: str) -> SamConfig:
+    """The config of a registered variant; unknown names raise with the closest suggestions."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(VARIANTS), n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UnknownModelError(
+            f"unknown model {name!r}: {hint}`leansam models` lists the {len(VARIANTS)} variants"
+        ) from None
+
+
+def create_model(
+    name: str,
+    checkpoint: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Sam:
+    """Build a registered model in eval mode.
+
+    Arguments:
+      name: a name from :func:`list_models`, e.g. ``"efficientvit-sam-l0"`` or ``"sam-vit-h"``.
+      checkpoint: an official ``efficientvit_sam_*.pt`` / ``sam_vit_*.pth`` file or a safetensors
+        file; loaded weights-only and strictly. Without it the weights are random.
+      device, dtype: where and in which precision the model lives (default CPU, float32).
+    """
+    cfg = get_config(name)
+    if checkpoint is None:
+        model = Sam(cfg, device=device)
+    else:
+        from .checkpoint import load_checkpoint_into
+
+        # Build without allocating or initialising weights, then take the checkpoint's tensors.
+        model = Sam(cfg, device="meta")
+        load_checkpoint_into(model, checkpoint)
+    model.to(device=device, dtype=dtype)
+    return model.eval()
