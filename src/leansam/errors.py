@@ -18,3 +18,19 @@ class CheckpointError(LeansamError, ValueError):
 
 class InputError(LeansamError, ValueError):
     """A bad image, prompt or argument."""
+
+
+class MissingDependencyError(LeansamError, ImportError):
+    """An optional dependency is needed for this feature."""
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency or raise a one-line hint naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(
+            f"this needs the `{module.split('.')[0]}` package: pip install 'leansam[{extra}]'"
+        ) from None

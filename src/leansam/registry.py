@@ -57,3 +57,19 @@ def create_model(
         load_checkpoint_into(model, checkpoint)
     model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def model_info(name: str) -> dict:
+    """Name, family, encoder input size, parameter count (counted on the meta device)."""
+    cfg = get_config(name)
+    model = Sam(cfg, device="meta")
+    return {
+        "name": name,
+        "family": cfg.family,
+        "image_size": cfg.image_size,
+        "params": sum(p.numel() for p in model.parameters()),
+        "encoder_params": sum(p.numel() for p in model.image_encoder.parameters()),
+        "state_dict_keys": len(model.state_dict()),
+        "tiny": cfg.tiny,
+        "description": cfg.description,
+    }

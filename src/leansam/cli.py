@@ -1,0 +1,128 @@
+"""``leansam <subcommand>``: each subcommand parses its arguments and calls one library function.
+
+User mistakes (a missing image, a bad box, an unknown model, a wrong checkpoint) print one line,
+``leansam: error: ...``, and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import LeansamError
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .registry import list_models, model_info
+
+    rows = [model_info(n) for n in list_models(include_tiny=args.all)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<26} {'family':<13} {'input':>5} {'params':>8}  description")
+    for r in rows:
+        print(
+            f"{r['name']:<26} {r['family']:<13} {r['image_size']:>5} "
+            f"{r['params'] / 1e6:>7.1f}M  {r['description']}"
+        )
+    if not args.all:
+        print("(test-size variants hidden; --all lists them)")
+    return 0
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .segment import parse_box, parse_point, segment
+
+    record = segment(
+        args.image,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        boxes=[parse_box(b) for b in args.box],
+        points=[parse_point(p) for p in args.point],
+        separate_points=args.separate_points,
+        multimask=args.multimask,
+        out_dir=args.out,
+        device=args.device,
+    )
+    n = len(record["results"])
+    if not args.checkpoint:
+        print("warning: no --checkpoint: random weights, the masks are meaningless", file=sys.stderr)
+    print(f"wrote {n} mask(s), overlay.png and result.json to {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        data=args.data,
+        out_dir=args.out,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        num_images=args.images,
+        device=args.device,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="leansam", description="Fast, exact Segment Anything.")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("models", help="list model variants with input size and parameters")
+    m.add_argument("--all", action="store_true", help="include test-size variants")
+    m.add_argument("--json", action="store_true", help="print JSON")
+    m.set_defaults(func=_cmd_models)
+
+    s = sub.add_parser("segment", help="segment an image from box / point prompts")
+    s.add_argument("image", help="image file (JPEG, PNG, ...)")
+    s.add_argument("--model", required=True, help="model name, see `leansam models`")
+    s.add_argument("--checkpoint", help="official .pt/.pth or .safetensors weights")
+    s.add_argument(
+        "--box", action="append", default=[], metavar="x0,y0,x1,y1",
+        help="box prompt in image pixels; repeat for several objects (decoded in one batch)",
+    )  # fmt: skip
+    s.add_argument(
+        "--point", action="append", default=[], metavar="x,y[,label]",
+        help="point prompt, label 1 (default) foreground or 0 background; points form one "
+        "prompt together unless --separate-points",
+    )  # fmt: skip
+    s.add_argument("--separate-points", action="store_true", help="one prompt per point")
+    s.add_argument("--multimask", action="store_true", help="3 candidate masks per prompt")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--device", default=None, help="cpu (default) or cuda")
+    s.set_defaults(func=_cmd_segment)
+
+    d = sub.add_parser("demo", help="segment coco-mini images from their annotation boxes")
+    d.add_argument("--data", default="../shared/data/coco-mini", help="coco-mini folder")
+    d.add_argument("--out", default="out/demo", help="output folder")
+    d.add_argument("--model", default="efficientvit-sam-l0")
+    d.add_argument("--checkpoint", help="official weights for --model (else random weights)")
+    d.add_argument("--images", type=int, default=4, help="number of val images")
+    d.add_argument("--device", default=None)
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"leansam {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LeansamError as e:
+        print(f"leansam: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leansam: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Image reading, mask encoding and drawing, atomic file writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from .errors import InputError, require
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as H x W x 3 uint8 RGB (pixel grid as stored, no EXIF rotation, so that
+    coordinates match COCO-style annotations)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"image not found: {path}")
+    if not path.is_file():
+        raise InputError(f"image path is not a file: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.array(im.convert("RGB"))
+    except UnidentifiedImageError:
+        raise InputError(f"cannot read image {path}: not an image file, or corrupt") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"cannot read image {path}: {e} (truncated or corrupt file?)") from None
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write via a temp file in the same folder and rename, so no half-written file is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: object) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def atomic_write_png(path: str | os.PathLike, image: np.ndarray | Image.Image) -> Path:
+    im = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def mask_to_coco_rle(mask: np.ndarray) -> dict:
+    """H x W bool mask -> COCO compressed RLE ``{"size": [H, W], "counts": str}``."""
+    mask_utils = require("pycocotools.mask", "data")
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def coco_rle_to_mask(rle: dict) -> np.ndarray:
+    """Inverse of :func:`mask_to_coco_rle`."""
+    mask_utils = require("pycocotools.mask", "data")
+
+    r = dict(rle)
+    if isinstance(r["counts"], str):
+        r["counts"] = r["counts"].encode("ascii")
+    return mask_utils.decode(r).astype(bool)
+
+
+#: distinct colours for overlays (tab10)
+PALETTE = np.array(
+    [
+        (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+        (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    ],
+    dtype=np.float32,
+)  # fmt: skip
+
+
+def draw_overlay(
+    image: np.ndarray,
+    masks: list[np.ndarray],
+    *,
+    boxes: list[tuple[float, float, float, float] | None] | None = None,
+    points: list[tuple[float, float, int]] | None = None,
+    labels: list[str] | None = None,
+    alpha: float = 0.5,
+) -> Image.Image:
+    """Blend coloured masks over the image, outline them, draw box and point prompts."""
+    out = image.astype(np.float32).copy()
+    colors = [PALETTE[i % len(PALETTE)] for i in range(len(masks))]
+    for m, color in zip(masks, colors):
+        out[m] = out[m] * (1 - alpha) + color * alpha
+        # 1-px outline: mask pixels with a background 4-neighbour
+        pad = np.pad(m, 1)
+        inner = pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
+        out[m & ~inner] = color
+    im = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    for i, color in enumerate(colors):
+        box = boxes[i] if boxes and i < len(boxes) else None
+        if box is None:
+            continue
+        draw.rectangle(box, outline=tuple(int(c) for c in color), width=2)
+        if labels and i < len(labels):
+            draw.text((box[0] + 3, box[1] + 2), labels[i], fill=(255, 255, 255))
+    for x, y, lab in points or []:
+        r = 5
+        fill = (40, 220, 40) if lab == 1 else (230, 40, 40)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill, outline=(255, 255, 255), width=2)
+    return im

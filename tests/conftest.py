@@ -1,0 +1,70 @@
+"""Shared fixtures: real coco-mini data and deterministic random weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+COCO_MINI = DATA / "coco-mini"
+
+
+def pytest_configure(config):
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every tensor of a state dict non-trivial values, deterministically.
+
+    Default initialisation leaves many tensors at 0 or 1 (biases, norms, BN statistics, SAM's
+    positional embeddings), which would hide a swapped or ignored tensor; this perturbs them all.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=g, dtype=t.dtype)
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith(("running_mean", "bias", "pos_embed")) or "rel_pos" in name:
+                t.copy_(0.1 * noise)
+            elif t.ndim == 1:  # norm scales
+                t.copy_(1.0 + 0.1 * noise)
+            else:
+                t.add_(0.02 * noise * (t.std() if t.numel() > 1 else 1.0))
+    return module
+
+
+@pytest.fixture(scope="session")
+def coco_val():
+    """(images, annotations by image id) of coco-mini val."""
+    from leansam.data.coco import load_coco
+
+    path = COCO_MINI / "annotations" / "instances_val2017.json"
+    if not path.exists():
+        pytest.fail(f"coco-mini not found at {COCO_MINI}: the tests read ../shared/data")
+    return load_coco(path)
+
+
+@pytest.fixture(scope="session")
+def coco_image(coco_val):
+    """A real non-square coco-mini val image (H x W x 3 uint8) with its annotations."""
+    from leansam.io import load_image
+
+    images, anns = coco_val
+    info = next(im for im in images if im["width"] != im["height"] and len(anns.get(im["id"], [])) >= 2)
+    return load_image(COCO_MINI / "val2017" / info["file_name"]), anns[info["id"]]
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def mask_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((np.asarray(a) == np.asarray(b)).mean())
