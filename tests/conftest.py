@@ -58,7 +58,9 @@ def coco_image(coco_val):
     from leansam.io import load_image
 
     images, anns = coco_val
-    info = next(im for im in images if im["width"] != im["height"] and len(anns.get(im["id"], [])) >= 2)
+    info = next(
+        im for im in images if im["width"] != im["height"] and len(anns.get(im["id"], [])) >= 2
+    )
     return load_image(COCO_MINI / "val2017" / info["file_name"]), anns[info["id"]]
 
 

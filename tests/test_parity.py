@@ -70,7 +70,7 @@ def pair(request, tmp_path_factory, coco_image):
 
 
 def test_image_embedding_matches(pair):
-    name, ref_pred, our_pred, image, _ = pair
+    _name, ref_pred, our_pred, image, _ = pair
     ref_emb = ref_pred.get_image_embedding() if hasattr(ref_pred, "get_image_embedding") else None
     ref_emb = ref_pred.features if ref_emb is None else ref_emb
     ours = our_pred.get_image_embedding()
@@ -101,7 +101,7 @@ def _prompts(kind: str, image: np.ndarray, anns: list[dict], ref_pred) -> dict:
 @pytest.mark.parametrize("multimask", [True, False])
 @pytest.mark.parametrize("kind", ["box", "points", "box+point", "mask"])
 def test_predictions_match(pair, kind, multimask):
-    name, ref_pred, our_pred, image, anns = pair
+    _name, ref_pred, our_pred, image, anns = pair
     prompts = _prompts(kind, image, anns, ref_pred)
     ref_masks, ref_iou, ref_low = ref_pred.predict(**prompts, multimask_output=multimask)
     masks, iou, low = our_pred.predict(**prompts, multimask_output=multimask)
@@ -115,7 +115,7 @@ def test_predictions_match(pair, kind, multimask):
 
 
 def test_return_logits_match(pair):
-    name, ref_pred, our_pred, image, anns = pair
+    _name, ref_pred, our_pred, _image, anns = pair
     box = np.array(xywh_to_xyxy(anns[1]["bbox"]))
     ref_logits, _, _ = ref_pred.predict(box=box, return_logits=True)
     logits, _, _ = our_pred.predict(box=box, return_logits=True)
@@ -125,7 +125,7 @@ def test_return_logits_match(pair):
 
 def test_batched_boxes_match_reference_batch(pair):
     """Many boxes in one decoder call equal the reference's batched predict_torch."""
-    name, ref_pred, our_pred, image, anns = pair
+    _name, ref_pred, our_pred, image, anns = pair
     boxes = np.array([xywh_to_xyxy(a["bbox"]) for a in anns[:3]])
     # (the single-box tests above already check the coordinate transform against the reference)
     ref_boxes = our_pred.transform.apply_boxes_torch(

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import re
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -59,13 +59,16 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if "weights_only" in str(e) or "Weights only" in str(e):
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            if found:  # a real pickle that would construct (or call) an arbitrary Python object
                 raise CheckpointError(
-                    f"refusing to load {path}: it holds Python objects besides tensors, and "
+                    f"refusing to load {path}: it references the Python object {found[1]}, and "
                     "leansam only loads weights-only checkpoints (re-save its state_dict)"
                 ) from None
-            raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint ({e})") from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+            raise CheckpointError(
+                f"cannot read {path}: not a PyTorch or safetensors checkpoint, or truncated"
+            ) from None
+        except Exception as e:  # torch.load fails in many ways on foreign or truncated bytes
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(
                 f"cannot read {path}: not a PyTorch or safetensors checkpoint, or truncated ({msg})"
@@ -111,7 +114,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature(name: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a variant's state dict, computed on the meta device (no memory)."""
     from .modeling.sam import Sam

@@ -47,7 +47,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     )
     n = len(record["results"])
     if not args.checkpoint:
-        print("warning: no --checkpoint: random weights, the masks are meaningless", file=sys.stderr)
+        print(
+            "warning: no --checkpoint: random weights, the masks are meaningless", file=sys.stderr
+        )
     print(f"wrote {n} mask(s), overlay.png and result.json to {args.out}")
     return 0
 
@@ -81,14 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="model name, see `leansam models`")
     s.add_argument("--checkpoint", help="official .pt/.pth or .safetensors weights")
     s.add_argument(
-        "--box", action="append", default=[], metavar="x0,y0,x1,y1",
+        "--box",
+        action="append",
+        default=[],
+        metavar="x0,y0,x1,y1",
         help="box prompt in image pixels; repeat for several objects (decoded in one batch)",
-    )  # fmt: skip
+    )
     s.add_argument(
-        "--point", action="append", default=[], metavar="x,y[,label]",
+        "--point",
+        action="append",
+        default=[],
+        metavar="x,y[,label]",
         help="point prompt, label 1 (default) foreground or 0 background; points form one "
         "prompt together unless --separate-points",
-    )  # fmt: skip
+    )
     s.add_argument("--separate-points", action="store_true", help="one prompt per point")
     s.add_argument("--multimask", action="store_true", help="3 candidate masks per prompt")
     s.add_argument("--out", required=True, help="output folder")

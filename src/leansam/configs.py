@@ -169,9 +169,24 @@ def _sam(name: str, encoder: ViTConfig, **kw) -> SamConfig:
 VARIANTS: dict[str, SamConfig] = {
     c.name: c
     for c in (
-        _evit("efficientvit-sam-l0", _evit_l((1, 1, 1, 4, 4), 4), 512, description="EfficientViT-SAM L0"),
-        _evit("efficientvit-sam-l1", _evit_l((1, 1, 1, 6, 6), 8), 512, description="EfficientViT-SAM L1"),
-        _evit("efficientvit-sam-l2", _evit_l((1, 2, 2, 8, 8), 12), 512, description="EfficientViT-SAM L2"),
+        _evit(
+            "efficientvit-sam-l0",
+            _evit_l((1, 1, 1, 4, 4), 4),
+            512,
+            description="EfficientViT-SAM L0",
+        ),
+        _evit(
+            "efficientvit-sam-l1",
+            _evit_l((1, 1, 1, 6, 6), 8),
+            512,
+            description="EfficientViT-SAM L1",
+        ),
+        _evit(
+            "efficientvit-sam-l2",
+            _evit_l((1, 2, 2, 8, 8), 12),
+            512,
+            description="EfficientViT-SAM L2",
+        ),
         _evit(
             "efficientvit-sam-xl0",
             _evit_xl((0, 1, 1, 2, 3, 3), 6),

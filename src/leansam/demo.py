@@ -51,11 +51,14 @@ def run_demo(
     predictor = SamPredictor(sam)
     out = Path(out_dir)
 
-    rows, chosen = [], [im for im in images if any(not a["iscrowd"] for a in anns.get(im["id"], []))]
+    rows, chosen = (
+        [],
+        [im for im in images if any(not a["iscrowd"] for a in anns.get(im["id"], []))],
+    )
     for info in chosen[:num_images]:
-        objs = sorted(
-            (a for a in anns[info["id"]] if not a["iscrowd"]), key=lambda a: -a["area"]
-        )[:objects_per_image]
+        objs = sorted((a for a in anns[info["id"]] if not a["iscrowd"]), key=lambda a: -a["area"])[
+            :objects_per_image
+        ]
         image = load_image(data / "val2017" / info["file_name"])
         h, w = image.shape[:2]
         boxes = np.array([xywh_to_xyxy(a["bbox"]) for a in objs])
@@ -65,7 +68,7 @@ def run_demo(
         masks, scores, _ = predictor.predict(box=boxes, multimask_output=False)
         t2 = time.perf_counter()
         masks = masks.reshape(len(objs), h, w)  # one mask per box
-        ious = [_iou(m, ann_to_mask(a, h, w)) for m, a in zip(masks, objs)]
+        ious = [_iou(m, ann_to_mask(a, h, w)) for m, a in zip(masks, objs, strict=True)]
         overlay = draw_overlay(
             image, list(masks), boxes=[tuple(b) for b in boxes], labels=[f"{i:.2f}" for i in ious]
         )

@@ -78,11 +78,19 @@ def coco_rle_to_mask(rle: dict) -> np.ndarray:
 #: distinct colours for overlays (tab10)
 PALETTE = np.array(
     [
-        (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-        (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
     ],
     dtype=np.float32,
-)  # fmt: skip
+)
 
 
 def draw_overlay(
@@ -97,7 +105,7 @@ def draw_overlay(
     """Blend coloured masks over the image, outline them, draw box and point prompts."""
     out = image.astype(np.float32).copy()
     colors = [PALETTE[i % len(PALETTE)] for i in range(len(masks))]
-    for m, color in zip(masks, colors):
+    for m, color in zip(masks, colors, strict=True):
         out[m] = out[m] * (1 - alpha) + color * alpha
         # 1-px outline: mask pixels with a background 4-neighbour
         pad = np.pad(m, 1)

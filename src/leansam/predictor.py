@@ -89,7 +89,7 @@ class SamPredictor:
     ) -> None:
         r = self.model.image_size
         batch = []
-        for x, size in zip(images, original_sizes):
+        for x, size in zip(images, original_sizes, strict=True):
             if x.ndim != 3 or x.shape[0] != 3 or max(x.shape[1:]) != r:
                 raise InputError(
                     f"transformed image must be 3 x h x w with long side {r} "
@@ -114,7 +114,9 @@ class SamPredictor:
     def get_image_embedding(self) -> torch.Tensor:
         """The image embedding(s): B x 256 x 64 x 64 (B = number of images set)."""
         if not self.is_image_set:
-            raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
+            raise RuntimeError(
+                "An image must be set with .set_image(...) to generate an embedding."
+            )
         return self.features
 
     # ----------------------------------------------------------------- prompts
@@ -209,7 +211,9 @@ class SamPredictor:
             return_logits=return_logits,
             image_index=idx,
         )
-        out = tuple(o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in out)
+        out = tuple(
+            o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in out
+        )
         if p == 1:
             out = tuple(o[0] for o in out)
         return out  # type: ignore[return-value]
@@ -245,7 +249,9 @@ class SamPredictor:
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
-        masks = self.model.postprocess_masks(low_res, self.input_sizes[idx], self.original_sizes[idx])
+        masks = self.model.postprocess_masks(
+            low_res, self.input_sizes[idx], self.original_sizes[idx]
+        )
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou, low_res

@@ -85,18 +85,20 @@ def validate_prompts(prompts: list[Prompt], height: int, width: int) -> None:
                 raise InputError(f"point ({x}, {y}) lies outside the {width}x{height} image")
 
 
-def _decode(predictor, prompts: list[Prompt], multimask: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+def _decode(
+    predictor, prompts: list[Prompt], multimask: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(masks C x H x W, scores C) per prompt; prompts of the same shape go in one batched call."""
     if len(prompts) > 1 and all(p.box is not None and not p.points for p in prompts):
         masks, scores, _ = predictor.predict(
             box=np.array([p.box for p in prompts]), multimask_output=multimask
         )
-        return list(zip(masks, scores))
+        return list(zip(masks, scores, strict=True))
     if len(prompts) > 1 and all(p.box is None and len(p.points) == 1 for p in prompts):
         coords = np.array([[p.points[0][:2]] for p in prompts])
         labels = np.array([[p.points[0][2]] for p in prompts])
         masks, scores, _ = predictor.predict(coords, labels, multimask_output=multimask)
-        return list(zip(masks, scores))
+        return list(zip(masks, scores, strict=True))
     out = []
     for p in prompts:
         coords = np.array([q[:2] for q in p.points]) if p.points else None
@@ -162,7 +164,7 @@ def segment(
 
     out = Path(out_dir)
     records, best_masks = [], []
-    for i, (prompt, (masks, scores)) in enumerate(zip(prompts, results)):
+    for i, (prompt, (masks, scores)) in enumerate(zip(prompts, results, strict=True)):
         best = int(np.argmax(scores))
         best_masks.append(masks[best])
         atomic_write_png(out / f"mask_{i:03d}.png", masks[best].astype(np.uint8) * 255)
@@ -179,7 +181,7 @@ def segment(
                         "area": int(m.sum()),
                         "predicted_iou": float(s),
                     }
-                    for m, s in zip(masks, scores)
+                    for m, s in zip(masks, scores, strict=True)
                 ],
             }
         )

@@ -64,7 +64,8 @@ class MLP(nn.Module):
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList(
-            nn.Linear(i, o, device=device, dtype=dtype) for i, o in zip(dims_in, dims_out)
+            nn.Linear(i, o, device=device, dtype=dtype)
+            for i, o in zip(dims_in, dims_out, strict=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -112,9 +112,15 @@ class ResBlock(nn.Module):
         bias, norm = _layers(fewer_norm, 2, norm_layer)
         kw = dict(device=device, dtype=dtype)
         self.conv1 = ConvLayer(
-            in_channels, mid, 3, stride=stride, bias=bias[0], norm_layer=norm[0],
-            act_layer=act_layer, **kw,
-        )  # fmt: skip
+            in_channels,
+            mid,
+            3,
+            stride=stride,
+            bias=bias[0],
+            norm_layer=norm[0],
+            act_layer=act_layer,
+            **kw,
+        )
         self.conv2 = ConvLayer(mid, out_channels, 3, bias=bias[1], norm_layer=norm[1], **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,9 +146,15 @@ class FusedMBConv(nn.Module):
         bias, norm = _layers(fewer_norm, 2, norm_layer)
         kw = dict(device=device, dtype=dtype)
         self.spatial_conv = ConvLayer(
-            in_channels, mid, 3, stride=stride, bias=bias[0], norm_layer=norm[0],
-            act_layer=act_layer, **kw,
-        )  # fmt: skip
+            in_channels,
+            mid,
+            3,
+            stride=stride,
+            bias=bias[0],
+            norm_layer=norm[0],
+            act_layer=act_layer,
+            **kw,
+        )
         self.point_conv = ConvLayer(mid, out_channels, 1, bias=bias[1], norm_layer=norm[1], **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,9 +183,16 @@ class MBConv(nn.Module):
             in_channels, mid, 1, bias=bias[0], norm_layer=norm[0], act_layer=act_layer, **kw
         )
         self.depth_conv = ConvLayer(
-            mid, mid, 3, stride=stride, groups=mid, bias=bias[1], norm_layer=norm[1],
-            act_layer=act_layer, **kw,
-        )  # fmt: skip
+            mid,
+            mid,
+            3,
+            stride=stride,
+            groups=mid,
+            bias=bias[1],
+            norm_layer=norm[1],
+            act_layer=act_layer,
+            **kw,
+        )
         self.point_conv = ConvLayer(mid, out_channels, 1, bias=bias[2], norm_layer=norm[2], **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +234,9 @@ class LiteMLA(nn.Module):
         self.aggreg = nn.ModuleList(
             [
                 nn.Sequential(
-                    nn.Conv2d(total, total, scale, padding=scale // 2, groups=total, bias=False, **kw),
+                    nn.Conv2d(
+                        total, total, scale, padding=scale // 2, groups=total, bias=False, **kw
+                    ),
                     nn.Conv2d(total, total, 1, groups=3 * heads, bias=False, **kw),
                 )
             ]
@@ -263,11 +284,17 @@ class EfficientViTBlock(nn.Module):
         )
         self.local_module = ResidualBlock(
             MBConv(
-                channels, channels, stride=1, expand_ratio=expand_ratio, fewer_norm=True,
-                norm_layer=norm_layer, act_layer=act_layer, **kw,
+                channels,
+                channels,
+                stride=1,
+                expand_ratio=expand_ratio,
+                fewer_norm=True,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                **kw,
             ),
             residual=True,
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.local_module(self.context_module(x))
@@ -282,7 +309,7 @@ class EfficientViTBackbone(nn.Module):
         norm = partial(nn.BatchNorm2d, eps=cfg.norm_eps)
         act = TanhGELU
         stages = []
-        for s, (width, depth) in enumerate(zip(cfg.widths, cfg.depths)):
+        for s, (width, depth) in enumerate(zip(cfg.widths, cfg.depths, strict=True)):
             kind, expand, fewer = cfg.blocks[s], cfg.expand_ratios[s], cfg.fewer_norm[s]
             if s == 0:
                 ops: list[nn.Module] = [
@@ -292,23 +319,40 @@ class EfficientViTBackbone(nn.Module):
                 # Stride-2 block: FusedMBConv in fused stages, MBConv everywhere else.
                 down = FusedMBConv if kind is BlockType.FMB else MBConv
                 block = down(
-                    cfg.widths[s - 1], width, stride=2, expand_ratio=expand * 4,
-                    fewer_norm=fewer, norm_layer=norm, act_layer=act, **kw,
-                )  # fmt: skip
+                    cfg.widths[s - 1],
+                    width,
+                    stride=2,
+                    expand_ratio=expand * 4,
+                    fewer_norm=fewer,
+                    norm_layer=norm,
+                    act_layer=act,
+                    **kw,
+                )
                 ops = [ResidualBlock(block, residual=False)]
             for _ in range(depth):
                 if kind is BlockType.ATT:
                     ops.append(
                         EfficientViTBlock(
-                            width, dim=cfg.qkv_dim, scale=cfg.attention_scale,
-                            expand_ratio=expand, norm_layer=norm, act_layer=act, **kw,
-                        )  # fmt: skip
+                            width,
+                            dim=cfg.qkv_dim,
+                            scale=cfg.attention_scale,
+                            expand_ratio=expand,
+                            norm_layer=norm,
+                            act_layer=act,
+                            **kw,
+                        )
                     )
                 else:
                     block = _LOCAL_BLOCKS[kind](
-                        width, width, stride=1, expand_ratio=expand, fewer_norm=fewer,
-                        norm_layer=norm, act_layer=act, **kw,
-                    )  # fmt: skip
+                        width,
+                        width,
+                        stride=1,
+                        expand_ratio=expand,
+                        fewer_norm=fewer,
+                        norm_layer=norm,
+                        act_layer=act,
+                        **kw,
+                    )
                     ops.append(ResidualBlock(block, residual=True))
             stages.append(OpSequential(ops))
         self.stages = nn.ModuleList(stages)
@@ -322,7 +366,8 @@ class EfficientViTBackbone(nn.Module):
 
 
 class ResizeTo(nn.Module):
-    """Bicubic resize to a fixed size, in fp32 (bicubic overshoots in half precision)."""
+    """Bicubic resize to a fixed size, computed in fp32 (bicubic overshoots in half precision),
+    returned in the input's dtype."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -332,9 +377,10 @@ class ResizeTo(nn.Module):
         if x.shape[-2:] == (self.size, self.size):
             return x
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.interpolate(
+            y = F.interpolate(
                 x.float(), size=(self.size, self.size), mode="bicubic", align_corners=False
             )
+        return y.to(x.dtype)
 
 
 class SamNeck(nn.Module):
@@ -347,25 +393,35 @@ class SamNeck(nn.Module):
         w = cfg.neck_width
         self.stage_ids = tuple(cfg.neck_stages)
         self.input_ops = nn.ModuleList(
-            OpSequential([ConvLayer(cfg.widths[s], w, 1, norm_layer=norm, **kw), ResizeTo(EMBED_SIZE)])
+            OpSequential(
+                [ConvLayer(cfg.widths[s], w, 1, norm_layer=norm, **kw), ResizeTo(EMBED_SIZE)]
+            )
             for s in self.stage_ids
         )
         self.middle = OpSequential(
             [
                 ResidualBlock(
                     FusedMBConv(
-                        w, w, stride=1, expand_ratio=cfg.neck_expand, fewer_norm=False,
-                        norm_layer=norm, act_layer=TanhGELU, **kw,
+                        w,
+                        w,
+                        stride=1,
+                        expand_ratio=cfg.neck_expand,
+                        fewer_norm=False,
+                        norm_layer=norm,
+                        act_layer=TanhGELU,
+                        **kw,
                     ),
                     residual=True,
-                )  # fmt: skip
+                )
                 for _ in range(cfg.neck_depth)
             ]
         )
-        self.output_ops = nn.ModuleList([OpSequential([ConvLayer(w, EMBED_DIM, 1, bias=True, **kw)])])
+        self.output_ops = nn.ModuleList(
+            [OpSequential([ConvLayer(w, EMBED_DIM, 1, bias=True, **kw)])]
+        )
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        xs = [op(feats[s]) for s, op in zip(self.stage_ids, self.input_ops)]
+        xs = [op(feats[s]) for s, op in zip(self.stage_ids, self.input_ops, strict=True)]
         # Upstream sums right-nested, x0 + (x1 + x2); keep that order for bit parity.
         total = xs[-1]
         for x in reversed(xs[:-1]):

@@ -85,7 +85,9 @@ class MaskDecoder(nn.Module):
                 "(one per prompt set)"
             )
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], 1)
+        tokens = torch.cat(
+            [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], 1
+        )
         # Broadcasting a 1-image embedding over the prompts gives the same numbers as upstream's
         # repeat_interleave without materialising B copies (and keeps the graph TensorRT-friendly).
         src = image_embeddings + dense_prompt_embeddings

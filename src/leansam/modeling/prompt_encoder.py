@@ -30,10 +30,14 @@ class PositionEmbeddingRandom(nn.Module):
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         """Dense encoding of pixel centres of an h x w grid -> C x h x w."""
         h, w = size
-        device = self.positional_encoding_gaussian_matrix.device
-        y = ((torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h)[:, None].expand(h, w)
-        x = ((torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w)[None, :].expand(h, w)
-        return self._pe_encoding(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
+        g = self.positional_encoding_gaussian_matrix
+        y = ((torch.arange(h, device=g.device, dtype=torch.float32) + 0.5) / h)[:, None].expand(
+            h, w
+        )
+        x = ((torch.arange(w, device=g.device, dtype=torch.float32) + 0.5) / w)[None, :].expand(
+            h, w
+        )
+        return self._pe_encoding(torch.stack([x, y], dim=-1).to(g.dtype)).permute(2, 0, 1)
 
     def forward_with_coords(
         self, coords: torch.Tensor, image_size: tuple[int, int]
@@ -107,7 +111,10 @@ class PromptEncoder(nn.Module):
         corners = (boxes + 0.5).reshape(-1, 2, 2)  # shift to the pixel centre
         emb = self.pe_layer.forward_with_coords(corners, self.input_image_size)
         return torch.stack(
-            [emb[:, 0] + self.point_embeddings[2].weight[0], emb[:, 1] + self.point_embeddings[3].weight[0]],
+            [
+                emb[:, 0] + self.point_embeddings[2].weight[0],
+                emb[:, 1] + self.point_embeddings[3].weight[0],
+            ],
             dim=1,
         )
 

@@ -1,0 +1,193 @@
+"""The command line as a user meets it: real subprocesses, real files, exit codes, messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import COCO_MINI
+from PIL import Image
+
+from leansam.io import coco_rle_to_mask
+
+MODEL = "efficientvit-sam-tiny-l"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "leansam.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def image_path(coco_val):
+    images, _ = coco_val
+    return COCO_MINI / "val2017" / images[0]["file_name"]
+
+
+def test_models_lists_variants():
+    res = run("models")
+    assert res.returncode == 0, res.stderr
+    assert "efficientvit-sam-l0" in res.stdout and "sam-vit-h" in res.stdout
+    assert "641.1M" in res.stdout and MODEL not in res.stdout
+    rows = json.loads(run("models", "--all", "--json").stdout)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["efficientvit-sam-l0"]["image_size"] == 512
+    assert by_name["efficientvit-sam-xl1"]["state_dict_keys"] == 701
+    assert MODEL in by_name
+
+
+def test_segment_boxes_multimask(tmp_path, image_path):
+    out = tmp_path / "out"
+    res = run(
+        "segment",
+        str(image_path),
+        "--model",
+        MODEL,
+        "--box",
+        "10,20,200,300",
+        "--box",
+        "50,60,120,100",
+        "--multimask",
+        "--out",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "random weights" in res.stderr
+    w, h = Image.open(image_path).size
+    record = json.loads((out / "result.json").read_text())
+    assert len(record["results"]) == 2
+    assert record["config"]["model"] == MODEL and record["config"]["multimask"] is True
+    assert record["environment"]["torch"] == torch.__version__
+    for i, r in enumerate(record["results"]):
+        assert len(r["masks"]) == 3
+        best = np.array(Image.open(out / f"mask_{i:03d}.png")) > 0
+        assert best.shape == (h, w)
+        for k, m in enumerate(r["masks"]):
+            png = np.array(Image.open(out / f"mask_{i:03d}_{k}.png")) > 0
+            np.testing.assert_array_equal(coco_rle_to_mask(m["segmentation"]), png)
+            assert m["area"] == int(png.sum())
+        np.testing.assert_array_equal(coco_rle_to_mask(r["masks"][r["best"]]["segmentation"]), best)
+    overlay = Image.open(out / "overlay.png")
+    assert overlay.size == (w, h) and overlay.mode == "RGB"
+    assert not list(out.glob(".*tmp"))
+
+
+def test_segment_points(tmp_path, image_path):
+    out = tmp_path / "pts"
+    res = run(
+        "segment",
+        str(image_path),
+        "--model",
+        MODEL,
+        "--point",
+        "100,120",
+        "--point",
+        "30,40,0",
+        "--out",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr
+    record = json.loads((out / "result.json").read_text())
+    assert record["results"][0]["prompt"]["points"] == [[100.0, 120.0, 1], [30.0, 40.0, 0]]
+    assert len(record["results"][0]["masks"]) == 1
+    res = run(
+        "segment",
+        str(image_path),
+        "--model",
+        MODEL,
+        "--point",
+        "100,120",
+        "--point",
+        "30,40",
+        "--separate-points",
+        "--out",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads((out / "result.json").read_text())["results"]) == 2
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, image_path):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 10)
+    data = image_path.read_bytes()
+    (d / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (d / "notes.pt").write_text("not weights")
+    torch.save(
+        __import__("leansam").create_model("efficientvit-sam-tiny-xl").state_dict(), d / "xl.pt"
+    )
+    return d
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing image", "image not found"),
+        ("corrupt image", "cannot read image"),
+        ("truncated image", "truncated"),
+        ("box outside", "lies outside the"),
+        ("inverted box", "empty or inverted"),
+        ("malformed box", "expected four numbers"),
+        ("bad label", "label must be 1"),
+        ("no prompt", "give at least one prompt"),
+        ("unknown model", "unknown model 'efficientvit-sam-l9'"),
+        ("not a checkpoint", "not a PyTorch or safetensors checkpoint"),
+        ("other variant", "is for efficientvit-sam-tiny-xl, not efficientvit-sam-tiny-l"),
+        ("missing checkpoint", "checkpoint not found"),
+    ],
+)
+def test_segment_bad_input(tmp_path, image_path, bad_files, case, message):
+    img, model, extra = str(image_path), MODEL, ["--box", "10,20,200,300"]
+    if case == "missing image":
+        img = str(tmp_path / "nope.jpg")
+    elif case == "corrupt image":
+        img = str(bad_files / "corrupt.jpg")
+    elif case == "truncated image":
+        img = str(bad_files / "truncated.jpg")
+    elif case == "box outside":
+        extra = ["--box", "10,20,5000,300"]
+    elif case == "inverted box":
+        extra = ["--box", "200,20,10,300"]
+    elif case == "malformed box":
+        extra = ["--box", "10,20,30"]
+    elif case == "bad label":
+        extra = ["--point", "10,20,7"]
+    elif case == "no prompt":
+        extra = []
+    elif case == "unknown model":
+        model = "efficientvit-sam-l9"
+    elif case == "not a checkpoint":
+        extra += ["--checkpoint", str(bad_files / "notes.pt")]
+    elif case == "other variant":
+        extra += ["--checkpoint", str(bad_files / "xl.pt")]
+    elif case == "missing checkpoint":
+        extra += ["--checkpoint", str(tmp_path / "none.pt")]
+    res = run("segment", img, "--model", model, *extra, "--out", str(tmp_path / "o"))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("leansam: error: ") and message in lines[0]
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "o" / "result.json").exists()
+
+
+def test_demo_reports_untrained_weights(tmp_path):
+    out = tmp_path / "demo"
+    res = run(
+        "demo", "--data", str(COCO_MINI), "--out", str(out), "--model", MODEL, "--images", "2"
+    )
+    assert res.returncode == 0, res.stderr
+    assert "untrained (random) weights" in res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["trained"] is False and len(report["images"]) == 2
+    assert 0.0 <= report["mIoU"] <= 100.0
+    assert all(len(r["iou"]) == r["objects"] >= 1 for r in report["images"])
+    md = (out / "report.md").read_text()
+    assert "untrained (random)" in md and "| image | objects | mIoU |" in md
+    assert len(list((out / "overlays").glob("*.png"))) == 2

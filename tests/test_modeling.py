@@ -1,0 +1,167 @@
+"""Module-level tests at tiny sizes: shapes, numerics the spec pins down, sizes of full variants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leansam import create_model, list_models
+from leansam.configs import VARIANTS, BlockType, EfficientViTConfig, ViTConfig
+from leansam.errors import UnknownModelError
+from leansam.modeling.common import LayerNorm2d
+from leansam.modeling.efficientvit import LiteMLA, ResizeTo
+from leansam.modeling.sam import Sam
+from leansam.modeling.vit import window_partition, window_unpartition
+from leansam.registry import model_info
+
+TINY = ["efficientvit-sam-tiny-l", "efficientvit-sam-tiny-xl", "sam-vit-tiny"]
+
+
+@pytest.mark.parametrize(
+    ("name", "millions"),
+    [
+        ("efficientvit-sam-l0", 34.8),
+        ("efficientvit-sam-l1", 47.7),
+        ("efficientvit-sam-l2", 61.3),
+        ("efficientvit-sam-xl0", 117.0),
+        ("efficientvit-sam-xl1", 203.3),
+        ("sam-vit-b", 93.7),
+        ("sam-vit-l", 312.3),
+        ("sam-vit-h", 641.1),
+    ],
+)
+def test_full_size_parameter_counts(name, millions):
+    assert round(model_info(name)["params"] / 1e6, 1) == millions
+
+
+def test_list_models_and_unknown_name():
+    names = list_models()
+    assert names[:3] == ["efficientvit-sam-l0", "efficientvit-sam-l1", "efficientvit-sam-l2"]
+    assert set(TINY) <= set(names)
+    assert not set(TINY) & set(list_models(include_tiny=False))
+    with pytest.raises(
+        UnknownModelError, match="unknown model 'sam-vit-hh': did you mean sam-vit-h"
+    ):
+        create_model("sam-vit-hh")
+    with pytest.raises(UnknownModelError, match="`leansam models` lists"):
+        create_model("yolo")
+
+
+def test_config_validation():
+    base = VARIANTS["efficientvit-sam-tiny-l"].encoder
+    kw = {f: getattr(base, f) for f in base.__dataclass_fields__}
+    with pytest.raises(TypeError, match="BlockType"):
+        EfficientViTConfig(**{**kw, "blocks": ("res", "fmb", "fmb", "mb", "att")})
+    with pytest.raises(ValueError, match="depths"):
+        EfficientViTConfig(**{**kw, "depths": (1, 1)})
+    with pytest.raises(ValueError, match="64 x 64"):
+        ViTConfig(32, 2, 2, (1,), img_size=512)
+    assert base.blocks[-1] is BlockType.ATT
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_model_forward_shapes(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    r = model.image_size
+    x = model.preprocess(torch.randint(0, 256, (2, 3, r, r * 3 // 4), dtype=torch.uint8))
+    assert x.shape == (2, 3, r, r)
+    assert (x[..., r * 3 // 4 :] == 0).all()  # zero padding on the right, after normalising
+    with torch.inference_mode():
+        emb = model.image_encoder(x)
+        assert emb.shape == (2, 256, 64, 64)
+        boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0], [0.0, 0.0, 1023.0, 700.0]])
+        low, iou = model(x, boxes=boxes, multimask_output=True)
+    assert low.shape == (2, 3, 256, 256) and iou.shape == (2, 3)
+    assert torch.isfinite(low).all()
+
+
+def test_models_follow_device_and_dtype():
+    model = create_model("efficientvit-sam-tiny-l", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    assert model.pixel_mean.dtype == torch.bfloat16
+    meta = Sam(VARIANTS["sam-vit-tiny"], device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+
+
+def test_lite_mla_equals_quadratic_formula():
+    """out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps), per head, ReLU on q and k."""
+    torch.manual_seed(0)
+    mla = LiteMLA(32, dim=8, scale=3, norm_layer=torch.nn.BatchNorm2d).eval()
+    qkv = torch.randn(2, 2 * 3 * 32, 5, 7)  # 4 + 4 heads of [q|k|v] x 8 channels
+    out = mla.attention(qkv)
+    heads = qkv.reshape(2, -1, 24, 35)
+    q, k, v = heads[:, :, :8].relu(), heads[:, :, 8:16].relu(), heads[:, :, 16:]
+    att = torch.einsum("bhcm,bhcn->bhmn", k.double(), q.double())  # k_m . q_n
+    ref = torch.einsum("bhcm,bhmn->bhcn", v.double(), att) / (att.sum(2, keepdim=True) + 1e-15)
+    assert out.shape == (2, 64, 5, 7)
+    torch.testing.assert_close(out.double(), ref.reshape(2, 64, 5, 7), rtol=1e-5, atol=1e-5)
+
+
+def test_lite_mla_runs_in_fp32_under_autocast():
+    mla = LiteMLA(32, dim=8, scale=5, norm_layer=torch.nn.BatchNorm2d).eval()
+    qkv = (torch.rand(1, 192, 4, 4) * 200).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mla.attention(qkv)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, mla.attention(qkv.float()))
+
+
+def test_layernorm2d_matches_layer_norm_over_channels():
+    torch.manual_seed(0)
+    ln = LayerNorm2d(16, eps=1e-6)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(2, 16, 5, 6) * 3 + 1
+    ref = F.layer_norm(x.permute(0, 2, 3, 1), (16,), ln.weight, ln.bias, 1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(ln(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_neck_resize_is_bicubic_fp32_and_identity_at_size():
+    x = torch.randn(1, 4, 16, 16, dtype=torch.bfloat16)
+    y = ResizeTo(64)(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (1, 4, 64, 64)
+    ref = F.interpolate(x.float(), size=(64, 64), mode="bicubic").to(torch.bfloat16)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    z = torch.randn(1, 4, 64, 64)
+    assert ResizeTo(64)(z) is z
+
+
+@pytest.mark.parametrize(("h", "w"), [(14, 14), (20, 33), (64, 64)])
+def test_window_partition_round_trip(h, w):
+    x = torch.randn(2, h, w, 8)
+    windows, padded = window_partition(x, 14)
+    assert windows.shape[1:] == (14, 14, 8)
+    assert padded == (h + (-h) % 14, w + (-w) % 14)
+    torch.testing.assert_close(window_unpartition(windows, 14, padded, (h, w)), x)
+
+
+def test_efficientvit_uses_tanh_gelu_and_eps_1e6():
+    model = create_model("efficientvit-sam-tiny-xl")
+    gelus = [m for m in model.image_encoder.modules() if isinstance(m, torch.nn.GELU)]
+    assert gelus and all(g.approximate == "tanh" for g in gelus)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    lns = [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, LayerNorm2d))]
+    assert bns and all(m.eps == 1e-6 for m in bns + lns)
+    sam = create_model("sam-vit-tiny")
+    decoder_lns = [m for m in sam.mask_decoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert decoder_lns and all(m.eps == 1e-5 for m in decoder_lns)  # SAM keeps the default
+
+
+def test_decoder_broadcasts_one_embedding_over_prompts():
+    torch.manual_seed(0)
+    model = create_model("sam-vit-tiny")
+    emb = torch.randn(1, 256, 64, 64)
+    boxes = torch.tensor([[10.0, 10.0, 500.0, 600.0], [100.0, 50.0, 900.0, 1000.0]])
+    pe = model.prompt_encoder.get_dense_pe()
+    with torch.inference_mode():
+        sparse, dense = model.prompt_encoder(None, boxes, None)
+        low, _iou = model.mask_decoder(emb, pe, sparse, dense, multimask_output=False)
+        for i in range(2):
+            s, d = model.prompt_encoder(None, boxes[i : i + 1], None)
+            low_i, _iou_i = model.mask_decoder(emb, pe, s, d, multimask_output=False)
+            torch.testing.assert_close(low[i : i + 1], low_i, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="expected 1 or 2"):
+            model.mask_decoder(emb.expand(3, -1, -1, -1), pe, sparse, dense, False)
