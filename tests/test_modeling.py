@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from leansam import create_model, list_models
 from leansam.configs import VARIANTS, BlockType, EfficientViTConfig, ViTConfig
-from leansam.errors import UnknownModelError
+from leansam.errors import InputError, UnknownModelError
 from leansam.modeling.common import LayerNorm2d
 from leansam.modeling.efficientvit import LiteMLA, ResizeTo
 from leansam.modeling.sam import Sam
@@ -75,6 +75,28 @@ def test_tiny_model_forward_shapes(name):
         low, iou = model(x, boxes=boxes, multimask_output=True)
     assert low.shape == (2, 3, 256, 256) and iou.shape == (2, 3)
     assert torch.isfinite(low).all()
+
+
+def test_device_errors():
+    with pytest.raises(InputError, match="unknown device 'gpu0'"):
+        create_model("sam-vit-tiny", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA device"):
+            create_model("sam-vit-tiny", device="cuda")
+
+
+def test_box_corners_as_labelled_points_equal_box_prompt():
+    """Labels 2 / 3 (SAM's ONNX convention) embed box corners exactly like ``boxes``."""
+    torch.manual_seed(0)
+    pe = create_model("sam-vit-tiny").prompt_encoder
+    box = torch.tensor([[10.0, 20.0, 300.0, 400.0]])
+    corners = (box.reshape(1, 2, 2), torch.tensor([[2, 3]]))
+    with torch.inference_mode():
+        from_box, _ = pe(None, box, None)
+        from_points, _ = pe(corners, None, None)
+    assert from_points.shape == (1, 3, 256)  # plus the "not a point" padding
+    torch.testing.assert_close(from_points[:, :2], from_box)
+    torch.testing.assert_close(from_points[0, 2], pe.not_a_point_embed.weight[0])
 
 
 def test_models_follow_device_and_dtype():

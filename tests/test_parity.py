@@ -19,7 +19,8 @@ from leansam.modeling.sam import Sam
 
 pytestmark = pytest.mark.upstream
 
-# Numeric parity at tiny size for every family, and at full size for L0, XL0 and SAM-ViT-B.
+# Numeric parity at tiny size for every family, and at full size for L0, XL0 and SAM-ViT-B in the
+# default suite; the other full-size variants run with `make test-slow`.
 NUMERIC = [
     "efficientvit-sam-tiny-l",
     "efficientvit-sam-tiny-xl",
@@ -27,6 +28,16 @@ NUMERIC = [
     "efficientvit-sam-l0",
     "efficientvit-sam-xl0",
     "sam-vit-b",
+    *(
+        pytest.param(n, marks=pytest.mark.slow)
+        for n in (
+            "efficientvit-sam-l1",
+            "efficientvit-sam-l2",
+            "efficientvit-sam-xl1",
+            "sam-vit-l",
+            "sam-vit-h",
+        )
+    ),
 ]
 EMBED_TOL = 1e-4
 LOGIT_TOL = 1e-3

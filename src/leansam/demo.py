@@ -12,7 +12,7 @@ import numpy as np
 from .data.coco import ann_to_mask, load_coco, xywh_to_xyxy
 from .errors import InputError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_png, draw_overlay, load_image
-from .segment import environment
+from .provenance import describe_environment
 
 UNTRAINED = (
     "WARNING: no --checkpoint given, so the model has untrained (random) weights and the masks "
@@ -93,7 +93,7 @@ def run_demo(
         "trained": checkpoint is not None,
         "mIoU": 100 * float(np.mean(all_ious)),
         "images": rows,
-        "environment": environment(),
+        "environment": describe_environment(),
     }
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", _markdown(report).encode())

@@ -8,7 +8,7 @@ import os
 import torch
 
 from .configs import VARIANTS, SamConfig
-from .errors import UnknownModelError
+from .errors import InputError, UnknownModelError
 from .modeling.sam import Sam
 
 
@@ -32,6 +32,21 @@ def get_config(name: str) -> SamConfig:
         ) from None
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device | None:
+    """Parse a device and check that it exists here, with a one-line error if not."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
+    return dev
+
+
 def create_model(
     name: str,
     checkpoint: str | os.PathLike | None = None,
@@ -47,6 +62,7 @@ def create_model(
       device, dtype: where and in which precision the model lives (default CPU, float32).
     """
     cfg = get_config(name)
+    device = resolve_device(device)
     if checkpoint is None:
         model = Sam(cfg, device=device)
     else:

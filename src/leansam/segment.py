@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import InputError
 from .io import atomic_write_json, atomic_write_png, draw_overlay, load_image, mask_to_coco_rle
+from .provenance import describe_environment
 
 
 @dataclass(frozen=True)
@@ -109,21 +108,6 @@ def _decode(
     return out
 
 
-def environment() -> dict:
-    """Versions and machine, recorded next to every result."""
-    from . import __version__
-
-    return {
-        "leansam": __version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 def segment(
     image_path: str | os.PathLike,
     *,
@@ -206,7 +190,7 @@ def segment(
             "prompts": [asdict(p) for p in prompts],
         },
         "timing_ms": {"embed": 1000 * (t1 - t0), "decode": 1000 * (t2 - t1)},
-        "environment": environment(),
+        "environment": describe_environment(),
         "results": records,
     }
     atomic_write_json(out / "result.json", record)

@@ -1,0 +1,53 @@
+"""Side-by-side timing of several callables on the same machine, in the same run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Seconds per call over ``runs`` timed calls."""
+
+    runs: int
+    median: float
+    mean: float
+    min: float
+    max: float
+    stdev: float
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Stats:
+        return cls(
+            runs=len(samples),
+            median=statistics.median(samples),
+            mean=statistics.fmean(samples),
+            min=min(samples),
+            max=max(samples),
+            stdev=statistics.stdev(samples) if len(samples) > 1 else 0.0,
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def interleaved_timings(
+    fns: dict[str, Callable[[], object]], *, runs: int = 10, warmup: int = 2
+) -> dict[str, Stats]:
+    """Time each callable ``runs`` times, alternating between them every round so that drift of
+    the machine (clock, other load, cache state) falls on all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(runs):
+        # alternate the order too, so no callable always runs right after another
+        order = list(fns) if i % 2 == 0 else list(reversed(fns))
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: Stats.of(s) for name, s in samples.items()}
