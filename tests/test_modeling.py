@@ -77,6 +77,16 @@ def test_tiny_model_forward_shapes(name):
     assert torch.isfinite(low).all()
 
 
+def test_seeded_random_weights_are_reproducible():
+    a = create_model("sam-vit-tiny", seed=5).state_dict()
+    before = torch.random.get_rng_state()
+    b = create_model("sam-vit-tiny", seed=5).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), before)  # caller's RNG untouched
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = create_model("sam-vit-tiny", seed=6).state_dict()
+    assert not torch.equal(a["mask_decoder.iou_token.weight"], c["mask_decoder.iou_token.weight"])
+
+
 def test_device_errors():
     with pytest.raises(InputError, match="unknown device 'gpu0'"):
         create_model("sam-vit-tiny", device="gpu0")

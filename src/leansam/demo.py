@@ -47,7 +47,7 @@ def run_demo(
         raise InputError("--images must be at least 1")
     if checkpoint is None:
         print(UNTRAINED, file=sys.stderr)
-    sam = create_model(model, checkpoint=checkpoint, device=device)
+    sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
     predictor = SamPredictor(sam)
     out = Path(out_dir)
 

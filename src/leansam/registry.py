@@ -52,6 +52,8 @@ def create_model(
     checkpoint: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    seed: int | None = None,
 ) -> Sam:
     """Build a registered model in eval mode.
 
@@ -60,11 +62,16 @@ def create_model(
       checkpoint: an official ``efficientvit_sam_*.pt`` / ``sam_vit_*.pth`` file or a safetensors
         file; loaded weights-only and strictly. Without it the weights are random.
       device, dtype: where and in which precision the model lives (default CPU, float32).
+      seed: make random weights reproducible (without touching the caller's global RNG).
     """
     cfg = get_config(name)
     device = resolve_device(device)
-    if checkpoint is None:
+    if checkpoint is None and seed is None:
         model = Sam(cfg, device=device)
+    elif checkpoint is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Sam(cfg, device=device)
     else:
         from .checkpoint import load_checkpoint_into
 

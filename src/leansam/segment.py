@@ -138,7 +138,7 @@ def segment(
     validate_prompts(prompts, h, w)
     get_config(model)  # unknown names fail before any work
 
-    sam = create_model(model, checkpoint=checkpoint, device=device)
+    sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
     predictor = SamPredictor(sam)
     t0 = time.perf_counter()
     predictor.set_image(image)
