@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .errors import LeansamError
+from .errors import InputError, LeansamError
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -68,6 +68,48 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .distributed import default_device
+    from .eval import EvalDataset, evaluate, make_mask_source
+
+    try:
+        clicks = tuple(int(k) for k in args.clicks.split(","))
+    except ValueError:
+        raise InputError(f"--clicks {args.clicks!r}: expected numbers like 1,3,5") from None
+    dataset = EvalDataset.load(args.images, args.annotations, limit=args.limit)
+    source = make_mask_source(
+        args.model,
+        checkpoint=args.checkpoint,
+        device=args.device or default_device(),
+        batch_size=args.batch_size,
+    )
+    try:
+        result = evaluate(
+            source,
+            dataset,
+            args.protocol,
+            clicks=clicks,
+            detections=args.detections,
+            score=args.score,
+            out_dir=args.out,
+            fresh=args.fresh,
+            save_per_object=args.save_per_object,
+            progress=not args.no_progress,
+            config={"checkpoint": args.checkpoint, "limit": args.limit},
+        )
+    except KeyboardInterrupt:
+        print(
+            f"leansam: interrupted; rerun the same command to resume ({args.out})", file=sys.stderr
+        )
+        return 130
+    from .eval import markdown
+
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(markdown(result), end="")
+        print(f"results: {args.out}/results.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leansam", description="Fast, exact Segment Anything.")
     p.add_argument("--version", action="version", version=_version())
@@ -102,6 +144,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--device", default=None, help="cpu (default) or cuda")
     s.set_defaults(func=_cmd_segment)
+
+    e = sub.add_parser(
+        "eval",
+        help="zero-shot evaluation on COCO-format data (box / click / detector protocols)",
+        description="Run under torchrun to shard images over processes: "
+        "torchrun --nproc_per_node N -m leansam.cli eval ...",
+    )
+    e.add_argument("--images", required=True, help="image folder")
+    e.add_argument("--annotations", required=True, help="COCO (or LVIS) instances JSON")
+    e.add_argument("--model", required=True, help="model name, or a baseline: box-fill, grabcut")
+    e.add_argument("--checkpoint", help="weights for --model (else random weights, seed 0)")
+    e.add_argument("--protocol", required=True, choices=["box", "click", "detector"])
+    e.add_argument("--clicks", default="1,3,5", help="click counts for --protocol click")
+    e.add_argument("--detections", help="COCO results JSON of a detector, or 'gt' for oracle boxes")
+    e.add_argument(
+        "--score",
+        default="detector",
+        choices=["detector", "detector*iou"],
+        help="mask score for the detector protocol",
+    )
+    e.add_argument("--limit", type=int, help="evaluate the first N images (by id)")
+    e.add_argument("--out", required=True, help="output folder (per-image results: resumable)")
+    e.add_argument("--fresh", action="store_true", help="discard earlier results in --out")
+    e.add_argument("--save-per-object", action="store_true", help="write per_object.jsonl")
+    e.add_argument("--batch-size", type=int, default=16, help="prompts per decoder call")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=_cmd_eval)
 
     d = sub.add_parser("demo", help="segment coco-mini images from their annotation boxes")
     d.add_argument("--data", default="../shared/data/coco-mini", help="coco-mini folder")
