@@ -68,6 +68,33 @@ def test_oracle_gives_perfect_scores(dataset):
     assert det["metrics"]["segm"]["AP50"] == pytest.approx(1.0)
 
 
+def test_lvis_annotations_use_lvis_eval(tmp_path):
+    """An LVIS-format JSON (built here from coco-mini) is detected and scored with LVISEval."""
+    src = json.loads(ANNS.read_text())
+    images = src["images"][:4]
+    ids = {im["id"] for im in images}
+    lvis_json = {
+        "images": [
+            {**im, "not_exhaustive_category_ids": [], "neg_category_ids": []} for im in images
+        ],
+        "annotations": [
+            {k: v for k, v in a.items() if k != "iscrowd"}
+            for a in src["annotations"]
+            if a["image_id"] in ids and not a["iscrowd"]
+        ],
+        "categories": [{**c, "frequency": "f", "synset": c["name"]} for c in src["categories"]],
+    }
+    path = tmp_path / "lvis_mini.json"
+    path.write_text(json.dumps(lvis_json))
+    ds = EvalDataset.load(IMAGES, path)
+    assert ds.is_lvis
+    oracle = evaluate(Oracle(ds), ds, "detector", detections="gt", progress=False)["metrics"]
+    assert oracle["segm"]["AP"] == pytest.approx(1.0) and "APf" in oracle["segm"]
+    fill = evaluate(BoxFill(), ds, "detector", detections="gt", progress=False)["metrics"]
+    assert 0.0 < fill["segm"]["AP"] < 1.0
+    assert not hasattr(np, "float")  # the NumPy 2 shim for lvis is scoped
+
+
 def test_box_fill_matches_independent_numpy(dataset):
     from pycocotools.coco import COCO
 

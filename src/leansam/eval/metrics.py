@@ -66,10 +66,24 @@ def lvis_mask_ap(annotations, results: list[dict], image_ids: list[int]) -> dict
     lvis = require("lvis", "data")
     if not results:
         raise InputError("no detections to evaluate")
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), _numpy_float_alias():
         gt = lvis.LVIS(str(annotations))
         dt = lvis.LVISResults(gt, results)
         ev = lvis.LVISEval(gt, dt, iou_type="segm")
         ev.params.img_ids = sorted(image_ids)
         ev.run()
     return {k: float(ev.results[k]) for k in LVIS_STATS}
+
+
+@contextlib.contextmanager
+def _numpy_float_alias():
+    """lvis 0.5.3 (the latest release) still calls ``np.float``, removed in NumPy 2.0; provide the
+    alias only while it runs."""
+    added = "float" not in np.__dict__
+    if added:
+        np.float = float  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if added:
+            del np.float
