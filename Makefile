@@ -11,7 +11,7 @@ DATA   ?= ../shared/data
 # The CPU wheel of torch; a GPU user sets TORCH_SPEC to their CUDA build (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint format bench venv clean
+.PHONY: demo test test-slow lint format bench eval-baselines venv clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,19 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/encoder_latency.py --out benchmarks/results/encoder_latency.json
+
+# The baseline rows of EVALUATION.md on coco-mini val (about 30 minutes on 2 cores).
+EVAL_ARGS = --images $(DATA)/coco-mini/val2017 \
+	--annotations $(DATA)/coco-mini/annotations/instances_val2017.json --no-progress
+eval-baselines: $(STAMP)
+	$(VENV)/bin/leansam eval $(EVAL_ARGS) --model box-fill --protocol box --out out/eval/box-fill-box
+	$(VENV)/bin/leansam eval $(EVAL_ARGS) --model box-fill --protocol detector --detections gt \
+		--out out/eval/box-fill-det
+	$(VENV)/bin/leansam eval $(EVAL_ARGS) --model grabcut --protocol box --out out/eval/grabcut-box
+	$(VENV)/bin/leansam eval $(EVAL_ARGS) --model grabcut --protocol click --clicks 1,3,5 \
+		--out out/eval/grabcut-click
+	$(VENV)/bin/leansam eval $(EVAL_ARGS) --model grabcut --protocol detector --detections gt \
+		--out out/eval/grabcut-det
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -32,6 +32,17 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"cannot read image {path}: {e} (truncated or corrupt file?)") from None
 
 
+def read_json(path: str | os.PathLike, what: str) -> object:
+    """Parse a JSON file; a missing or malformed file is one :class:`InputError` naming ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{what} {path} is not valid JSON: {e}") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write via a temp file in the same folder and rename, so no half-written file is left."""
     path = Path(path)

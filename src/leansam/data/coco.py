@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -10,17 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, require
+from ..io import read_json
 
 
 def load_coco(annotations: str | os.PathLike) -> tuple[list[dict], dict[int, list[dict]]]:
     """(images sorted by id, annotations grouped by image id) of a COCO instances JSON."""
     path = Path(annotations)
-    if not path.is_file():
-        raise InputError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"annotation file {path} is not valid JSON: {e}") from None
+    data = read_json(path, "annotation file")
     if not isinstance(data, dict) or not {"images", "annotations"} <= data.keys():
         raise InputError(f"{path} is not COCO instances JSON (needs 'images' and 'annotations')")
     by_image: dict[int, list[dict]] = defaultdict(list)

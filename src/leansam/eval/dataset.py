@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.coco import load_coco
 from ..errors import InputError
+from ..io import read_json
 
 
 @dataclass(frozen=True)
@@ -94,12 +94,7 @@ def load_detections(path: str | os.PathLike, dataset: EvalDataset) -> dict[int, 
             for i in sorted(ids)
         }
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"detections file not found: {path}")
-    try:
-        dets = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"detections file {path} is not valid JSON: {e}") from None
+    dets = read_json(path, "detections file")
     if not isinstance(dets, list) or not all(
         isinstance(d, dict) and {"image_id", "bbox", "score", "category_id"} <= d.keys()
         for d in dets
