@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import InputError, LeansamError
@@ -70,7 +71,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .distributed import default_device
-    from .eval import EvalDataset, evaluate, make_mask_source
+    from .eval import EvalDataset, evaluate, make_mask_source, markdown
 
     try:
         clicks = tuple(int(k) for k in args.clicks.split(","))
@@ -102,9 +103,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"leansam: interrupted; rerun the same command to resume ({args.out})", file=sys.stderr
         )
         return 130
-    from .eval import markdown
 
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # one report under torchrun
         print(markdown(result), end="")
         print(f"results: {args.out}/results.json")
     return 0

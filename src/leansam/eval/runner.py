@@ -18,7 +18,7 @@ import numpy as np
 
 from ..data.coco import ann_to_mask, xywh_to_xyxy
 from ..distributed import all_gather_objects, barrier, init_from_env
-from ..errors import InputError
+from ..errors import InputError, require
 from ..io import atomic_write_bytes, atomic_write_json, load_image, mask_to_coco_rle
 from ..provenance import describe_environment
 from .clicks import Clicker
@@ -169,8 +169,7 @@ def evaluate(
     records: dict[int, dict] = {}
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
-
+        tqdm = require("tqdm", "data").tqdm
         bar = tqdm(
             total=len(mine), desc=f"eval {protocol} {src.name}", unit="img", dynamic_ncols=True
         )
