@@ -251,7 +251,7 @@ def test_outputs_and_per_object(tmp_path):
         [
             sys.executable, "-m", "leansam.cli", "eval", "--images", str(IMAGES),
             "--annotations", str(ANNS), "--model", "box-fill", "--protocol", "box",
-            "--limit", "3", "--save-per-object", "--no-progress", "--out", str(out),
+            "--limit", "3", "--save-per-object", "--plot", "--no-progress", "--out", str(out),
         ],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -265,6 +265,9 @@ def test_outputs_and_per_object(tmp_path):
         result["metrics"]["mIoU"]["all"]
     )
     assert (out / "results.md").read_text().startswith("| model | all | small")
+    from PIL import Image
+
+    assert Image.open(out / "iou_by_size.png").size[0] > 300
 
 
 @pytest.fixture(scope="module")

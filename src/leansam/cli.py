@@ -95,6 +95,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             out_dir=args.out,
             fresh=args.fresh,
             save_per_object=args.save_per_object,
+            plot=args.plot,
             progress=not args.no_progress,
             config={"checkpoint": args.checkpoint, "limit": args.limit},
         )
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output folder (per-image results: resumable)")
     e.add_argument("--fresh", action="store_true", help="discard earlier results in --out")
     e.add_argument("--save-per-object", action="store_true", help="write per_object.jsonl")
+    e.add_argument("--plot", action="store_true", help="write iou_by_size.png (box, click)")
     e.add_argument("--batch-size", type=int, default=16, help="prompts per decoder call")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--device", default=None)

@@ -121,6 +121,7 @@ def evaluate(
     out_dir: str | os.PathLike | None = None,
     fresh: bool = False,
     save_per_object: bool = False,
+    plot: bool = False,
     progress: bool = True,
     config: dict | None = None,
 ) -> dict:
@@ -131,7 +132,7 @@ def evaluate(
     boxes, scored by the detector score or ``detector*iou``; COCO / LVIS mask AP).
 
     With ``out_dir``, per-image results are kept there (resumable) and ``results.json`` /
-    ``results.md`` written. Returns the results record.
+    ``results.md`` written (with ``plot``, also ``iou_by_size.png``). Returns the results record.
     """
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}: choose from {', '.join(PROTOCOLS)}")
@@ -222,6 +223,11 @@ def evaluate(
                 json.dumps({"image_id": r["image_id"], **o}) for r in ordered for o in r["objects"]
             ]
             atomic_write_bytes(out / "per_object.jsonl", ("\n".join(lines) + "\n").encode())
+        if plot and protocol != "detector":
+            from .plot import plot_iou_by_size
+
+            objs = [o for r in ordered for o in r["objects"]]
+            plot_iou_by_size(objs, out / "iou_by_size.png", f"{src.name}, {protocol} protocol")
         if protocol == "detector":
             segm = [d for r in ordered for d in r["detections"]]
             atomic_write_json(out / "segm_results.json", segm)
