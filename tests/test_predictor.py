@@ -175,6 +175,9 @@ def test_set_torch_image_matches_set_image(l_model, predictor, coco_image):
     torch.testing.assert_close(p.get_image_embedding(), predictor.get_image_embedding())
     with pytest.raises(InputError, match="long side 256"):
         p.set_torch_image(torch.zeros(1, 3, 100, 80), (100, 80))
+    with pytest.raises(InputError, match="takes one image"):
+        p.set_torch_image(torch.zeros(2, 3, 256, 200), (256, 200))
+    torch.testing.assert_close(p.get_image_embedding(), predictor.get_image_embedding())
 
 
 def test_bfloat16_model_predicts(coco_image):

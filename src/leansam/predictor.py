@@ -74,6 +74,12 @@ class SamPredictor:
     ) -> None:
         """Embed a 1 x 3 x h x w image already resized with ``image_transform`` (long side R),
         pixel values 0..255; ``original_image_size`` is the (H, W) before resizing."""
+        if transformed_image.ndim != 4 or transformed_image.shape[0] != 1:
+            shape = tuple(transformed_image.shape)
+            raise InputError(
+                f"set_torch_image takes one image, 1 x 3 x h x w; got {shape} "
+                "(set_images embeds several)"
+            )
         self._set_torch_images([transformed_image[0]], [tuple(original_image_size)])
 
     def set_images(self, images: Sequence[np.ndarray], image_format: str = "RGB") -> None:
