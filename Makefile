@@ -43,7 +43,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)
-	$(PY) benchmarks/encoder_latency.py --out benchmarks/results/encoder_latency.json
+	$(PY) benchmarks/encoder_latency.py --runs 15 --out benchmarks/results/encoder_latency.json
 
 # The baseline rows of EVALUATION.md on coco-mini val (about 30 minutes on 2 cores).
 EVAL_ARGS = --images $(DATA)/coco-mini/val2017 \

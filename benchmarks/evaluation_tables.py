@@ -1,0 +1,88 @@
+"""Render the tables of EVALUATION.md from ``leansam eval`` result folders.
+
+    .venv/bin/python benchmarks/evaluation_tables.py out/eval
+
+Every figure comes from a ``results.json`` written by ``leansam eval``; the rows are grouped by
+protocol and list the model, the figures and the number of objects / detections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _f(v: float | None, scale: float = 1.0) -> str:
+    return "n/a" if v is None or v < 0 else f"{v * scale:.1f}"
+
+
+def tables(runs: list[dict]) -> str:
+    out = []
+    box = [r for r in runs if r["protocol"] == "box"]
+    if box:
+        out += [
+            "### Box prompts (GT boxes), mIoU x 100",
+            "",
+            "| model | all | small | medium | large | objects |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in box:
+            m = r["metrics"]
+            sizes = " | ".join(_f(m["mIoU"][s]) for s in ("all", "small", "medium", "large"))
+            out.append(f"| {r['config']['model']} | {sizes} | {m['count']['all']} |")
+        out.append("")
+    click = [r for r in runs if r["protocol"] == "click"]
+    if click:
+        ks = list(click[0]["metrics"])
+        out += [
+            "### Point prompts (simulated clicks), mIoU x 100",
+            "",
+            "| model | " + " | ".join(ks) + " | objects |",
+            "|---|" + "---:|" * (len(ks) + 1),
+        ]
+        for r in click:
+            m = r["metrics"]
+            vals = " | ".join(_f(m[k]["mIoU"]["all"]) if k in m else "n/a" for k in ks)
+            out.append(f"| {r['config']['model']} | {vals} | {m[ks[0]]['count']['all']} |")
+        out.append("")
+    det = [r for r in runs if r["protocol"] == "detector"]
+    if det:
+        keys = list(det[0]["metrics"]["segm"])
+        out += [
+            "### Detector boxes, mask AP x 100 (COCOeval segm)",
+            "",
+            "| model | detections | " + " | ".join(keys) + " | boxes from |",
+            "|---|---:|" + "---:|" * len(keys) + "---|",
+        ]
+        for r in det:
+            segm = r["metrics"]["segm"]
+            vals = " | ".join(_f(segm[k], 100) for k in keys)
+            src = r["config"]["detections"]
+            src = "ground truth (oracle)" if src == "gt" else Path(src).name
+            n = r["metrics"]["detections"]
+            out.append(f"| {r['config']['model']} | {n} | {vals} | {src} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", help="folder whose subfolders hold results.json files")
+    args = ap.parse_args(argv)
+    runs = [json.loads(p.read_text()) for p in sorted(Path(args.root).glob("*/results.json"))]
+    if not runs:
+        print(f"no results.json under {args.root}", file=sys.stderr)
+        return 2
+    print(tables(runs))
+    env = runs[0]["environment"]
+    print(
+        f"Machine: {env['cpu']}, {env['logical_cpus']} logical CPUs; torch {env['torch']}, "
+        f"leansam {env['leansam']}."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
