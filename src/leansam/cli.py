@@ -111,6 +111,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_coco_to_sa1b(args: argparse.Namespace) -> int:
+    from .data.sa1b import coco_to_sa1b
+
+    counts = coco_to_sa1b(
+        args.images,
+        args.annotations,
+        args.out,
+        include_crowd=args.include_crowd,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {counts['images']} images with {counts['masks']} masks to {args.out} "
+        f"({counts['existing']} already there, {counts['skipped_images']} unreadable skipped)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leansam", description="Fast, exact Segment Anything.")
     p.add_argument("--version", action="version", version=_version())
@@ -174,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--device", default=None)
     e.set_defaults(func=_cmd_eval)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(
+        dest="data_command", required=True, metavar="TOOL"
+    )
+    c2s = data.add_parser("coco-to-sa1b", help="convert COCO instances to SA-1B layout")
+    c2s.add_argument("--images", required=True, help="COCO image folder")
+    c2s.add_argument("--annotations", required=True, help="COCO instances JSON")
+    c2s.add_argument("--out", required=True, help="output folder for sa_<id>.jpg / .json")
+    c2s.add_argument("--include-crowd", action="store_true", help="keep iscrowd regions")
+    c2s.add_argument("--no-progress", action="store_true")
+    c2s.set_defaults(func=_cmd_coco_to_sa1b)
 
     d = sub.add_parser("demo", help="segment coco-mini images from their annotation boxes")
     d.add_argument("--data", default="../shared/data/coco-mini", help="coco-mini folder")

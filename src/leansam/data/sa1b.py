@@ -1,0 +1,155 @@
+"""SA-1B layout: ``sa_<id>.jpg`` + ``sa_<id>.json`` (COCO RLE masks), reading and writing.
+
+``coco_to_sa1b`` converts a COCO instances dataset into this layout so that leansam's trainers read
+one format; the reader skips unreadable images or annotation files with a warning count instead of
+stopping a run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InputError, require
+from ..io import atomic_write_bytes, atomic_write_json, load_image, read_json
+from .coco import ann_to_mask, load_coco
+
+log = logging.getLogger(__name__)
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def coco_to_sa1b(
+    images_dir: str | os.PathLike,
+    annotations: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    include_crowd: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write every COCO image with at least one annotation (area >= 1) as ``sa_<image id>.jpg``
+    plus ``sa_<image id>.json``. Masks are stored as compressed RLE decoded from the COCO
+    segmentation (polygons or RLE), so they round-trip exactly; bbox and area are recomputed from
+    the mask. JPEG files are copied byte for byte, other formats re-encoded as JPEG (quality 95).
+    Existing outputs are kept (a rerun resumes). Returns counts."""
+    mask_utils = require("pycocotools.mask", "data")
+    images_dir, out = Path(images_dir), Path(out_dir)
+    images, anns = load_coco(annotations)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"images": 0, "masks": 0, "skipped_images": 0, "existing": 0}
+    todo = [im for im in images if anns.get(im["id"])]
+    if progress:
+        todo = require("tqdm", "data").tqdm(todo, desc="coco-to-sa1b", unit="img")
+    for info in todo:
+        stem = f"sa_{info['id']}"
+        if (out / f"{stem}.json").exists() and (out / f"{stem}.jpg").exists():
+            counts["existing"] += 1
+            continue
+        src = images_dir / info["file_name"]
+        h, w = info["height"], info["width"]
+        records = []
+        for a in sorted(anns[info["id"]], key=lambda a: a["id"]):
+            if a.get("area", 0) < 1 or (a.get("iscrowd", 0) and not include_crowd):
+                continue
+            m = ann_to_mask(a, h, w)
+            if not m.any():
+                continue
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            records.append(
+                {
+                    "id": a["id"],
+                    "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "area": int(m.sum()),
+                    "category_id": a.get("category_id"),
+                }
+            )
+        if not records:
+            continue
+        try:
+            data = src.read_bytes()
+            if not data.startswith(_JPEG_MAGIC):
+                buf = io.BytesIO()
+                Image.fromarray(load_image(src)).save(buf, format="JPEG", quality=95)
+                data = buf.getvalue()
+        except (OSError, InputError) as e:
+            log.warning("skipping %s: %s", src, e)
+            counts["skipped_images"] += 1
+            continue
+        atomic_write_bytes(out / f"{stem}.jpg", data)
+        # the JSON last: its presence marks the pair as complete
+        atomic_write_json(
+            out / f"{stem}.json",
+            {
+                "image": {
+                    "image_id": info["id"],
+                    "width": w,
+                    "height": h,
+                    "file_name": f"{stem}.jpg",
+                },
+                "annotations": records,
+            },
+        )
+        counts["images"] += 1
+        counts["masks"] += len(records)
+    return counts
+
+
+@dataclass
+class SA1BSample:
+    image: np.ndarray  # H x W x 3 uint8 RGB
+    masks: np.ndarray  # N x H x W bool
+    ids: list[int] = field(default_factory=list)
+
+
+class SA1BDataset:
+    """``sa_*.json`` files of a folder (sorted), each with its ``sa_*.jpg``.
+
+    ``dataset[i]`` is an :class:`SA1BSample` or ``None`` when the image or its annotations cannot
+    be read; ``skipped`` counts those (per process) and a warning names each one.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise InputError(f"SA-1B folder not found: {self.root}")
+        self.files = sorted(self.root.glob("sa_*.json"))
+        if not self.files:
+            raise InputError(f"no sa_*.json files in {self.root}")
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> SA1BSample | None:
+        path = self.files[i]
+        try:
+            data = read_json(path, "SA-1B annotation file")
+            info = data["image"]
+            image = load_image(self.root / info.get("file_name", path.with_suffix(".jpg").name))
+            h, w = image.shape[:2]
+            anns = data["annotations"]
+            masks = [_decode(a["segmentation"], h, w) for a in anns]
+        except (InputError, KeyError, TypeError, ValueError) as e:
+            self.skipped += 1
+            log.warning("skipping %s: %s", path.name, e)
+            return None
+        if not masks:
+            self.skipped += 1
+            log.warning("skipping %s: no masks", path.name)
+            return None
+        return SA1BSample(image, np.stack(masks), [a.get("id", k) for k, a in enumerate(anns)])
+
+
+def _decode(rle: dict, h: int, w: int) -> np.ndarray:
+    from ..io import coco_rle_to_mask
+
+    if list(rle["size"]) != [h, w]:
+        raise ValueError(f"mask size {rle['size']} does not match image {h}x{w}")
+    return coco_rle_to_mask(rle)

@@ -1,0 +1,90 @@
+"""Stage-2 mask loss (SPEC section 5): 20 x BCE + Dice on uncertainty-sampled points.
+
+The loss is computed at 112 x 112 = 12,544 points per mask instead of every pixel: 3x as many
+candidates are drawn uniformly, the 75% most uncertain of them (logit closest to 0) are kept and the
+rest drawn uniformly again (PointRend / Mask2Former point sampling). With multimask output the loss
+of the best of the 3 masks is taken per prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NUM_POINTS = 112 * 112
+BCE_WEIGHT = 20.0
+
+
+def point_sample(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """x: B x C x H x W; coords: B x P x 2, (x, y) in [0, 1] -> B x C x P (bilinear).
+
+    Border padding: zero padding would pull logits towards 0 within half a pixel of the frame edge
+    and make those points look uncertain."""
+    grid = (2.0 * coords - 1.0).unsqueeze(2)  # B x P x 1 x 2 in [-1, 1]
+    return F.grid_sample(
+        x, grid, mode="bilinear", padding_mode="border", align_corners=False
+    ).squeeze(3)
+
+
+def uncertain_point_coords(
+    logits: torch.Tensor,
+    num_points: int = NUM_POINTS,
+    *,
+    oversample_ratio: float = 3.0,
+    importance_ratio: float = 0.75,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """B x 1 x H x W logits -> B x num_points x 2 coordinates in [0, 1]."""
+    b, device = logits.shape[0], logits.device
+    n = int(num_points * oversample_ratio)
+    cand = torch.rand(b, n, 2, device=device, generator=generator)
+    uncertainty = -point_sample(logits.detach(), cand).abs().squeeze(1)  # B x n
+    k = int(importance_ratio * num_points)
+    idx = uncertainty.topk(k, dim=1).indices
+    chosen = torch.gather(cand, 1, idx[..., None].expand(-1, -1, 2))
+    rest = torch.rand(b, num_points - k, 2, device=device, generator=generator)
+    return torch.cat([chosen, rest], dim=1)
+
+
+def _dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row Dice loss of ... x P logits against {0, 1} targets (the +1 smooths empty masks)."""
+    p = logits.sigmoid()
+    return 1 - (2 * (p * target).sum(-1) + 1) / (p.sum(-1) + target.sum(-1) + 1)
+
+
+def _focal(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0):
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    return ((alpha * target + (1 - alpha) * (1 - target)) * loss).mean(-1)
+
+
+def mask_loss(
+    logits: torch.Tensor,
+    gt: torch.Tensor,
+    *,
+    num_points: int = NUM_POINTS,
+    focal: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Loss per prompt, best over the C predicted masks.
+
+    Arguments:
+      logits: B x C x h x w low-res mask logits (C = 1, or 3 with multimask), covering the padded
+        square input frame.
+      gt: B x H x W ground-truth masks in the same padded frame (any resolution).
+
+    Returns B losses: min over C of (20 x BCE + Dice), or (20 x focal + Dice) with ``focal``.
+    """
+    b, c = logits.shape[:2]
+    flat = logits.reshape(b * c, 1, *logits.shape[2:])
+    coords = uncertain_point_coords(flat, num_points, generator=generator)
+    pred = point_sample(flat, coords).squeeze(1)  # (B*C) x P
+    target = point_sample(gt.float().repeat_interleave(c, 0)[:, None], coords).squeeze(1)
+    if focal:
+        first = _focal(pred, target)
+    else:
+        first = F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean(-1)
+    loss = BCE_WEIGHT * first + _dice(pred, target)
+    return loss.reshape(b, c).min(dim=1).values

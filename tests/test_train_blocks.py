@@ -1,0 +1,171 @@
+"""Training building blocks: COCO -> SA-1B conversion and reading, prompt sampling, the loss."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import COCO_MINI
+
+from leansam.data.coco import ann_to_mask, load_coco
+from leansam.data.sa1b import SA1BDataset, coco_to_sa1b
+from leansam.train.losses import mask_loss, point_sample, uncertain_point_coords
+from leansam.train.prompts import mask_boxes, sample_prompts
+
+IMAGES = COCO_MINI / "train2017"
+ANNS = COCO_MINI / "annotations" / "instances_train2017.json"
+
+
+@pytest.fixture(scope="module")
+def sa1b(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sa1b")
+    counts = coco_to_sa1b(IMAGES, ANNS, out, progress=False)
+    return out, counts
+
+
+def test_coco_to_sa1b_round_trips_masks_exactly(sa1b):
+    out, counts = sa1b
+    images, anns = load_coco(ANNS)
+    kept = {
+        im["id"]: [a for a in anns.get(im["id"], []) if a["area"] >= 1 and not a["iscrowd"]]
+        for im in images
+    }
+    assert counts["images"] == sum(1 for v in kept.values() if v)
+    assert counts["masks"] == sum(len(v) for v in kept.values())
+    ds = SA1BDataset(out)
+    assert len(ds) == counts["images"]
+    by_id = {im["id"]: im for im in images}
+    for i in range(0, len(ds), 7):
+        sample = ds[i]
+        iid = int(ds.files[i].stem.split("_")[1])
+        info = by_id[iid]
+        expected = sorted(kept[iid], key=lambda a: a["id"])
+        assert sample.ids == [a["id"] for a in expected]
+        assert sample.image.shape == (info["height"], info["width"], 3)
+        for m, a in zip(sample.masks, expected, strict=True):
+            np.testing.assert_array_equal(m, ann_to_mask(a, info["height"], info["width"]))
+        # JPEG bytes copied unchanged
+        assert (out / f"sa_{iid}.jpg").read_bytes() == (IMAGES / info["file_name"]).read_bytes()
+
+
+def test_coco_to_sa1b_resumes_and_cli(sa1b, tmp_path):
+    out, counts = sa1b
+    again = coco_to_sa1b(IMAGES, ANNS, out, progress=False)
+    assert again["existing"] == counts["images"] and again["images"] == 0
+    res = subprocess.run(
+        [
+            sys.executable, "-m", "leansam.cli", "data", "coco-to-sa1b", "--images", str(IMAGES),
+            "--annotations", str(ANNS), "--out", str(tmp_path / "x"), "--no-progress",
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert f"wrote {counts['images']} images with {counts['masks']} masks" in res.stdout
+
+
+def test_corrupt_samples_are_skipped_and_counted(sa1b, tmp_path):
+    out, _ = sa1b
+    good = sorted(out.glob("sa_*.json"))[:2]
+    for f in good:
+        (tmp_path / f.name).write_text(f.read_text())
+        jpg = f.with_suffix(".jpg")
+        (tmp_path / jpg.name).write_bytes(jpg.read_bytes())
+    # a truncated image and an annotation file that is not JSON
+    (tmp_path / good[0].with_suffix(".jpg").name).write_bytes(
+        good[0].with_suffix(".jpg").read_bytes()[:500]
+    )
+    (tmp_path / "sa_999.json").write_text("{not json")
+    ds = SA1BDataset(tmp_path)
+    samples = [ds[i] for i in range(len(ds))]
+    assert sum(s is None for s in samples) == 2 and ds.skipped == 2
+    assert sum(s is not None for s in samples) == 1
+
+
+def test_dataset_errors(tmp_path):
+    from leansam.errors import InputError
+
+    with pytest.raises(InputError, match="SA-1B folder not found"):
+        SA1BDataset(tmp_path / "none")
+    with pytest.raises(InputError, match="no sa_"):
+        SA1BDataset(tmp_path)
+
+
+def test_prompt_sampling():
+    masks = np.zeros((3, 40, 50), dtype=bool)
+    masks[0, 5:10, 7:20] = True
+    masks[1, 20:39, 0:3] = True
+    masks[2, 0:1, 49:50] = True
+    np.testing.assert_array_equal(
+        mask_boxes(masks), [[7, 5, 20, 10], [0, 20, 3, 39], [49, 0, 50, 1]]
+    )
+    rng = np.random.default_rng(0)
+    kinds, multi, counts = [], [], set()
+    for _ in range(400):
+        p = sample_prompts(masks, rng)
+        kinds.append(p.boxes is not None)
+        multi.append(p.multimask)
+        if p.points is not None:
+            assert p.boxes is None and p.labels.shape == p.points.shape[:2]
+            assert (p.labels == 1).all()
+            counts.add(p.points.shape[1])
+            xs, ys = p.points[..., 0].astype(int), p.points[..., 1].astype(int)
+            for i in range(3):
+                assert masks[i, ys[i], xs[i]].all()  # every point inside its own mask
+    assert 0.4 < np.mean(kinds) < 0.6 and 0.4 < np.mean(multi) < 0.6
+    assert counts == set(range(1, 11))
+    a = sample_prompts(masks, np.random.default_rng(5))
+    b = sample_prompts(masks, np.random.default_rng(5))
+    assert a.multimask == b.multimask and np.array_equal(
+        a.points if a.points is not None else a.boxes, b.points if b.points is not None else b.boxes
+    )
+
+
+def test_point_sample_and_uncertainty():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    centres = torch.tensor([[[0.125, 0.125], [0.875, 0.375]]])  # pixel centres (0,0) and (3,1)
+    torch.testing.assert_close(point_sample(x, centres), torch.tensor([[[0.0, 7.0]]]))
+    ramp = 20 * (0.5 - (torch.arange(32) + 0.5) / 32)  # logit 0 at x = 0.5, growing away from it
+    logits = ramp.expand(2, 1, 32, 32).clone()
+    g = torch.Generator().manual_seed(0)
+    coords = uncertain_point_coords(logits, 400, generator=g)
+    assert coords.shape == (2, 400, 2)
+    # 75% of the points are the most uncertain quarter of 3x candidates: |x - 0.5| < 0.125, where
+    # uniform sampling would put 25%
+    near_edge = ((coords[..., 0] - 0.5).abs() < 0.13).float().mean()
+    assert near_edge > 0.7
+
+
+def test_mask_loss():
+    gt = torch.zeros(2, 64, 64)
+    gt[:, 10:40, 20:50] = 1
+    perfect = (gt * 40 - 20)[:, None]  # +20 inside, -20 outside
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    # points concentrate on the boundary, where bilinear targets are soft: even a perfect
+    # prediction keeps some loss, but far below an uninformed or an inverted one
+    lp = mask_loss(perfect, gt, num_points=2000, generator=g())
+    l0 = mask_loss(torch.zeros_like(perfect), gt, num_points=2000, generator=g())
+    lw = mask_loss(-perfect, gt, num_points=2000, generator=g())
+    assert lp.shape == (2,)
+    assert (lp < 0.5 * l0).all() and (l0 < 0.2 * lw).all()
+    # multimask: the best of the three candidates counts
+    three = torch.cat([-perfect, perfect, torch.zeros_like(perfect)], dim=1)
+    lm = mask_loss(three, gt, num_points=2000, generator=g())
+    assert (lm < 0.5 * l0).all() and ((lm - lp).abs() < 0.2 * lp).all()  # sampling noise only
+    # 20 x BCE + Dice exactly, on points away from the boundary
+    inside = torch.full((1, 1, 8, 8), 3.0)
+    full = torch.ones(1, 8, 8)
+    expected = 20 * torch.nn.functional.softplus(torch.tensor(-3.0)) + (
+        1
+        - (2 * torch.sigmoid(torch.tensor(3.0)) * 500 + 1)
+        / (torch.sigmoid(torch.tensor(3.0)) * 500 + 500 + 1)
+    )
+    torch.testing.assert_close(mask_loss(inside, full, num_points=500)[0], expected)
+    focal = mask_loss(perfect, gt, num_points=2000, focal=True, generator=g())
+    assert (focal < lp).all()
+    # gradients reach the logits
+    x = torch.zeros(1, 1, 16, 16, requires_grad=True)
+    mask_loss(x, gt[:1], num_points=500).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
