@@ -128,6 +128,35 @@ def _cmd_coco_to_sa1b(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import TrainConfig
+    from .train.trainer import distill, finetune
+
+    cfg = TrainConfig.from_yaml(
+        args.recipe,
+        stage=args.train_command,
+        out=args.out,
+        data=args.data,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        init_checkpoint=args.init_checkpoint,
+        teacher_checkpoint=args.teacher_checkpoint,
+    )
+    run = distill if cfg.stage == "distill" else finetune
+    try:
+        result = run(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        print("leansam: interrupted; continue with the same command plus --resume", file=sys.stderr)
+        return 130
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = result["records"][-1]["loss"] if result["records"] else float("nan")
+        print(
+            f"{cfg.stage}: step {result['steps']}/{result['total_steps']}, last loss {last:.5f}, "
+            f"{result['skipped_samples']} unreadable samples skipped; weights: {cfg.out}/model.pt"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leansam", description="Fast, exact Segment Anything.")
     p.add_argument("--version", action="version", version=_version())
@@ -202,6 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
     c2s.add_argument("--include-crowd", action="store_true", help="keep iscrowd regions")
     c2s.add_argument("--no-progress", action="store_true")
     c2s.set_defaults(func=_cmd_coco_to_sa1b)
+
+    train = sub.add_parser(
+        "train",
+        help="stage-1 distillation or stage-2 end-to-end training (torchrun for many processes)",
+    ).add_subparsers(dest="train_command", required=True, metavar="STAGE")
+    for stage, text in (
+        ("distill", "stage 1: student encoder learns the teacher's image embedding (MSE)"),
+        ("finetune", "stage 2: end to end on SA-1B folders (20 x BCE + Dice)"),
+    ):
+        t = train.add_parser(stage, help=text)
+        t.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+        t.add_argument("--out", help="output folder (overrides the recipe)")
+        t.add_argument("--data", nargs="+", help="data folders (override the recipe)")
+        t.add_argument("--epochs", type=float)
+        t.add_argument("--max-steps", type=int)
+        t.add_argument("--init-checkpoint", help="weights to start from")
+        t.add_argument("--teacher-checkpoint", help="stage 1: the teacher's weights")
+        t.add_argument("--resume", action="store_true", help="continue the run in --out")
+        t.set_defaults(func=_cmd_train)
 
     d = sub.add_parser("demo", help="segment coco-mini images from their annotation boxes")
     d.add_argument("--data", default="../shared/data/coco-mini", help="coco-mini folder")

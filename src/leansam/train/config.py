@@ -1,0 +1,83 @@
+"""Typed training configuration, loadable from YAML recipes (``recipes/*.yaml``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from ..errors import InputError, require
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``stage`` is ``distill`` (stage 1) or ``finetune`` (stage 2)."""
+
+    stage: str
+    model: str  # the model trained (the student in stage 1)
+    data: list[str]  # stage 1: image folders; stage 2: SA-1B folders
+    out: str
+    teacher: str | None = None  # stage 1
+    teacher_checkpoint: str | None = None
+    #: weights to start from (a checkpoint of ``model``); in stage 1 the prompt encoder and mask
+    #: decoder are always taken from the teacher
+    init_checkpoint: str | None = None
+    epochs: float = 2.0
+    batch_size: int = 4  # images per process
+    masks_per_image: int = 64  # stage 2: resampled with replacement when an image has fewer
+    #: learning rate per process; the run uses lr x world size (SPEC: 8e-7 for L, 4e-7 for XL)
+    lr: float = 8e-7
+    weight_decay: float = 0.1
+    grad_clip: float = 2.0  # by value
+    num_points: int = 112 * 112
+    focal: bool = False
+    flip_prob: float = 0.5
+    #: random rescale of the image before the long-side resize, e.g. [0.5, 1.0]: more variety for
+    #: small datasets (the object masks follow)
+    scale_jitter: list[float] | None = None
+    seed: int = 0
+    amp: str = "none"  # none | bf16 | fp16 (autocast on GPU; bf16 also on CPU)
+    save_every: int = 50  # steps between checkpoints (and at the end)
+    cache_fp16: bool = True  # stage 1: store teacher embeddings in fp16
+    max_steps: int | None = None  # stop early (the schedule still spans ``epochs``)
+    #: BatchNorm in eval mode (running statistics, affine still trained). Default: frozen in stage
+    #: 2, where a few images per process give noisy batch statistics and would make the result
+    #: depend on how the batch is split; trained in stage 1 (SyncBatchNorm across GPUs; CPU
+    #: processes then each normalise over their own images).
+    freeze_bn: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("distill", "finetune"):
+            raise InputError(f"stage must be distill or finetune, got {self.stage!r}")
+        if self.stage == "distill" and not self.teacher:
+            raise InputError("stage 1 (distill) needs a teacher model")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise InputError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.data:
+            raise InputError("no training data given")
+        if self.freeze_bn is None:
+            self.freeze_bn = self.stage == "finetune"
+        if self.batch_size < 1 or self.masks_per_image < 1 or self.epochs <= 0:
+            raise InputError("batch_size, masks_per_image and epochs must be positive")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
+        yaml = require("yaml", "train")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise InputError(f"recipe not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise InputError(f"recipe {path} is not valid YAML: {e}") from None
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise InputError(f"recipe {path}: unknown keys {', '.join(unknown)}")
+        return cls(**raw)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)

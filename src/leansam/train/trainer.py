@@ -1,0 +1,445 @@
+"""Stage 1 (distillation) and stage 2 (end-to-end) training, one process or many under torchrun.
+
+Determinism is by construction: the image order of epoch e is a permutation seeded by (seed, e);
+every augmentation, prompt and loss point of an image is drawn from generators seeded by (seed,
+step, image index). A run therefore does not depend on how the global batch is split over processes,
+and a resumed run replays exactly the steps an uninterrupted one would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import save_state_dict
+from ..distributed import barrier, init_from_env
+from ..errors import InputError, require
+from ..io import atomic_write_bytes, atomic_write_json, load_image
+from ..provenance import describe_environment
+from ..registry import create_model
+from ..transforms import ResizeLongestSide
+from .config import TrainConfig
+from .losses import mask_loss
+from .prompts import sample_prompts
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+# ------------------------------------------------------------------ shared machinery
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms and biases (1-D tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class _Run:
+    """Order, optimisation, checkpoints and logs common to both stages."""
+
+    def __init__(
+        self, cfg: TrainConfig, n_items: int, trainable: nn.Module, step_module: nn.Module
+    ):
+        self.cfg = cfg
+        self.rank, self.world = init_from_env()
+        self.out = Path(cfg.out)
+        self.n = n_items
+        self.global_batch = cfg.batch_size * self.world
+        self.steps_per_epoch = n_items // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise InputError(
+                f"{n_items} training items are fewer than one global batch of {self.global_batch}"
+            )
+        self.total_steps = math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
+        self.trainable = trainable
+        self.optimizer = torch.optim.AdamW(
+            param_groups(trainable, cfg.weight_decay), lr=cfg.lr * self.world
+        )
+        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if not cfg.freeze_bn and torch.cuda.is_available():
+                step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
+            # prompt-encoder parts unused by a given prompt kind (mask input, padding point)
+            step_module = DistributedDataParallel(step_module, find_unused_parameters=True)
+        self.step_module = step_module
+        self.step = 0
+
+    def indices(self, step: int) -> list[int]:
+        """This process's items of global step ``step``."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n)
+        start = pos * self.global_batch + self.rank * self.cfg.batch_size
+        return [int(i) for i in perm[start : start + self.cfg.batch_size]]
+
+    def resume(self, allowed: bool) -> bool:
+        """Continue from ``checkpoint.pt`` if asked; refuse to overwrite one otherwise."""
+        path = self.out / "checkpoint.pt"
+        if not path.exists():
+            return False
+        if not allowed:
+            raise InputError(
+                f"{self.out} holds a run: pass --resume to continue it, or a new --out"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["config"] != _comparable(self.cfg):
+            raise InputError(
+                f"{path} was written by another configuration: use a new --out, or the same recipe"
+            )
+        self.trainable.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        return True
+
+    def save(self) -> None:
+        if self.rank == 0:
+            _atomic_torch_save(
+                {
+                    "model": self.trainable.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "step": self.step,
+                    "config": _comparable(self.cfg),
+                    "torch_rng": torch.get_rng_state(),
+                },
+                self.out / "checkpoint.pt",
+            )
+        barrier()
+
+    def optimise(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_value_(self.trainable.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        value = loss.detach().float()
+        if self.world > 1:
+            torch.distributed.all_reduce(value)
+            value /= self.world
+        return float(value)
+
+    def loop(self, compute_loss: Callable[[int, list[int]], torch.Tensor]) -> list[dict]:
+        """Run steps from the current one to the last; returns this run's log records."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / "metrics.jsonl"
+        if self.rank == 0:
+            kept = []
+            if self.step and log_path.exists():  # drop records past the resumed checkpoint
+                kept = [
+                    line
+                    for line in log_path.read_text().splitlines()
+                    if json.loads(line)["step"] <= self.step
+                ]
+            atomic_write_bytes(log_path, "".join(x + "\n" for x in kept).encode())
+            atomic_write_json(
+                self.out / "run.json",
+                {
+                    "config": self.cfg.as_dict(),
+                    "world_size": self.world,
+                    "steps": self.total_steps,
+                    "environment": describe_environment(),
+                },
+            )
+        bar = None
+        if self.rank == 0:
+            tqdm = require("tqdm", "data").tqdm
+            bar = tqdm(
+                total=self.last_step, initial=self.step, desc=f"train {self.cfg.stage}", unit="step"
+            )
+        records = []
+        self.trainable.train()
+        if self.cfg.freeze_bn:
+            for m in self.trainable.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        while self.step < self.last_step:
+            t0 = time.perf_counter()
+            loss = self.optimise(compute_loss(self.step, self.indices(self.step)))
+            self.step += 1
+            dt = time.perf_counter() - t0
+            rec = {
+                "step": self.step,
+                "epoch": self.step / self.steps_per_epoch,
+                "loss": loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "seconds": dt,
+                "images_per_s": self.global_batch / dt,
+            }
+            records.append(rec)
+            if self.rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update()
+            if self.step % self.cfg.save_every == 0 or self.step == self.last_step:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.trainable.eval()
+        return records
+
+
+def _comparable(cfg: TrainConfig) -> dict:
+    """The configuration fields that must match for a checkpoint to be resumed."""
+    d = cfg.as_dict()
+    d.pop("max_steps", None)
+    d.pop("save_every", None)
+    return d
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.amp == "none" or (cfg.amp == "fp16" and device.type != "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _device() -> torch.device:
+    from ..distributed import default_device
+
+    return torch.device(default_device() or "cpu")
+
+
+# ------------------------------------------------------------------ stage 2
+class _FinetuneStep(nn.Module):
+    """Loss of a batch of prepared samples; wrapped by DDP so that its forward syncs gradients."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def forward(self, samples: list[dict], seeds: list[int]) -> torch.Tensor:
+        model = self.model
+        x = torch.cat([model.preprocess(s["image"][None]) for s in samples])
+        emb = model.image_encoder(x)
+        pe = model.prompt_encoder.get_dense_pe()
+        losses = []
+        for i, s in enumerate(samples):
+            points = (s["points"], s["labels"]) if s["points"] is not None else None
+            sparse, dense = model.prompt_encoder(points, s["boxes"], None)
+            low, _ = model.mask_decoder(emb[i : i + 1], pe, sparse, dense, s["multimask"])
+            g = torch.Generator(device=low.device).manual_seed(seeds[i])
+            losses.append(
+                mask_loss(
+                    low.float(), s["gt"], num_points=self.cfg.num_points, focal=self.cfg.focal,
+                    generator=g,
+                )
+            )  # fmt: skip
+        return torch.cat(losses).mean()
+
+
+def prepare_sample(sample, image_size: int, cfg: TrainConfig, rng: np.random.Generator, device):
+    """Augment one SA-1B sample and draw its prompts (SPEC section 5): flip, optional scale
+    jitter, ``masks_per_image`` masks (resampled if fewer), box or 1-10 points, multimask."""
+    from PIL import Image
+
+    image, masks = sample.image, sample.masks
+    if rng.random() < cfg.flip_prob:
+        image, masks = image[:, ::-1], masks[:, :, ::-1]
+    if cfg.scale_jitter:
+        s = float(rng.uniform(*cfg.scale_jitter))
+        h, w = image.shape[:2]
+        nh, nw = max(8, round(h * s)), max(8, round(w * s))
+        image = np.array(
+            Image.fromarray(np.ascontiguousarray(image)).resize((nw, nh), Image.BILINEAR)
+        )
+        masks = F.interpolate(
+            torch.from_numpy(np.ascontiguousarray(masks))[:, None].float(), (nh, nw)
+        )
+        masks = masks[:, 0].numpy() > 0.5
+    keep = masks.reshape(len(masks), -1).any(1)
+    masks = masks[keep] if keep.any() else masks
+    n = len(masks)
+    idx = rng.choice(n, cfg.masks_per_image, replace=n < cfg.masks_per_image)
+    masks = np.ascontiguousarray(masks[idx])
+    prompts = sample_prompts(masks, rng)
+    size = image.shape[:2]
+    frame = ResizeLongestSide(1024)
+    to_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float, device=device)  # noqa: E731
+    boxes = to_t(frame.apply_boxes(prompts.boxes, size) if prompts.boxes is not None else None)
+    points = to_t(frame.apply_coords(prompts.points, size) if prompts.points is not None else None)
+    labels = None if prompts.labels is None else torch.as_tensor(prompts.labels, device=device)
+    resized = ResizeLongestSide(image_size).apply_image(np.ascontiguousarray(image))
+    rh, rw = resized.shape[:2]
+    gt = F.interpolate(torch.from_numpy(masks)[:, None].float(), (rh, rw))[:, 0]
+    gt = F.pad(gt, (0, image_size - rw, 0, image_size - rh)).to(device)
+    return {
+        "image": torch.as_tensor(resized, device=device).permute(2, 0, 1),
+        "boxes": boxes,
+        "points": points,
+        "labels": labels,
+        "multimask": prompts.multimask,
+        "gt": gt,
+    }
+
+
+def finetune(
+    cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
+) -> dict:
+    """Stage 2: end-to-end training on SA-1B folders. Writes ``checkpoint.pt`` (resumable),
+    ``metrics.jsonl`` and, at the end, ``model.pt`` (a plain state dict for ``create_model``)."""
+    from ..data.sa1b import SA1BDataset
+
+    device = _device()
+    datasets = [SA1BDataset(d) for d in cfg.data]
+    items = [(k, i) for k, ds in enumerate(datasets) for i in range(len(ds))]
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
+    step_module = _FinetuneStep(model, cfg)
+    run = _Run(cfg, len(items), model, step_module)
+    resumed = run.resume(resume)
+
+    def compute(step: int, indices: list[int]) -> torch.Tensor:
+        samples, seeds = [], []
+        for i in indices:
+            k, j = items[i]
+            raw = datasets[k][j]
+            if raw is None:
+                continue
+            rng = np.random.default_rng([cfg.seed, step, i])
+            samples.append(prepare_sample(raw, model.image_size, cfg, rng, device))
+            seeds.append(int(rng.integers(2**62)))
+        if on_step is not None:
+            on_step(step)
+        with _autocast(cfg, device):
+            if not samples:  # keep every process in step: a zero loss that touches all weights
+                return sum(p.sum() for p in model.parameters()) * 0.0
+            return run.step_module(samples, seeds)
+
+    records = run.loop(compute)
+    return _finish(run, model, records, resumed, datasets)
+
+
+# ------------------------------------------------------------------ stage 1
+def list_images(folders: list[str]) -> list[Path]:
+    files = []
+    for d in folders:
+        root = Path(d)
+        if not root.is_dir():
+            raise InputError(f"image folder not found: {root}")
+        files += [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise InputError(f"no .jpg/.png images in {', '.join(folders)}")
+    return sorted(files)
+
+
+class _DistillStep(nn.Module):
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.encoder(x).float(), target.float())
+
+
+def _embed(model, path: Path, device) -> torch.Tensor:
+    image = ResizeLongestSide(model.image_size).apply_image(load_image(path))
+    x = torch.as_tensor(image, device=device).permute(2, 0, 1)[None]
+    return model.preprocess(x)
+
+
+def build_teacher_cache(cfg: TrainConfig, files: list[Path], shard_size: int = 32) -> Path:
+    """Teacher embeddings of every image, computed once: ``teacher_cache/shard_NNNNN.pt`` (fp16
+    unless ``cache_fp16`` is off), written atomically; finished shards are kept on a rerun and
+    processes share the shards under torchrun."""
+    rank, world = init_from_env()
+    device = _device()
+    cache = Path(cfg.out) / "teacher_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    teacher = create_model(cfg.teacher, checkpoint=cfg.teacher_checkpoint, device=device, seed=0)
+    n_shards = math.ceil(len(files) / shard_size)
+    dtype = torch.float16 if cfg.cache_fp16 else torch.float32
+    for k in range(rank, n_shards, world):
+        path = cache / f"shard_{k:05d}.pt"
+        if path.exists():
+            continue
+        chunk = files[k * shard_size : (k + 1) * shard_size]
+        with torch.inference_mode():
+            emb = torch.cat([teacher.image_encoder(_embed(teacher, f, device)) for f in chunk])
+        _atomic_torch_save({"files": [f.name for f in chunk], "emb": emb.to(dtype).cpu()}, path)
+    barrier()
+    return cache
+
+
+def distill(
+    cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
+) -> dict:
+    """Stage 1: MSE between the student's and the teacher's 256 x 64 x 64 image embeddings. The
+    resulting ``model.pt`` holds the student encoder with the teacher's prompt encoder and mask
+    decoder."""
+    device = _device()
+    files = list_images(cfg.data)
+    cache = build_teacher_cache(cfg, files)
+    shards = sorted(cache.glob("shard_*.pt"))
+    targets = torch.cat([torch.load(p, weights_only=True)["emb"] for p in shards])
+    if len(targets) != len(files):
+        raise InputError(f"teacher cache in {cache} does not match the images: delete it")
+    torch.manual_seed(cfg.seed)
+    student = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
+    teacher = create_model(cfg.teacher, checkpoint=cfg.teacher_checkpoint, device="cpu", seed=0)
+    encoder = student.image_encoder
+    run = _Run(cfg, len(files), encoder, _DistillStep(encoder))
+    resumed = run.resume(resume)
+
+    def compute(step: int, indices: list[int]) -> torch.Tensor:
+        x = torch.cat([_embed(student, files[i], device) for i in indices])
+        y = targets[indices].to(device)
+        if on_step is not None:
+            on_step(step)
+        with _autocast(cfg, device):
+            return run.step_module(x, y)
+
+    records = run.loop(compute)
+    # The student takes over SAM's prompt encoder and mask decoder from the teacher.
+    student.prompt_encoder.load_state_dict(teacher.prompt_encoder.state_dict())
+    student.mask_decoder.load_state_dict(teacher.mask_decoder.state_dict())
+    return _finish(run, student, records, resumed)
+
+
+def _finish(run: _Run, model: nn.Module, records: list[dict], resumed: bool, datasets=()) -> dict:
+    skipped = sum(getattr(d, "skipped", 0) for d in datasets)
+    if skipped:
+        import logging
+
+        logging.getLogger(__name__).warning("%d unreadable samples were skipped", skipped)
+    if run.rank == 0 and run.step >= run.last_step:
+        save_state_dict(model.state_dict(), Path(run.cfg.out) / "model.pt")
+    barrier()
+    return {
+        "steps": run.step,
+        "total_steps": run.total_steps,
+        "resumed": resumed,
+        "records": records,
+        "skipped_samples": skipped,
+        "world_size": run.world,
+    }
