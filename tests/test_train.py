@@ -226,3 +226,21 @@ def test_recipe_errors(tmp_path):
         TrainConfig.from_yaml(tmp_path / "none.yaml")
     with pytest.raises(InputError, match="needs a teacher"):
         TrainConfig(stage="distill", model="m", data=["d"], out="o")
+
+
+def test_shipped_recipes_parse():
+    from conftest import REPO
+
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        cfg = TrainConfig.from_yaml(path)
+        assert cfg.stage in ("distill", "finetune") and cfg.model
+    stage2 = TrainConfig.from_yaml(REPO / "recipes" / "paper-l0-stage2.yaml")
+    assert (stage2.lr, stage2.masks_per_image, stage2.batch_size, stage2.grad_clip) == (
+        8e-7,
+        64,
+        4,
+        2.0,
+    )
+    assert TrainConfig.from_yaml(REPO / "recipes" / "paper-xl1-stage2.yaml").lr == 4e-7
