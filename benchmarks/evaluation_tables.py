@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/evaluation_tables.py out/eval
 
 Every figure comes from a ``results.json`` written by ``leansam eval``; the rows are grouped by
-protocol and list the model, the figures and the number of objects / detections.
+protocol and list the model, the figures and the number of objects / detections. The records
+behind EVALUATION.md are kept in ``benchmarks/results/eval/<run>.json``.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root", help="folder whose subfolders hold results.json files")
     args = ap.parse_args(argv)
-    runs = [json.loads(p.read_text()) for p in sorted(Path(args.root).glob("*/results.json"))]
+    root = Path(args.root)
+    paths = sorted(root.glob("*/results.json")) or sorted(root.glob("*.json"))
+    runs = [json.loads(p.read_text()) for p in paths]
     if not runs:
         print(f"no results.json under {args.root}", file=sys.stderr)
         return 2
