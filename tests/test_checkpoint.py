@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import randomize_
@@ -162,3 +164,6 @@ def test_save_is_atomic(tmp_path, tiny_l_state):
     path = save_state_dict(tiny_l_state, tmp_path / "sub" / "w.pt")
     assert path.exists()
     assert [p.name for p in path.parent.iterdir()] == ["w.pt"]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600

@@ -11,7 +11,6 @@ import functools
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -95,23 +94,15 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write a state dict atomically (temp file + rename); ``.safetensors`` or torch format."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        if path.suffix in _SAFETENSORS_SUFFIXES:
-            from safetensors.torch import save_file
+    from .io import atomic_replace
 
-            save_file(tensors, tmp)
-        else:
-            torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if path.suffix in _SAFETENSORS_SUFFIXES:
+        from safetensors.torch import save_file
+
+        return atomic_replace(path, lambda tmp: save_file(tensors, tmp))
+    return atomic_replace(path, lambda tmp: torch.save(tensors, tmp))
 
 
 @functools.cache

@@ -43,19 +43,29 @@ def read_json(path: str | os.PathLike, what: str) -> object:
         raise InputError(f"{what} {path} is not valid JSON: {e}") from None
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write via a temp file in the same folder and rename, so no half-written file is left."""
+def atomic_replace(path: str | os.PathLike, write) -> Path:
+    """Write ``path`` through ``write(temp_path)`` on a temp file in the same folder, then rename:
+    no half-written file is ever visible. The file gets the usual permissions (0666 less the
+    umask), not mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` atomically (see :func:`atomic_replace`)."""
+    return atomic_replace(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: object) -> Path:
