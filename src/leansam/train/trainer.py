@@ -22,7 +22,7 @@ from torch import nn
 from ..checkpoint import save_state_dict
 from ..distributed import barrier, init_from_env
 from ..errors import InputError, require
-from ..io import atomic_write_bytes, atomic_write_json, load_image
+from ..io import atomic_replace, atomic_write_bytes, atomic_write_json, load_image
 from ..provenance import describe_environment
 from ..registry import create_model
 from ..transforms import ResizeLongestSide
@@ -48,11 +48,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _atomic_torch_save(obj: object, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    # straight to the temp file: no second in-memory copy of model + optimizer state
+    atomic_replace(path, lambda tmp: torch.save(obj, tmp))
 
 
 class _Run:
