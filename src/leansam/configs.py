@@ -8,7 +8,7 @@ image encoder and a few numerics (norm eps, pixel normalisation) differ between 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 #: Prompts and output masks always live in this long-side frame, also for 512-input models.
 PROMPT_FRAME = 1024
@@ -102,7 +102,6 @@ class SamConfig:
     description: str = ""
     #: test-size variants are listed but marked, so users do not pick them by accident
     tiny: bool = False
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def family(self) -> str:
