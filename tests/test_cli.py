@@ -129,6 +129,7 @@ def bad_files(tmp_path_factory, image_path):
     ("case", "message"),
     [
         ("missing image", "image not found"),
+        ("name too long", "is not usable: File name too long"),
         ("corrupt image", "cannot read image"),
         ("truncated image", "truncated"),
         ("box outside", "lies outside the"),
@@ -146,6 +147,8 @@ def test_segment_bad_input(tmp_path, image_path, bad_files, case, message):
     img, model, extra = str(image_path), MODEL, ["--box", "10,20,200,300"]
     if case == "missing image":
         img = str(tmp_path / "nope.jpg")
+    elif case == "name too long":
+        img = "x" * 300 + ".jpg"
     elif case == "corrupt image":
         img = str(bad_files / "corrupt.jpg")
     elif case == "truncated image":

@@ -14,14 +14,25 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from .errors import InputError, require
 
 
+def _existing_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path if it names a regular file; one-line :class:`InputError` otherwise (also
+    for names the OS rejects, e.g. too long)."""
+    path = Path(path)
+    shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+    try:
+        if not path.exists():
+            raise InputError(f"{what} not found: {shown}")
+        if not path.is_file():
+            raise InputError(f"{what} path is not a file: {shown}")
+    except OSError as e:
+        raise InputError(f"{what} path {shown!r} is not usable: {e.strerror}") from None
+    return path
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as H x W x 3 uint8 RGB (pixel grid as stored, no EXIF rotation, so that
     coordinates match COCO-style annotations)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"image not found: {path}")
-    if not path.is_file():
-        raise InputError(f"image path is not a file: {path}")
+    path = _existing_file(path, "image")
     try:
         with Image.open(path) as im:
             im.load()
@@ -34,9 +45,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 def read_json(path: str | os.PathLike, what: str) -> object:
     """Parse a JSON file; a missing or malformed file is one :class:`InputError` naming ``what``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{what} not found: {path}")
+    path = _existing_file(path, what)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
