@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -16,7 +17,15 @@ from conftest import COCO_MINI
 from leansam.data.sa1b import SA1BDataset, coco_to_sa1b
 from leansam.errors import InputError
 from leansam.train.config import TrainConfig
-from leansam.train.trainer import _FinetuneStep, distill, finetune, prepare_sample
+from leansam.train.trainer import (
+    _FinetuneStep,
+    distill,
+    finetune,
+    load_prompt_decoder,
+    lr_factor,
+    prepare_sample,
+    zoom,
+)
 
 STUDENT = "efficientvit-sam-tiny-l"
 
@@ -120,6 +129,28 @@ def test_distill_learns_and_takes_teacher_decoder(images_small, tmp_path):
     assert len(list((tmp_path / "ds" / "teacher_cache").glob("shard_*.pt"))) == 1
     cached = torch.load(tmp_path / "ds" / "teacher_cache" / "shard_00000.pt", weights_only=True)
     assert cached["emb"].dtype == torch.float16 and cached["emb"].shape == (4, 256, 64, 64)
+
+
+def test_distill_flips_cache_the_mirrored_images(images_small, tmp_path):
+    from leansam import create_model
+    from leansam.train.trainer import _embed
+
+    cfg = TrainConfig(
+        stage="distill", model=STUDENT, teacher="sam-vit-tiny", data=[str(images_small)],
+        out=str(tmp_path / "ds"), epochs=1, batch_size=2, distill_flips=True,
+    )  # fmt: skip
+    result = distill(cfg)
+    files = sorted(images_small.glob("*.jpg"))
+    assert result["steps"] == 2 * len(files) // 2
+    (shard,) = (tmp_path / "ds" / "teacher_cache").glob("shard_*.pt")
+    cache = torch.load(shard, weights_only=True)
+    assert cache["files"] == [f.name for f in files] + [f"{f.name} (mirrored)" for f in files]
+    teacher = create_model("sam-vit-tiny", seed=0)
+    with torch.no_grad():
+        mirrored = teacher.image_encoder(_embed(teacher, files[0], "cpu", flip=True))
+        plain = teacher.image_encoder(_embed(teacher, files[0], "cpu"))
+    torch.testing.assert_close(cache["emb"][len(files)].float(), mirrored[0], atol=2e-3, rtol=2e-3)
+    assert not torch.allclose(mirrored, plain, atol=1e-2)
 
 
 class Kill(Exception):
@@ -231,8 +262,8 @@ def test_recipe_errors(tmp_path):
 def test_shipped_recipes_parse():
     from conftest import REPO
 
-    recipes = sorted((REPO / "recipes").glob("*.yaml"))
-    assert len(recipes) >= 5
+    recipes = sorted((REPO / "recipes").rglob("*.yaml"))
+    assert len(recipes) >= 9
     for path in recipes:
         cfg = TrainConfig.from_yaml(path)
         assert cfg.stage in ("distill", "finetune") and cfg.model
@@ -244,3 +275,79 @@ def test_shipped_recipes_parse():
         2.0,
     )
     assert TrainConfig.from_yaml(REPO / "recipes" / "paper-xl1-stage2.yaml").lr == 4e-7
+
+
+def test_own_recipes_chain():
+    """make weights: teacher -> stage 1 (from the teacher) -> stage 2 (from stage 1)."""
+    from conftest import REPO
+
+    own = REPO / "recipes" / "own"
+    teacher = TrainConfig.from_yaml(own / "teacher.yaml")
+    s1 = TrainConfig.from_yaml(own / "student-stage1.yaml")
+    s2 = TrainConfig.from_yaml(own / "student-stage2.yaml")
+    only = TrainConfig.from_yaml(own / "student-stage2-only.yaml")
+    assert teacher.model == s1.teacher == "leansam-vit-s" and teacher.init_checkpoint is None
+    assert s1.teacher_checkpoint == f"{teacher.out}/model.pt"
+    assert s2.init_checkpoint == f"{s1.out}/model.pt"
+    assert only.decoder_checkpoint == f"{teacher.out}/model.pt" and only.init_checkpoint is None
+    assert s1.model == s2.model == only.model == "leansam-efficientvit-s"
+    assert s2.data == only.data == teacher.data
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, total=100, warmup=10) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.1)))
+    assert f[100] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in itertools.pairwise(f[9:]))  # decays after warm-up
+    assert lr_factor(0, total=100) == 1.0  # no warm-up: the paper's plain cosine
+    with pytest.raises(InputError, match="warmup_steps"):
+        TrainConfig(stage="finetune", model="m", data=["d"], out="o", warmup_steps=-1)
+
+
+def test_zoom_keeps_size_and_moves_masks_with_pixels():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    masks = np.zeros((1, 60, 80), bool)
+    masks[0, 20:40, 30:50] = True
+    image[masks[0]] = 255  # the object is white
+    for scale in (0.5, 1.5):
+        zi, zm = zoom(image, masks, scale, np.random.default_rng(1))
+        assert zi.shape == image.shape and zm.shape == masks.shape
+        area = zm.sum() / masks.sum()
+        assert area == pytest.approx(scale**2, rel=0.1)
+        assert (zi[zm[0]] > 200).mean() > 0.9  # the mask still covers the white object
+    # zoom out: outside the pasted image is the pixel mean (normalises to ~0 like padding)
+    zi, zm = zoom(image, masks, 0.5, np.random.default_rng(1))
+    assert (zi == np.array([124, 116, 104], np.uint8)).all(-1).sum() >= 60 * 80 * 0.7
+    same = zoom(image, masks, 1.0, rng)
+    assert same[0] is image and same[1] is masks
+
+
+def test_prepare_sample_with_zoom_always_has_objects(sa1b_small):
+    ds = SA1BDataset(sa1b_small)
+    cfg = _ft_cfg(sa1b_small, "o", scale_jitter=[0.3, 3.0], masks_per_image=3)
+    for i in range(len(ds)):
+        for k in range(5):
+            s = prepare_sample(ds[i], 256, cfg, np.random.default_rng([i, k]), "cpu")
+            assert s["gt"].shape == (3, 256, 256)
+            assert (s["gt"].flatten(1).sum(1) > 0).all()
+
+
+def test_decoder_checkpoint_takes_prompt_encoder_and_decoder(tmp_path):
+    from leansam import create_model
+    from leansam.checkpoint import save_state_dict
+
+    donor = create_model("efficientvit-sam-tiny-xl", seed=3)
+    save_state_dict(donor.state_dict(), tmp_path / "donor.pt")
+    model = create_model(STUDENT, seed=0)
+    encoder_before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
+    load_prompt_decoder(model, tmp_path / "donor.pt")
+    for part in ("prompt_encoder", "mask_decoder"):
+        for k, v in getattr(model, part).state_dict().items():
+            assert torch.equal(v, getattr(donor, part).state_dict()[k]), k
+    for k, v in model.image_encoder.state_dict().items():
+        assert torch.equal(v, encoder_before[k])
+    save_state_dict(donor.image_encoder.state_dict(), tmp_path / "enc.pt")
+    with pytest.raises(InputError, match="holds no prompt_encoder"):
+        load_prompt_decoder(model, tmp_path / "enc.pt")

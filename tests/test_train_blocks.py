@@ -12,7 +12,7 @@ from conftest import COCO_MINI
 
 from leansam.data.coco import ann_to_mask, load_coco
 from leansam.data.sa1b import SA1BDataset, coco_to_sa1b
-from leansam.train.losses import mask_loss, point_sample, uncertain_point_coords
+from leansam.train.losses import iou_loss, mask_loss, point_sample, uncertain_point_coords
 from leansam.train.prompts import mask_boxes, sample_prompts
 
 IMAGES = COCO_MINI / "train2017"
@@ -169,3 +169,21 @@ def test_mask_loss():
     x = torch.zeros(1, 1, 16, 16, requires_grad=True)
     mask_loss(x, gt[:1], num_points=500).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_iou_loss_is_mse_to_the_actual_iou():
+    gt = torch.zeros(1, 512, 512)
+    gt[0, :256, :] = 1  # top half
+    logits = torch.full((1, 3, 256, 256), -10.0)
+    logits[0, 0, :128, :] = 10  # exact: IoU 1
+    logits[0, 1, :64, :] = 10  # half of it: IoU 0.5
+    # mask 2 predicts nothing: IoU 0
+    iou_pred = torch.tensor([[1.0, 0.5, 0.0]])
+    assert iou_loss(logits, gt, iou_pred).item() == pytest.approx(0.0, abs=1e-7)
+    wrong = torch.tensor([[0.0, 0.0, 1.0]])
+    assert iou_loss(logits, gt, wrong).item() == pytest.approx((1 + 0.25 + 1) / 3)
+    # the loss trains the IoU head only, not the masks
+    logits.requires_grad_(True)
+    iou_pred = wrong.clone().requires_grad_(True)
+    iou_loss(logits, gt, iou_pred).sum().backward()
+    assert logits.grad is None and iou_pred.grad.abs().sum() > 0

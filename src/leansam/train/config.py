@@ -22,15 +22,25 @@ class TrainConfig:
     #: weights to start from (a checkpoint of ``model``); in stage 1 the prompt encoder and mask
     #: decoder are always taken from the teacher
     init_checkpoint: str | None = None
+    #: stage 2: take the prompt encoder and mask decoder from this checkpoint of any variant
+    #: (e.g. a teacher), after ``init_checkpoint``; the image encoder keeps its weights
+    decoder_checkpoint: str | None = None
     epochs: float = 2.0
     batch_size: int = 4  # images per process
     masks_per_image: int = 64  # stage 2: resampled with replacement when an image has fewer
     #: learning rate per process; the run uses lr x world size (SPEC: 8e-7 for L, 4e-7 for XL)
     lr: float = 8e-7
     weight_decay: float = 0.1
+    #: linear warm-up over the first steps before the cosine decay (0: none, as in the paper's
+    #: stage 2 that starts from trained weights; useful when training from scratch)
+    warmup_steps: int = 0
     grad_clip: float = 2.0  # by value
     num_points: int = 112 * 112
     focal: bool = False
+    #: weight of SAM's IoU-head loss (MSE to the masks' actual IoU): 0 in the paper's stage 2,
+    #: which starts from SAM's trained head; needed when training a decoder from scratch, or the
+    #: best-predicted-IoU choice among multimask outputs is random
+    iou_loss_weight: float = 0.0
     flip_prob: float = 0.5
     #: random rescale of the image before the long-side resize, e.g. [0.5, 1.0]: more variety for
     #: small datasets (the object masks follow)
@@ -39,6 +49,9 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (autocast on GPU; bf16 also on CPU)
     save_every: int = 50  # steps between checkpoints (and at the end)
     cache_fp16: bool = True  # stage 1: store teacher embeddings in fp16
+    #: stage 1: also train on every image mirrored (with the teacher's embedding of the mirror,
+    #: cached too): twice the data and cache for small datasets
+    distill_flips: bool = False
     max_steps: int | None = None  # stop early (the schedule still spans ``epochs``)
     #: BatchNorm in eval mode (running statistics, affine still trained). Default: frozen in stage
     #: 2, where a few images per process give noisy batch statistics and would make the result
@@ -61,6 +74,8 @@ class TrainConfig:
             self.freeze_bn = self.stage == "finetune"
         if self.batch_size < 1 or self.masks_per_image < 1 or self.epochs <= 0:
             raise InputError("batch_size, masks_per_image and epochs must be positive")
+        if self.warmup_steps < 0:
+            raise InputError("warmup_steps must be 0 or positive")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:

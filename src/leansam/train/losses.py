@@ -88,3 +88,16 @@ def mask_loss(
         first = F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean(-1)
     loss = BCE_WEIGHT * first + _dice(pred, target)
     return loss.reshape(b, c).min(dim=1).values
+
+
+def iou_loss(logits: torch.Tensor, gt: torch.Tensor, iou_pred: torch.Tensor) -> torch.Tensor:
+    """SAM's IoU-head loss: mean square error between each predicted mask's IoU prediction and its
+    actual IoU with the ground truth, measured at the logits' resolution. Returns B losses (mean
+    over the C masks). Not part of the paper's stage 2, which starts from a trained IoU head."""
+    h, w = logits.shape[2:]
+    target = F.interpolate(gt.float()[:, None], (h, w), mode="bilinear") > 0.5
+    pred = logits.detach() > 0
+    inter = (pred & target).flatten(2).sum(-1).float()
+    union = (pred | target).flatten(2).sum(-1).float()
+    actual = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return F.mse_loss(iou_pred.float(), actual, reduction="none").mean(dim=1)

@@ -8,8 +8,10 @@ and a resumed run replays exactly the steps an uninterrupted one would have take
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import save_state_dict
+from ..checkpoint import load_state_dict, save_state_dict
+from ..configs import PIXEL_MEAN
 from ..distributed import barrier, init_from_env
 from ..errors import InputError, require
 from ..io import atomic_replace, atomic_write_bytes, atomic_write_json, load_image
@@ -27,7 +30,7 @@ from ..provenance import describe_environment
 from ..registry import create_model
 from ..transforms import ResizeLongestSide
 from .config import TrainConfig
-from .losses import mask_loss
+from .losses import iou_loss, mask_loss
 from .prompts import sample_prompts
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -52,6 +55,14 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
     atomic_replace(path, lambda tmp: torch.save(obj, tmp))
 
 
+def lr_factor(step: int, *, total: int, warmup: int = 0) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up to 1, then cosine decay to 0 at
+    ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
 class _Run:
     """Order, optimisation, checkpoints and logs common to both stages."""
 
@@ -74,9 +85,9 @@ class _Run:
         self.optimizer = torch.optim.AdamW(
             param_groups(trainable, cfg.weight_decay), lr=cfg.lr * self.world
         )
-        total = self.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+            self.optimizer,
+            functools.partial(lr_factor, total=self.total_steps, warmup=cfg.warmup_steps),
         )
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -244,36 +255,55 @@ class _FinetuneStep(nn.Module):
         for i, s in enumerate(samples):
             points = (s["points"], s["labels"]) if s["points"] is not None else None
             sparse, dense = model.prompt_encoder(points, s["boxes"], None)
-            low, _ = model.mask_decoder(emb[i : i + 1], pe, sparse, dense, s["multimask"])
+            low, iou_pred = model.mask_decoder(emb[i : i + 1], pe, sparse, dense, s["multimask"])
             g = torch.Generator(device=low.device).manual_seed(seeds[i])
-            losses.append(
-                mask_loss(
-                    low.float(), s["gt"], num_points=self.cfg.num_points, focal=self.cfg.focal,
-                    generator=g,
-                )
+            loss = mask_loss(
+                low.float(), s["gt"], num_points=self.cfg.num_points, focal=self.cfg.focal,
+                generator=g,
             )  # fmt: skip
+            if self.cfg.iou_loss_weight:
+                loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), s["gt"], iou_pred)
+            losses.append(loss)
         return torch.cat(losses).mean()
+
+
+def zoom(
+    image: np.ndarray, masks: np.ndarray, scale: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale jitter that keeps the image size: zoom out (``scale`` < 1: the shrunk image sits at a
+    random place on a canvas of the pixel mean, which normalises to ~0 like the padding) or zoom in
+    (``scale`` > 1: a random crop of the enlarged image). Masks follow with nearest sampling."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) == (h, w):
+        return image, masks
+    image = np.array(Image.fromarray(np.ascontiguousarray(image)).resize((nw, nh), Image.BILINEAR))
+    masks_t = torch.from_numpy(np.ascontiguousarray(masks))[:, None].float()
+    masks = F.interpolate(masks_t, (nh, nw), mode="nearest")[:, 0].numpy() > 0.5
+    # offsets of the scaled image in the canvas (zoom out) or of the crop window (zoom in)
+    dy, dx = (int(rng.integers(abs(a - b) + 1)) for a, b in ((h, nh), (w, nw)))
+    if scale < 1:
+        canvas = np.empty((h, w, 3), np.uint8)
+        canvas[:] = np.round(PIXEL_MEAN).astype(np.uint8)
+        canvas[dy : dy + nh, dx : dx + nw] = image
+        out_masks = np.zeros((len(masks), h, w), bool)
+        out_masks[:, dy : dy + nh, dx : dx + nw] = masks
+        return canvas, out_masks
+    return image[dy : dy + h, dx : dx + w], masks[:, dy : dy + h, dx : dx + w]
 
 
 def prepare_sample(sample, image_size: int, cfg: TrainConfig, rng: np.random.Generator, device):
     """Augment one SA-1B sample and draw its prompts (SPEC section 5): flip, optional scale
     jitter, ``masks_per_image`` masks (resampled if fewer), box or 1-10 points, multimask."""
-    from PIL import Image
-
     image, masks = sample.image, sample.masks
     if rng.random() < cfg.flip_prob:
         image, masks = image[:, ::-1], masks[:, :, ::-1]
     if cfg.scale_jitter:
-        s = float(rng.uniform(*cfg.scale_jitter))
-        h, w = image.shape[:2]
-        nh, nw = max(8, round(h * s)), max(8, round(w * s))
-        image = np.array(
-            Image.fromarray(np.ascontiguousarray(image)).resize((nw, nh), Image.BILINEAR)
-        )
-        masks = F.interpolate(
-            torch.from_numpy(np.ascontiguousarray(masks))[:, None].float(), (nh, nw)
-        )
-        masks = masks[:, 0].numpy() > 0.5
+        zoomed = zoom(image, masks, float(rng.uniform(*cfg.scale_jitter)), rng)
+        if zoomed[1].any():  # a zoom-in that crops every object away is not used
+            image, masks = zoomed
     keep = masks.reshape(len(masks), -1).any(1)
     masks = masks[keep] if keep.any() else masks
     n = len(masks)
@@ -300,6 +330,18 @@ def prepare_sample(sample, image_size: int, cfg: TrainConfig, rng: np.random.Gen
     }
 
 
+def load_prompt_decoder(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Copy the prompt encoder and mask decoder of ``checkpoint`` (any variant: they are the same
+    for all) into ``model``, strictly."""
+    state = load_state_dict(checkpoint)
+    for part in ("prompt_encoder", "mask_decoder"):
+        prefix = part + "."
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not sub:
+            raise InputError(f"{checkpoint} holds no {part} weights")
+        getattr(model, part).load_state_dict(sub, strict=True)
+
+
 def finetune(
     cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
 ) -> dict:
@@ -312,6 +354,8 @@ def finetune(
     items = [(k, i) for k, ds in enumerate(datasets) for i in range(len(ds))]
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
+    if cfg.decoder_checkpoint:
+        load_prompt_decoder(model, cfg.decoder_checkpoint)
     step_module = _FinetuneStep(model, cfg)
     run = _Run(cfg, len(items), model, step_module)
     resumed = run.resume(resume)
@@ -359,13 +403,18 @@ class _DistillStep(nn.Module):
         return F.mse_loss(self.encoder(x).float(), target.float())
 
 
-def _embed(model, path: Path, device) -> torch.Tensor:
-    image = ResizeLongestSide(model.image_size).apply_image(load_image(path))
+def _embed(model, path: Path, device, flip: bool = False) -> torch.Tensor:
+    image = load_image(path)
+    if flip:
+        image = np.ascontiguousarray(image[:, ::-1])
+    image = ResizeLongestSide(model.image_size).apply_image(image)
     x = torch.as_tensor(image, device=device).permute(2, 0, 1)[None]
     return model.preprocess(x)
 
 
-def build_teacher_cache(cfg: TrainConfig, files: list[Path], shard_size: int = 32) -> Path:
+def build_teacher_cache(
+    cfg: TrainConfig, items: list[tuple[Path, bool]], shard_size: int = 32
+) -> Path:
     """Teacher embeddings of every image, computed once: ``teacher_cache/shard_NNNNN.pt`` (fp16
     unless ``cache_fp16`` is off), written atomically; finished shards are kept on a rerun and
     processes share the shards under torchrun."""
@@ -374,16 +423,19 @@ def build_teacher_cache(cfg: TrainConfig, files: list[Path], shard_size: int = 3
     cache = Path(cfg.out) / "teacher_cache"
     cache.mkdir(parents=True, exist_ok=True)
     teacher = create_model(cfg.teacher, checkpoint=cfg.teacher_checkpoint, device=device, seed=0)
-    n_shards = math.ceil(len(files) / shard_size)
+    n_shards = math.ceil(len(items) / shard_size)
     dtype = torch.float16 if cfg.cache_fp16 else torch.float32
     for k in range(rank, n_shards, world):
         path = cache / f"shard_{k:05d}.pt"
         if path.exists():
             continue
-        chunk = files[k * shard_size : (k + 1) * shard_size]
+        chunk = items[k * shard_size : (k + 1) * shard_size]
         with torch.inference_mode():
-            emb = torch.cat([teacher.image_encoder(_embed(teacher, f, device)) for f in chunk])
-        _atomic_torch_save({"files": [f.name for f in chunk], "emb": emb.to(dtype).cpu()}, path)
+            emb = torch.cat(
+                [teacher.image_encoder(_embed(teacher, f, device, flip)) for f, flip in chunk]
+            )
+        names = [f.name + (" (mirrored)" if flip else "") for f, flip in chunk]
+        _atomic_torch_save({"files": names, "emb": emb.to(dtype).cpu()}, path)
     barrier()
     return cache
 
@@ -396,20 +448,24 @@ def distill(
     decoder."""
     device = _device()
     files = list_images(cfg.data)
-    cache = build_teacher_cache(cfg, files)
+    # with flips, every image also appears mirrored, with the teacher's embedding of the mirror
+    items = [
+        (f, flip) for flip in ((False, True) if cfg.distill_flips else (False,)) for f in files
+    ]
+    cache = build_teacher_cache(cfg, items)
     shards = sorted(cache.glob("shard_*.pt"))
     targets = torch.cat([torch.load(p, weights_only=True)["emb"] for p in shards])
-    if len(targets) != len(files):
+    if len(targets) != len(items):
         raise InputError(f"teacher cache in {cache} does not match the images: delete it")
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
     teacher = create_model(cfg.teacher, checkpoint=cfg.teacher_checkpoint, device="cpu", seed=0)
     encoder = student.image_encoder
-    run = _Run(cfg, len(files), encoder, _DistillStep(encoder))
+    run = _Run(cfg, len(items), encoder, _DistillStep(encoder))
     resumed = run.resume(resume)
 
     def compute(step: int, indices: list[int]) -> torch.Tensor:
-        x = torch.cat([_embed(student, files[i], device) for i in indices])
+        x = torch.cat([_embed(student, items[i][0], device, items[i][1]) for i in indices])
         y = targets[indices].to(device)
         if on_step is not None:
             on_step(step)
