@@ -11,7 +11,8 @@ DATA   ?= ../shared/data
 # The CPU wheel of torch; a GPU user sets TORCH_SPEC to their CUDA build (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint format bench eval-baselines venv clean
+.PHONY: demo test test-slow lint format bench eval-baselines weights weights-ablation eval-own \
+	venv clean
 
 venv: $(STAMP)
 
@@ -57,6 +58,37 @@ eval-baselines: $(STAMP)
 		--out out/eval/grabcut-click
 	$(VENV)/bin/leansam eval $(EVAL_ARGS) --model grabcut --protocol detector --detections gt \
 		--out out/eval/grabcut-det
+
+# leansam's own models (MODEL_CARD.md): data conversion, teacher, student stage 1 + 2, publish to
+# weights/. About 55 minutes on 2 CPU cores; every step resumes where an interrupted run stopped.
+LEANSAM = $(VENV)/bin/leansam
+OWN_IMAGES = $(DATA)/coco-mval/images $(DATA)/coco-mini/train2017
+weights: $(STAMP)
+	$(LEANSAM) data coco-to-sa1b --images $(DATA)/coco-mval/images \
+		--annotations $(DATA)/coco-mval/annotations/instances.json --out out/sa1b/coco-mval
+	$(LEANSAM) data coco-to-sa1b --images $(DATA)/coco-mini/train2017 \
+		--annotations $(DATA)/coco-mini/annotations/instances_train2017.json \
+		--out out/sa1b/coco-mini-train
+	$(LEANSAM) data synth --out out/sa1b/synth --count 400 --seed 0
+	$(LEANSAM) train finetune --recipe recipes/own/teacher.yaml --resume
+	$(LEANSAM) train distill --recipe recipes/own/student-stage1.yaml --data $(OWN_IMAGES) --resume
+	$(LEANSAM) train finetune --recipe recipes/own/student-stage2.yaml --resume
+	$(LEANSAM) weights publish --model leansam-vit-s --checkpoint out/own/teacher/model.pt
+	$(LEANSAM) weights publish --model leansam-efficientvit-s \
+		--checkpoint out/own/student-stage2/model.pt
+
+# The stage-2-only student of MODEL_CARD.md (an ablation, not part of `make weights`): no stage 1,
+# epochs set in its recipe to match the distilled student's stage 1 + 2 wall time.
+weights-ablation: $(STAMP)
+	$(LEANSAM) train finetune --recipe recipes/own/student-stage2-only.yaml --resume
+
+# The own-model rows of EVALUATION.md (box protocol on coco-mini val, never trained on).
+eval-own: $(STAMP)
+	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-vit-s --protocol box --out out/eval/teacher-box
+	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol box \
+		--out out/eval/student-box
+	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol box \
+		--checkpoint out/own/student-stage2-only/model.pt --out out/eval/student-s2only-box
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -303,6 +303,8 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(0, total=100) == 1.0  # no warm-up: the paper's plain cosine
     with pytest.raises(InputError, match="warmup_steps"):
         TrainConfig(stage="finetune", model="m", data=["d"], out="o", warmup_steps=-1)
+    with pytest.raises(InputError, match="box_prob and multimask_prob"):
+        TrainConfig(stage="finetune", model="m", data=["d"], out="o", box_prob=1.5)
 
 
 def test_zoom_keeps_size_and_moves_masks_with_pixels():
@@ -326,12 +328,16 @@ def test_zoom_keeps_size_and_moves_masks_with_pixels():
 
 def test_prepare_sample_with_zoom_always_has_objects(sa1b_small):
     ds = SA1BDataset(sa1b_small)
-    cfg = _ft_cfg(sa1b_small, "o", scale_jitter=[0.3, 3.0], masks_per_image=3)
+    cfg = _ft_cfg(
+        sa1b_small, "o", scale_jitter=[0.3, 3.0], masks_per_image=3, box_prob=1.0,
+        multimask_prob=0.0,
+    )  # fmt: skip
     for i in range(len(ds)):
         for k in range(5):
             s = prepare_sample(ds[i], 256, cfg, np.random.default_rng([i, k]), "cpu")
             assert s["gt"].shape == (3, 256, 256)
             assert (s["gt"].flatten(1).sum(1) > 0).all()
+            assert s["boxes"].shape == (3, 4) and s["points"] is None and not s["multimask"]
 
 
 def test_decoder_checkpoint_takes_prompt_encoder_and_decoder(tmp_path):
@@ -351,3 +357,10 @@ def test_decoder_checkpoint_takes_prompt_encoder_and_decoder(tmp_path):
     save_state_dict(donor.image_encoder.state_dict(), tmp_path / "enc.pt")
     with pytest.raises(InputError, match="holds no prompt_encoder"):
         load_prompt_decoder(model, tmp_path / "enc.pt")
+
+
+def test_data_repeat_lists_folders_several_times(sa1b_small, tmp_path):
+    cfg = _ft_cfg(sa1b_small, tmp_path / "rep", epochs=1, data_repeat=[3], max_steps=1)
+    assert finetune(cfg)["total_steps"] == 3 * 4 // 2
+    with pytest.raises(InputError, match="data_repeat needs one count"):
+        _ft_cfg(sa1b_small, tmp_path / "x", data_repeat=[1, 2])

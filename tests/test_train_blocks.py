@@ -163,6 +163,10 @@ def test_mask_loss():
         / (torch.sigmoid(torch.tensor(3.0)) * 500 + 500 + 1)
     )
     torch.testing.assert_close(mask_loss(inside, full, num_points=500)[0], expected)
+    bce = torch.nn.functional.softplus(torch.tensor(-3.0))
+    torch.testing.assert_close(
+        mask_loss(inside, full, num_points=500, bce_weight=1.0)[0], expected - 19 * bce
+    )
     focal = mask_loss(perfect, gt, num_points=2000, focal=True, generator=g())
     assert (focal < lp).all()
     # gradients reach the logits
@@ -187,3 +191,37 @@ def test_iou_loss_is_mse_to_the_actual_iou():
     iou_pred = wrong.clone().requires_grad_(True)
     iou_loss(logits, gt, iou_pred).sum().backward()
     assert logits.grad is None and iou_pred.grad.abs().sum() > 0
+
+
+def test_synthetic_scenes(tmp_path):
+    from leansam.data.synth import make_scene, write_scenes
+
+    image, masks = make_scene(np.random.default_rng([0, 1]), size=128)
+    assert image.dtype == np.uint8 and image.shape[2] == 3 and max(image.shape[:2]) == 128
+    assert masks.shape[1:] == image.shape[:2] and len(masks) >= 1
+    assert (masks.sum(0) <= 1).all()  # visible parts: disjoint
+    assert (masks.reshape(len(masks), -1).sum(1) >= 30).all()
+    assert write_scenes(tmp_path, 3, seed=0, size=128) == 3
+    assert write_scenes(tmp_path, 4, seed=0, size=128) == 1  # resumes
+    ds = SA1BDataset(tmp_path)
+    assert len(ds) == 4
+    again, again_masks = make_scene(np.random.default_rng([0, 1]), size=128)
+    assert np.array_equal(again_masks, masks) and np.array_equal(again, image)
+    assert np.array_equal(ds[1].masks, masks)  # masks round-trip exactly through RLE
+
+
+def test_dense_mask_loss():
+    gt = torch.zeros(1, 64, 64)
+    gt[0, :32] = 1  # top half
+    logits = torch.full((1, 3, 32, 32), -5.0)
+    logits[0, 0, :16] = 5.0  # right
+    dense = mask_loss(logits, gt, num_points=0)
+    # best of three = the exact one: BCE softplus(-5) everywhere + Dice of sigmoid(5) masks
+    p = torch.sigmoid(torch.tensor(5.0))
+    dice = 1 - (2 * p * 512 + 1) / (p * 512 + (1 - p) * 512 + 512 + 1)
+    bce = torch.nn.functional.softplus(torch.tensor(-5.0))
+    torch.testing.assert_close(dense[0], 20 * bce + dice)
+    # every logit gets a gradient, also far from any boundary
+    x = torch.zeros(1, 1, 32, 32, requires_grad=True)
+    mask_loss(x, gt, num_points=0).sum().backward()
+    assert bool((x.grad != 0).all())

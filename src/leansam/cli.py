@@ -47,7 +47,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         device=args.device,
     )
     n = len(record["results"])
-    if not args.checkpoint:
+    if not record["config"]["checkpoint"]:
         print(
             "warning: no --checkpoint: random weights, the masks are meaningless", file=sys.stderr
         )
@@ -72,15 +72,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .distributed import default_device
     from .eval import EvalDataset, evaluate, make_mask_source, markdown
+    from .pretrained import default_checkpoint
 
     try:
         clicks = tuple(int(k) for k in args.clicks.split(","))
     except ValueError:
         raise InputError(f"--clicks {args.clicks!r}: expected numbers like 1,3,5") from None
     dataset = EvalDataset.load(args.images, args.annotations, limit=args.limit)
+    checkpoint = default_checkpoint(args.model, args.checkpoint)
     source = make_mask_source(
         args.model,
-        checkpoint=args.checkpoint,
+        checkpoint=checkpoint,
         device=args.device or default_device(),
         batch_size=args.batch_size,
     )
@@ -97,7 +99,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             save_per_object=args.save_per_object,
             plot=args.plot,
             progress=not args.no_progress,
-            config={"checkpoint": args.checkpoint, "limit": args.limit},
+            config={"checkpoint": checkpoint, "limit": args.limit},
         )
     except KeyboardInterrupt:
         print(
@@ -128,6 +130,16 @@ def _cmd_coco_to_sa1b(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synth import write_scenes
+
+    if args.count < 1:
+        raise InputError("--count must be at least 1")
+    n = write_scenes(args.out, args.count, seed=args.seed, size=args.size)
+    print(f"wrote {n} scenes to {args.out} ({args.count - n} already there)")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
     from .train.trainer import distill, finetune
@@ -141,6 +153,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         init_checkpoint=args.init_checkpoint,
         teacher_checkpoint=args.teacher_checkpoint,
+        decoder_checkpoint=getattr(args, "decoder_checkpoint", None),
     )
     run = distill if cfg.stage == "distill" else finetune
     try:
@@ -157,6 +170,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_weights_publish(args: argparse.Namespace) -> int:
+    from .pretrained import publish
+
+    path = publish(args.model, args.checkpoint, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, float16) and its manifest entry")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leansam", description="Fast, exact Segment Anything.")
     p.add_argument("--version", action="version", version=_version())
@@ -170,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment an image from box / point prompts")
     s.add_argument("image", help="image file (JPEG, PNG, ...)")
     s.add_argument("--model", required=True, help="model name, see `leansam models`")
-    s.add_argument("--checkpoint", help="official .pt/.pth or .safetensors weights")
+    s.add_argument(
+        "--checkpoint",
+        help="official .pt/.pth or .safetensors weights (default for leansam-* models: "
+        "the shipped weights)",
+    )
     s.add_argument(
         "--box",
         action="append",
@@ -201,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", required=True, help="image folder")
     e.add_argument("--annotations", required=True, help="COCO (or LVIS) instances JSON")
     e.add_argument("--model", required=True, help="model name, or a baseline: box-fill, grabcut")
-    e.add_argument("--checkpoint", help="weights for --model (else random weights, seed 0)")
+    e.add_argument(
+        "--checkpoint",
+        help="weights for --model (default: leansam's own weights for leansam-* models, "
+        "else random weights, seed 0)",
+    )
     e.add_argument("--protocol", required=True, choices=["box", "click", "detector"])
     e.add_argument("--clicks", default="1,3,5", help="click counts for --protocol click")
     e.add_argument("--detections", help="COCO results JSON of a detector, or 'gt' for oracle boxes")
@@ -231,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     c2s.add_argument("--include-crowd", action="store_true", help="keep iscrowd regions")
     c2s.add_argument("--no-progress", action="store_true")
     c2s.set_defaults(func=_cmd_coco_to_sa1b)
+    syn = data.add_parser(
+        "synth", help="procedurally generated multi-object scenes in SA-1B layout"
+    )
+    syn.add_argument("--out", required=True, help="output folder for sa_<i>.jpg / .json")
+    syn.add_argument("--count", type=int, default=400, help="number of scenes")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--size", type=int, default=512, help="long side in pixels")
+    syn.set_defaults(func=_cmd_synth)
 
     train = sub.add_parser(
         "train",
@@ -248,14 +285,34 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--max-steps", type=int)
         t.add_argument("--init-checkpoint", help="weights to start from")
         t.add_argument("--teacher-checkpoint", help="stage 1: the teacher's weights")
+        if stage == "finetune":
+            t.add_argument(
+                "--decoder-checkpoint",
+                help="take the prompt encoder and mask decoder from this checkpoint (any model)",
+            )
         t.add_argument("--resume", action="store_true", help="continue the run in --out")
         t.set_defaults(func=_cmd_train)
+
+    w = sub.add_parser("weights", help="leansam's own trained weights").add_subparsers(
+        dest="weights_command", required=True, metavar="TOOL"
+    )
+    wp = w.add_parser("publish", help="store a trained model.pt as weights/<model>.safetensors")
+    wp.add_argument("--model", required=True, help="leansam-vit-s or leansam-efficientvit-s")
+    wp.add_argument("--checkpoint", required=True, help="model.pt written by `leansam train`")
+    wp.add_argument("--out", help="weights folder (default: the repository's weights/)")
+    wp.set_defaults(func=_cmd_weights_publish)
 
     d = sub.add_parser("demo", help="segment coco-mini images from their annotation boxes")
     d.add_argument("--data", default="../shared/data/coco-mini", help="coco-mini folder")
     d.add_argument("--out", default="out/demo", help="output folder")
-    d.add_argument("--model", default="efficientvit-sam-l0")
-    d.add_argument("--checkpoint", help="official weights for --model (else random weights)")
+    d.add_argument(
+        "--model", default="leansam-efficientvit-s", help="default: leansam's own trained student"
+    )
+    d.add_argument(
+        "--checkpoint",
+        help="weights for --model (default: the shipped ones for leansam-* models, "
+        "else random weights)",
+    )
     d.add_argument("--images", type=int, default=4, help="number of val images")
     d.add_argument("--device", default=None)
     d.set_defaults(func=_cmd_demo)

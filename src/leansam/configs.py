@@ -158,7 +158,7 @@ def _sam(name: str, encoder: ViTConfig, **kw) -> SamConfig:
     return SamConfig(
         name=name,
         encoder=encoder,
-        image_size=PROMPT_FRAME,
+        image_size=encoder.img_size,
         decoder_norm_eps=1e-5,
         unit_range_normalize=False,
         **kw,
@@ -201,6 +201,19 @@ VARIANTS: dict[str, SamConfig] = {
         _sam("sam-vit-b", ViTConfig(768, 12, 12, (2, 5, 8, 11)), description="SAM ViT-B"),
         _sam("sam-vit-l", ViTConfig(1024, 24, 16, (5, 11, 17, 23)), description="SAM ViT-L"),
         _sam("sam-vit-h", ViTConfig(1280, 32, 16, (7, 15, 23, 31)), description="SAM ViT-H"),
+        # leansam's own trained models (weights/, MODEL_CARD.md): a small SAM-ViT teacher and an
+        # EfficientViT-SAM student distilled from it, both at 512 px input.
+        _sam(
+            "leansam-vit-s",
+            ViTConfig(128, 6, 4, (), window_size=16, patch_size=8, img_size=512),
+            description="leansam's small SAM-ViT teacher, trained on COCO subsets (MODEL_CARD.md)",
+        ),
+        _evit(
+            "leansam-efficientvit-s",
+            _evit_l((1, 1, 1, 2, 2), 2, widths=(8, 16, 32, 64, 128), neck_width=128, qkv_dim=16),
+            512,
+            description="leansam's small EfficientViT-SAM student of leansam-vit-s (MODEL_CARD.md)",
+        ),
         # Tiny variants: same code paths (every block type, LiteMLA, bicubic neck resize, the
         # 1024 prompt frame at a smaller encoder input) at a size that runs in milliseconds.
         _evit(

@@ -11,6 +11,7 @@ import numpy as np
 
 from .data.coco import ann_to_mask, load_coco, xywh_to_xyxy
 from .errors import InputError
+from .eval.predictors import box_masks
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_png, draw_overlay, load_image
 from .provenance import describe_environment
 
@@ -30,21 +31,24 @@ def run_demo(
     *,
     data: str | os.PathLike,
     out_dir: str | os.PathLike,
-    model: str = "efficientvit-sam-l0",
+    model: str = "leansam-efficientvit-s",
     checkpoint: str | os.PathLike | None = None,
     num_images: int = 4,
     objects_per_image: int = 5,
     device: str | None = None,
 ) -> dict:
     """Segment the first ``num_images`` val images (by id) from their largest annotation boxes;
-    write ``overlays/*.png``, ``report.md`` and ``report.json`` into ``out_dir``."""
+    write ``overlays/*.png``, ``report.md`` and ``report.json`` into ``out_dir``. Without a
+    checkpoint, leansam's own models use their shipped weights (MODEL_CARD.md)."""
     from .predictor import SamPredictor
+    from .pretrained import default_checkpoint
     from .registry import create_model
 
     data = Path(data)
     images, anns = load_coco(data / "annotations" / "instances_val2017.json")
     if num_images < 1:
         raise InputError("--images must be at least 1")
+    checkpoint = default_checkpoint(model, checkpoint)
     if checkpoint is None:
         print(UNTRAINED, file=sys.stderr)
     sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
@@ -68,7 +72,9 @@ def run_demo(
         masks, scores, _ = predictor.predict(box=boxes, multimask_output=False)
         t2 = time.perf_counter()
         masks = masks.reshape(len(objs), h, w)  # one mask per box
-        ious = [_iou(m, ann_to_mask(a, h, w)) for m, a in zip(masks, objs, strict=True)]
+        gts = [ann_to_mask(a, h, w) for a in objs]
+        ious = [_iou(m, g) for m, g in zip(masks, gts, strict=True)]
+        box_fill = [_iou(b, g) for b, g in zip(box_masks(boxes, h, w), gts, strict=True)]
         overlay = draw_overlay(
             image, list(masks), boxes=[tuple(b) for b in boxes], labels=[f"{i:.2f}" for i in ious]
         )
@@ -79,25 +85,34 @@ def run_demo(
                 "size": [h, w],
                 "objects": len(objs),
                 "iou": ious,
+                "box_fill_iou": box_fill,
                 "predicted_iou": [float(s) for s in np.ravel(scores)],
                 "embed_ms": 1000 * (t1 - t0),
                 "decode_ms": 1000 * (t2 - t1),
             }
         )
-        print(f"{info['file_name']}: {len(objs)} objects, mIoU {100 * np.mean(ious):.1f}")
+        print(
+            f"{info['file_name']}: {len(objs)} objects, mIoU {100 * np.mean(ious):.1f} "
+            f"(box-fill {100 * np.mean(box_fill):.1f})"
+        )
 
     all_ious = [i for r in rows for i in r["iou"]]
+    all_box_fill = [i for r in rows for i in r["box_fill_iou"]]
     report = {
         "model": model,
         "checkpoint": os.fspath(checkpoint) if checkpoint else None,
         "trained": checkpoint is not None,
         "mIoU": 100 * float(np.mean(all_ious)),
+        "box_fill_mIoU": 100 * float(np.mean(all_box_fill)),
         "images": rows,
         "environment": describe_environment(),
     }
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", _markdown(report).encode())
-    print(f"mIoU over {len(all_ious)} objects: {report['mIoU']:.1f}; report: {out / 'report.md'}")
+    print(
+        f"mIoU over {len(all_ious)} objects: {report['mIoU']:.1f} (box-fill baseline "
+        f"{report['box_fill_mIoU']:.1f}); report: {out / 'report.md'}"
+    )
     if checkpoint is None:
         print(UNTRAINED, file=sys.stderr)
     return report
@@ -117,19 +132,21 @@ def _markdown(report: dict) -> str:
         "Each image's largest annotated objects are segmented from their ground-truth boxes",
         "(one batched decoder call per image) and compared with the ground-truth masks.",
         "",
-        "| image | objects | mIoU | embed ms | decode ms | overlay |",
-        "|---|---:|---:|---:|---:|---|",
+        "| image | objects | mIoU | box-fill mIoU | embed ms | decode ms | overlay |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["images"]:
         stem = Path(r["file_name"]).stem
         lines.append(
             f"| {r['file_name']} | {r['objects']} | {100 * np.mean(r['iou']):.1f} | "
+            f"{100 * np.mean(r['box_fill_iou']):.1f} | "
             f"{r['embed_ms']:.0f} | {r['decode_ms']:.0f} | [png](overlays/{stem}.png) |"
         )
     env = report["environment"]
     lines += [
         "",
-        f"Overall mIoU: **{report['mIoU']:.1f}**",
+        f"Overall mIoU: **{report['mIoU']:.1f}** (box-fill baseline on the same boxes: "
+        f"{report['box_fill_mIoU']:.1f})",
         "",
         f"leansam {env['leansam']}, torch {env['torch']}, {env['machine']}, "
         f"{env['torch_threads']} threads.",

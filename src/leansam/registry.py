@@ -54,6 +54,7 @@ def create_model(
     dtype: torch.dtype | None = None,
     *,
     seed: int | None = None,
+    pretrained: bool = False,
 ) -> Sam:
     """Build a registered model in eval mode.
 
@@ -63,9 +64,17 @@ def create_model(
         file; loaded weights-only and strictly. Without it the weights are random.
       device, dtype: where and in which precision the model lives (default CPU, float32).
       seed: make random weights reproducible (without touching the caller's global RNG).
+      pretrained: load leansam's own trained weights shipped in ``weights/`` (only for
+        ``leansam-vit-s`` and ``leansam-efficientvit-s``; see MODEL_CARD.md).
     """
     cfg = get_config(name)
     device = resolve_device(device)
+    if pretrained:
+        from .pretrained import pretrained_path
+
+        if checkpoint is not None:
+            raise InputError("pass either checkpoint or pretrained=True, not both")
+        checkpoint = pretrained_path(name)
     if checkpoint is None and seed is None:
         model = Sam(cfg, device=device)
     elif checkpoint is None:

@@ -130,6 +130,7 @@ def segment(
     Returns the JSON record.
     """
     from .predictor import SamPredictor
+    from .pretrained import default_checkpoint
     from .registry import create_model, get_config
 
     image = load_image(image_path)
@@ -138,6 +139,7 @@ def segment(
     validate_prompts(prompts, h, w)
     get_config(model)  # unknown names fail before any work
 
+    checkpoint = default_checkpoint(model, checkpoint)
     sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
     predictor = SamPredictor(sam)
     t0 = time.perf_counter()

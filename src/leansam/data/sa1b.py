@@ -25,6 +25,36 @@ log = logging.getLogger(__name__)
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+def mask_record(mask: np.ndarray, ann_id: int, category_id: int | None = None) -> dict:
+    """One SA-1B annotation: the mask as compressed COCO RLE, with bbox and area from the mask."""
+    mask_utils = require("pycocotools.mask", "data")
+    h, w = mask.shape
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {
+        "id": ann_id,
+        "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "area": int(mask.sum()),
+        "category_id": category_id,
+    }
+
+
+def write_sa1b_pair(
+    out: Path, image_id: int, jpeg: bytes, h: int, w: int, records: list[dict]
+) -> None:
+    """Write ``sa_<id>.jpg`` then ``sa_<id>.json`` atomically; the JSON, written last, marks the
+    pair as complete."""
+    stem = f"sa_{image_id}"
+    atomic_write_bytes(out / f"{stem}.jpg", jpeg)
+    atomic_write_json(
+        out / f"{stem}.json",
+        {
+            "image": {"image_id": image_id, "width": w, "height": h, "file_name": f"{stem}.jpg"},
+            "annotations": records,
+        },
+    )
+
+
 def coco_to_sa1b(
     images_dir: str | os.PathLike,
     annotations: str | os.PathLike,
@@ -38,7 +68,7 @@ def coco_to_sa1b(
     segmentation (polygons or RLE), so they round-trip exactly; bbox and area are recomputed from
     the mask. JPEG files are copied byte for byte, other formats re-encoded as JPEG (quality 95).
     Existing outputs are kept (a rerun resumes). Returns counts."""
-    mask_utils = require("pycocotools.mask", "data")
+    require("pycocotools.mask", "data")  # fail before any work if missing
     images_dir, out = Path(images_dir), Path(out_dir)
     images, anns = load_coco(annotations)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,18 +88,8 @@ def coco_to_sa1b(
             if a.get("area", 0) < 1 or (a.get("iscrowd", 0) and not include_crowd):
                 continue
             m = ann_to_mask(a, h, w)
-            if not m.any():
-                continue
-            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-            records.append(
-                {
-                    "id": a["id"],
-                    "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                    "area": int(m.sum()),
-                    "category_id": a.get("category_id"),
-                }
-            )
+            if m.any():
+                records.append(mask_record(m, a["id"], a.get("category_id")))
         if not records:
             continue
         try:
@@ -82,20 +102,7 @@ def coco_to_sa1b(
             log.warning("skipping %s: %s", src, e)
             counts["skipped_images"] += 1
             continue
-        atomic_write_bytes(out / f"{stem}.jpg", data)
-        # the JSON last: its presence marks the pair as complete
-        atomic_write_json(
-            out / f"{stem}.json",
-            {
-                "image": {
-                    "image_id": info["id"],
-                    "width": w,
-                    "height": h,
-                    "file_name": f"{stem}.jpg",
-                },
-                "annotations": records,
-            },
-        )
+        write_sa1b_pair(out, info["id"], data, h, w, records)
         counts["images"] += 1
         counts["masks"] += len(records)
     return counts

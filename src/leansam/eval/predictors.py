@@ -78,7 +78,7 @@ class SamMaskSource:
         return self._decode(coords=c, labels=lab, boxes=None)
 
 
-def _box_masks(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
+def box_masks(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
     """P x H x W masks of the pixels whose centres lie inside each XYXY box."""
     ys = np.arange(h)[None, :, None] + 0.5
     xs = np.arange(w)[None, None, :] + 0.5
@@ -95,7 +95,7 @@ class BoxFill:
         self.shape = image.shape[:2]
 
     def predict_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _box_masks(boxes, *self.shape), np.ones(len(boxes), dtype=np.float32)
+        return box_masks(boxes, *self.shape), np.ones(len(boxes), dtype=np.float32)
 
     def predict_clicks(self, coords, labels):
         raise InputError("box-fill needs a box: use --protocol box or detector")
@@ -133,7 +133,7 @@ class GrabCut:
     def predict_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h, w = self.bgr.shape[:2]
         out = []
-        for box_mask, box in zip(_box_masks(boxes, h, w), np.asarray(boxes), strict=True):
+        for box_mask, box in zip(box_masks(boxes, h, w), np.asarray(boxes), strict=True):
             x0, y0 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
             x1, y1 = min(int(np.ceil(box[2])), w), min(int(np.ceil(box[3])), h)
             if x1 - x0 < 2 or y1 - y0 < 2:
@@ -178,15 +178,18 @@ def make_mask_source(
     device: str | None = None,
     batch_size: int = 16,
 ) -> MaskSource:
-    """A baseline by name (``box-fill``, ``grabcut``) or a registered model (random weights are
-    seeded with 0 when no checkpoint is given, so every process builds the same model)."""
+    """A baseline by name (``box-fill``, ``grabcut``) or a registered model (leansam's shipped
+    weights for its own models; otherwise random weights seeded with 0 when no checkpoint is
+    given, so every process builds the same model)."""
     if model == "box-fill":
         return BoxFill()
     if model == "grabcut":
         return GrabCut()
     from ..predictor import SamPredictor
+    from ..pretrained import default_checkpoint
     from ..registry import create_model
 
+    checkpoint = default_checkpoint(model, checkpoint)
     sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
     return SamMaskSource(SamPredictor(sam), name=model, batch_size=batch_size)
 

@@ -17,6 +17,8 @@ class TrainConfig:
     model: str  # the model trained (the student in stage 1)
     data: list[str]  # stage 1: image folders; stage 2: SA-1B folders
     out: str
+    #: stage 2: how many times each ``data`` folder is listed per epoch (default once each)
+    data_repeat: list[int] | None = None
     teacher: str | None = None  # stage 1
     teacher_checkpoint: str | None = None
     #: weights to start from (a checkpoint of ``model``); in stage 1 the prompt encoder and mask
@@ -36,7 +38,13 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 2.0  # by value
     num_points: int = 112 * 112
+    #: prompt simulation (SPEC: a box with p 0.5, else 1-10 points; multimask with p 0.5)
+    box_prob: float = 0.5
+    multimask_prob: float = 0.5
     focal: bool = False
+    #: weight of the BCE (or focal) term next to Dice; SPEC: 20 (fine-tuning a trained SAM). From
+    #: scratch, 20 drives every mask to background for hundreds of steps: leansam's own models use 1
+    bce_weight: float = 20.0
     #: weight of SAM's IoU-head loss (MSE to the masks' actual IoU): 0 in the paper's stage 2,
     #: which starts from SAM's trained head; needed when training a decoder from scratch, or the
     #: best-predicted-IoU choice among multimask outputs is random
@@ -70,10 +78,16 @@ class TrainConfig:
             self.data = [self.data]
         if not self.data:
             raise InputError("no training data given")
+        if self.data_repeat is not None and (
+            len(self.data_repeat) != len(self.data) or min(self.data_repeat) < 0
+        ):
+            raise InputError("data_repeat needs one count >= 0 per data folder")
         if self.freeze_bn is None:
             self.freeze_bn = self.stage == "finetune"
         if self.batch_size < 1 or self.masks_per_image < 1 or self.epochs <= 0:
             raise InputError("batch_size, masks_per_image and epochs must be positive")
+        if not (0 <= self.box_prob <= 1 and 0 <= self.multimask_prob <= 1):
+            raise InputError("box_prob and multimask_prob must lie in [0, 1]")
         if self.warmup_steps < 0:
             raise InputError("warmup_steps must be 0 or positive")
 

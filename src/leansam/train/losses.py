@@ -66,6 +66,7 @@ def mask_loss(
     *,
     num_points: int = NUM_POINTS,
     focal: bool = False,
+    bce_weight: float = BCE_WEIGHT,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Loss per prompt, best over the C predicted masks.
@@ -74,19 +75,29 @@ def mask_loss(
       logits: B x C x h x w low-res mask logits (C = 1, or 3 with multimask), covering the padded
         square input frame.
       gt: B x H x W ground-truth masks in the same padded frame (any resolution).
+      num_points: points sampled by uncertainty per mask; 0 for a dense loss on every logit
+        (the ground truth area-averaged onto the logits' grid), which a decoder trained from
+        scratch needs: uncertainty sampling rarely hits small objects while every logit is
+        still confidently background.
 
-    Returns B losses: min over C of (20 x BCE + Dice), or (20 x focal + Dice) with ``focal``.
+    Returns B losses: min over C of (20 x BCE + Dice), or (20 x focal + Dice) with ``focal``
+    (``bce_weight`` replaces the 20).
     """
-    b, c = logits.shape[:2]
-    flat = logits.reshape(b * c, 1, *logits.shape[2:])
-    coords = uncertain_point_coords(flat, num_points, generator=generator)
-    pred = point_sample(flat, coords).squeeze(1)  # (B*C) x P
-    target = point_sample(gt.float().repeat_interleave(c, 0)[:, None], coords).squeeze(1)
+    b, c, h, w = logits.shape
+    if num_points:
+        flat = logits.reshape(b * c, 1, h, w)
+        coords = uncertain_point_coords(flat, num_points, generator=generator)
+        pred = point_sample(flat, coords).squeeze(1)  # (B*C) x P
+        target = point_sample(gt.float().repeat_interleave(c, 0)[:, None], coords).squeeze(1)
+    else:  # dense: every logit, against the ground truth averaged onto the logits' grid
+        pred = logits.reshape(b * c, h * w)
+        target = F.adaptive_avg_pool2d(gt.float()[:, None], (h, w)).reshape(b, 1, h * w)
+        target = target.expand(b, c, h * w).reshape(b * c, h * w)
     if focal:
         first = _focal(pred, target)
     else:
         first = F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean(-1)
-    loss = BCE_WEIGHT * first + _dice(pred, target)
+    loss = bce_weight * first + _dice(pred, target)
     return loss.reshape(b, c).min(dim=1).values
 
 

@@ -259,7 +259,7 @@ class _FinetuneStep(nn.Module):
             g = torch.Generator(device=low.device).manual_seed(seeds[i])
             loss = mask_loss(
                 low.float(), s["gt"], num_points=self.cfg.num_points, focal=self.cfg.focal,
-                generator=g,
+                bce_weight=self.cfg.bce_weight, generator=g,
             )  # fmt: skip
             if self.cfg.iou_loss_weight:
                 loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), s["gt"], iou_pred)
@@ -309,7 +309,7 @@ def prepare_sample(sample, image_size: int, cfg: TrainConfig, rng: np.random.Gen
     n = len(masks)
     idx = rng.choice(n, cfg.masks_per_image, replace=n < cfg.masks_per_image)
     masks = np.ascontiguousarray(masks[idx])
-    prompts = sample_prompts(masks, rng)
+    prompts = sample_prompts(masks, rng, box_prob=cfg.box_prob, multimask_prob=cfg.multimask_prob)
     size = image.shape[:2]
     frame = ResizeLongestSide(1024)
     to_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float, device=device)  # noqa: E731
@@ -351,7 +351,10 @@ def finetune(
 
     device = _device()
     datasets = [SA1BDataset(d) for d in cfg.data]
-    items = [(k, i) for k, ds in enumerate(datasets) for i in range(len(ds))]
+    repeat = cfg.data_repeat or [1] * len(datasets)
+    items = [
+        (k, i) for k, ds in enumerate(datasets) for _ in range(repeat[k]) for i in range(len(ds))
+    ]
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
     if cfg.decoder_checkpoint:
