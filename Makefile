@@ -71,6 +71,7 @@ weights: $(STAMP)
 		--out out/sa1b/coco-mini-train
 	$(LEANSAM) data synth --out out/sa1b/synth --count 400 --seed 0
 	$(LEANSAM) train finetune --recipe recipes/own/teacher.yaml --resume
+	$(LEANSAM) train finetune --recipe recipes/own/teacher-b.yaml --resume
 	$(LEANSAM) train distill --recipe recipes/own/student-stage1.yaml --data $(OWN_IMAGES) --resume
 	$(LEANSAM) train finetune --recipe recipes/own/student-stage2.yaml --resume
 	$(LEANSAM) weights publish --model leansam-vit-s --checkpoint out/own/teacher/model.pt
@@ -78,7 +79,7 @@ weights: $(STAMP)
 		--checkpoint out/own/student-stage2/model.pt
 
 # The stage-2-only student of MODEL_CARD.md (an ablation, not part of `make weights`): no stage 1,
-# epochs set in its recipe to match the distilled student's stage 1 + 2 wall time.
+# as many steps as the distilled student's stage 1 + 2 took in wall time (set in its recipe).
 weights-ablation: $(STAMP)
 	$(LEANSAM) train finetune --recipe recipes/own/student-stage2-only.yaml --resume
 

@@ -19,6 +19,14 @@ def _f(v: float | None, scale: float = 1.0) -> str:
     return "n/a" if v is None or v < 0 else f"{v * scale:.1f}"
 
 
+def _name(r: dict) -> str:
+    """The model, plus the run folder of its weights when they are not the shipped ones."""
+    ckpt = r["config"].get("checkpoint")
+    if ckpt and not str(ckpt).endswith(".safetensors"):
+        return f"{_name(r)} ({Path(ckpt).parent.name})"
+    return r["config"]["model"]
+
+
 def tables(runs: list[dict]) -> str:
     out = []
     box = [r for r in runs if r["protocol"] == "box"]
@@ -32,7 +40,7 @@ def tables(runs: list[dict]) -> str:
         for r in box:
             m = r["metrics"]
             sizes = " | ".join(_f(m["mIoU"][s]) for s in ("all", "small", "medium", "large"))
-            out.append(f"| {r['config']['model']} | {sizes} | {m['count']['all']} |")
+            out.append(f"| {_name(r)} | {sizes} | {m['count']['all']} |")
         out.append("")
     click = [r for r in runs if r["protocol"] == "click"]
     if click:
@@ -46,7 +54,7 @@ def tables(runs: list[dict]) -> str:
         for r in click:
             m = r["metrics"]
             vals = " | ".join(_f(m[k]["mIoU"]["all"]) if k in m else "n/a" for k in ks)
-            out.append(f"| {r['config']['model']} | {vals} | {m[ks[0]]['count']['all']} |")
+            out.append(f"| {_name(r)} | {vals} | {m[ks[0]]['count']['all']} |")
         out.append("")
     det = [r for r in runs if r["protocol"] == "detector"]
     if det:
@@ -63,7 +71,7 @@ def tables(runs: list[dict]) -> str:
             src = r["config"]["detections"]
             src = "ground truth (oracle)" if src == "gt" else Path(src).name
             n = r["metrics"]["detections"]
-            out.append(f"| {r['config']['model']} | {n} | {vals} | {src} |")
+            out.append(f"| {_name(r)} | {n} | {vals} | {src} |")
         out.append("")
     return "\n".join(out)
 

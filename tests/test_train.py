@@ -282,11 +282,13 @@ def test_own_recipes_chain():
     from conftest import REPO
 
     own = REPO / "recipes" / "own"
-    teacher = TrainConfig.from_yaml(own / "teacher.yaml")
+    phase_a = TrainConfig.from_yaml(own / "teacher.yaml")
+    teacher = TrainConfig.from_yaml(own / "teacher-b.yaml")
+    assert phase_a.init_checkpoint is None and teacher.init_checkpoint == f"{phase_a.out}/model.pt"
     s1 = TrainConfig.from_yaml(own / "student-stage1.yaml")
     s2 = TrainConfig.from_yaml(own / "student-stage2.yaml")
     only = TrainConfig.from_yaml(own / "student-stage2-only.yaml")
-    assert teacher.model == s1.teacher == "leansam-vit-s" and teacher.init_checkpoint is None
+    assert teacher.model == phase_a.model == s1.teacher == "leansam-vit-s"
     assert s1.teacher_checkpoint == f"{teacher.out}/model.pt"
     assert s2.init_checkpoint == f"{s1.out}/model.pt"
     assert only.decoder_checkpoint == f"{teacher.out}/model.pt" and only.init_checkpoint is None
