@@ -1,7 +1,7 @@
 """Build the reference models (segment-anything, efficientsam) for parity tests.
 
-Full-size variants come from the references' own builders; the tiny ones are assembled from the
-references' own classes with the tiny config's numbers.
+Full-size variants come from the references' own builders; the tiny ones and leansam's own models
+are assembled from the references' own classes with the config's numbers.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _tiny_sam(cfg) -> torch.nn.Module:
 def build_reference(name: str) -> torch.nn.Module:
     """The reference implementation of a leansam variant, random weights, eval mode."""
     cfg = VARIANTS[name]
-    if cfg.tiny:
+    if cfg.tiny or name.startswith("leansam-"):  # no reference builder: assemble its classes
         model = _tiny_evit(cfg) if cfg.family == "efficientvit" else _tiny_sam(cfg)
     elif cfg.family == "efficientvit":
         model = create_efficientvit_sam_model(name, pretrained=False)

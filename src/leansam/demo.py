@@ -17,8 +17,9 @@ from .provenance import describe_environment
 
 UNTRAINED = (
     "WARNING: no --checkpoint given, so the model has untrained (random) weights and the masks "
-    "are meaningless. Pass an official checkpoint, e.g. "
-    "`make demo DEMO_ARGS='--checkpoint efficientvit_sam_l0.pt'`."
+    "are meaningless. Pass an official checkpoint, e.g. `make demo DEMO_ARGS='--model "
+    "efficientvit-sam-l0 --checkpoint efficientvit_sam_l0.pt'`, or use leansam's own model "
+    "(the default, leansam-efficientvit-s)."
 )
 
 
