@@ -23,7 +23,7 @@ def _name(r: dict) -> str:
     """The model, plus the run folder of its weights when they are not the shipped ones."""
     ckpt = r["config"].get("checkpoint")
     if ckpt and not str(ckpt).endswith(".safetensors"):
-        return f"{_name(r)} ({Path(ckpt).parent.name})"
+        return f"{r['config']['model']} ({Path(ckpt).parent.name})"
     return r["config"]["model"]
 
 
