@@ -36,7 +36,7 @@ from leansam.configs import VARIANTS, EfficientViTConfig  # noqa: E402
 EfficientViTSamPredictor = evit_sam.EfficientViTSamPredictor
 
 
-def _tiny_evit(cfg) -> torch.nn.Module:
+def _assembled_evit(cfg) -> torch.nn.Module:
     enc: EfficientViTConfig = cfg.encoder
     att = "att" if enc.attention_scale == 5 else f"att@{enc.attention_scale}"
     blocks = [att if b.value == "att" else b.value for b in enc.blocks]
@@ -63,7 +63,7 @@ def _tiny_evit(cfg) -> torch.nn.Module:
     return model
 
 
-def _tiny_sam(cfg) -> torch.nn.Module:
+def _assembled_sam(cfg) -> torch.nn.Module:
     enc = cfg.encoder
     return Sam(
         image_encoder=ImageEncoderViT(
@@ -100,7 +100,7 @@ def build_reference(name: str) -> torch.nn.Module:
     """The reference implementation of a leansam variant, random weights, eval mode."""
     cfg = VARIANTS[name]
     if cfg.tiny or name.startswith("leansam-"):  # no reference builder: assemble its classes
-        model = _tiny_evit(cfg) if cfg.family == "efficientvit" else _tiny_sam(cfg)
+        model = _assembled_evit(cfg) if cfg.family == "efficientvit" else _assembled_sam(cfg)
     elif cfg.family == "efficientvit":
         model = create_efficientvit_sam_model(name, pretrained=False)
     else:
