@@ -76,14 +76,13 @@ def publish(
     float16 and record its sha256 and size in ``manifest.json``. Returns the written path."""
     from .checkpoint import check_state_dict, load_state_dict, save_state_dict
     from .io import atomic_write_json
+    from .modeling.sam import Sam
     from .registry import get_config
 
     if name not in PRETRAINED:
         raise CheckpointError(
             f"{name} is not one of leansam's own models ({', '.join(PRETRAINED)})"
         )
-    from .modeling.sam import Sam
-
     state = load_state_dict(checkpoint)
     check_state_dict(state, Sam(get_config(name), device="meta"), name, f"checkpoint {checkpoint}")
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
