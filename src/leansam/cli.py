@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from .errors import InputError, LeansamError
+from .errors import InputError, LeansamError, require
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -45,6 +45,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         multimask=args.multimask,
         out_dir=args.out,
         device=args.device,
+        runtime=args.runtime,
+        calib_images=args.calib_images,
     )
     n = len(record["results"])
     if not record["config"]["checkpoint"]:
@@ -52,6 +54,36 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             "warning: no --checkpoint: random weights, the masks are meaningless", file=sys.stderr
         )
     print(f"wrote {n} mask(s), overlay.png and result.json to {args.out}")
+    return 0
+
+
+def _cmd_everything(args: argparse.Namespace) -> int:
+    from .amg import everything
+
+    record = everything(
+        args.image,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        out_dir=args.out,
+        device=args.device,
+        runtime=args.runtime,
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers,
+        min_mask_region_area=args.min_mask_region_area,
+    )
+    if not record["config"]["checkpoint"]:
+        print(
+            "warning: no --checkpoint: random weights, the masks are meaningless", file=sys.stderr
+        )
+    n = len(record["masks"])
+    print(
+        f"wrote {n} mask(s) in {record['seconds']:.1f} s: <i>.png, metadata.csv, masks.json and "
+        f"overlay.png in {args.out}"
+    )
     return 0
 
 
@@ -85,6 +117,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         checkpoint=checkpoint,
         device=args.device or default_device(),
         batch_size=args.batch_size,
+        runtime=args.runtime,
+        calib_images=args.calib_images,
     )
     try:
         result = evaluate(
@@ -99,7 +133,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             save_per_object=args.save_per_object,
             plot=args.plot,
             progress=not args.no_progress,
-            config={"checkpoint": checkpoint, "limit": args.limit},
+            config={"checkpoint": checkpoint, "limit": args.limit, "runtime": args.runtime},
         )
     except KeyboardInterrupt:
         print(
@@ -170,12 +204,47 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    from .io import ensure_dir
+    from .pretrained import default_checkpoint
+    from .registry import create_model
+
+    require("onnx", "export")
+    ensure_dir(args.out)
+    checkpoint = default_checkpoint(args.model, args.checkpoint)
+    if not checkpoint:
+        print("warning: no --checkpoint: exporting random weights", file=sys.stderr)
+    model = create_model(args.model, checkpoint=checkpoint, seed=0)
+    written = export_onnx(model, args.out, return_single_mask=args.return_single_mask)
+    for name, path in written.items():
+        print(f"{name:<16} {path}")
+    return 0
+
+
 def _cmd_weights_publish(args: argparse.Namespace) -> int:
     from .pretrained import publish
 
     path = publish(args.model, args.checkpoint, args.out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, float16) and its manifest entry")
     return 0
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    from .runtime import RUNTIMES
+
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        choices=RUNTIMES,
+        help="image-encoder runtime (README: Runtimes); default torch (eager)",
+    )
+    p.add_argument(
+        "--calib-images",
+        metavar="DIR",
+        help="--runtime onnx-int8: calibrate on the first 8 images of DIR (e.g. coco-mini "
+        "train2017)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--multimask", action="store_true", help="3 candidate masks per prompt")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--device", default=None, help="cpu (default) or cuda")
+    _runtime_args(s)
     s.set_defaults(func=_cmd_segment)
 
     e = sub.add_parser(
@@ -248,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16, help="prompts per decoder call")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--device", default=None)
+    _runtime_args(e)
     e.set_defaults(func=_cmd_eval)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(
@@ -301,6 +372,58 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--checkpoint", required=True, help="model.pt written by `leansam train`")
     wp.add_argument("--out", help="weights folder (default: the repository's weights/)")
     wp.set_defaults(func=_cmd_weights_publish)
+
+    ev = sub.add_parser(
+        "everything",
+        help="segment everything in an image (SAM's automatic mask generator)",
+        description="A grid of point prompts, filtered by predicted IoU and stability, box NMS; "
+        "writes <i>.png per mask (by decreasing area), metadata.csv, masks.json (COCO RLE) and "
+        "overlay.png.",
+    )
+    ev.add_argument("image", help="image file (JPEG, PNG, ...)")
+    ev.add_argument("--model", required=True, help="model name, see `leansam models`")
+    ev.add_argument(
+        "--checkpoint", help="weights (default for leansam-* models: the shipped weights)"
+    )
+    ev.add_argument("--out", required=True, help="output folder")
+    ev.add_argument("--points-per-side", type=int, default=32)
+    ev.add_argument(
+        "--points-per-batch", type=int, default=64, help="prompts per decoder call (memory)"
+    )
+    ev.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    ev.add_argument("--stability-score-thresh", type=float, default=0.95)
+    ev.add_argument("--box-nms-thresh", type=float, default=0.7)
+    ev.add_argument(
+        "--crop-n-layers", type=int, default=0, help="also segment 4^i crops in layer i"
+    )
+    ev.add_argument(
+        "--min-mask-region-area",
+        type=int,
+        default=0,
+        help="fill holes / drop islands below this many pixels",
+    )
+    ev.add_argument("--device", default=None)
+    _runtime_args(ev)
+    ev.set_defaults(func=_cmd_everything)
+
+    x = sub.add_parser("export", help="deployment graphs").add_subparsers(
+        dest="export_command", required=True, metavar="FORMAT"
+    )
+    xo = x.add_parser(
+        "onnx",
+        help="encoder.onnx, decoder.onnx (SAM's ONNX contract) and decoder_batched.onnx",
+    )
+    xo.add_argument("--model", required=True, help="model name, see `leansam models`")
+    xo.add_argument(
+        "--checkpoint", help="weights (default for leansam-* models: the shipped weights)"
+    )
+    xo.add_argument("--out", required=True, help="output folder")
+    xo.add_argument(
+        "--return-single-mask",
+        action="store_true",
+        help="decoders return one mask per prompt set, as SAM's export option",
+    )
+    xo.set_defaults(func=_cmd_export_onnx)
 
     d = sub.add_parser("demo", help="segment coco-mini images from their annotation boxes")
     d.add_argument("--data", default="../shared/data/coco-mini", help="coco-mini folder")

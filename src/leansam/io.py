@@ -13,6 +13,9 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from .errors import InputError, require
 
+#: image files that folder readers pick up (stage 1, calibration)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
 
 def _existing_file(path: str | os.PathLike, what: str) -> Path:
     """``path`` as a Path if it names a regular file; one-line :class:`InputError` otherwise (also
@@ -50,6 +53,16 @@ def read_json(path: str | os.PathLike, what: str) -> object:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create an output folder (and parents) or raise a one-line :class:`InputError`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output folder {path}: {e.strerror}") from None
+    return path
 
 
 def atomic_replace(path: str | os.PathLike, write) -> Path:

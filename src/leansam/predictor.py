@@ -9,6 +9,7 @@ import torch
 
 from .errors import InputError
 from .modeling.sam import Sam
+from .runtime import check_runtime, make_encoder
 from .transforms import ResizeLongestSide, get_preprocess_shape
 
 
@@ -31,13 +32,29 @@ class SamPredictor:
     ``image_transform`` resizes images to the encoder input R (512 for the L models, else 1024).
 
     Beyond SAM: :meth:`predict` takes N x 4 boxes (or N x K x 2 points) and decodes them in one
-    batched call, and :meth:`set_images` embeds several images in one encoder batch.
+    batched call, :meth:`set_images` embeds several images in one encoder batch, and ``runtime``
+    picks how the image encoder runs (:mod:`leansam.runtime`: ``torch``, ``torch-bf16``,
+    ``torch-opt``, ``onnx``, ``onnx-int8``; the last needs ``calibration_images``, a few H x W x 3
+    uint8 images). Prompt decoding always runs in PyTorch.
     """
 
-    def __init__(self, sam_model: Sam) -> None:
+    def __init__(
+        self,
+        sam_model: Sam,
+        runtime: str = "torch",
+        *,
+        calibration_images: Sequence[np.ndarray] | None = None,
+    ) -> None:
         self.model = sam_model
+        self.runtime = check_runtime(runtime)
         self.transform = ResizeLongestSide(sam_model.prompt_frame)
         self.image_transform = ResizeLongestSide(sam_model.image_size)
+        calibration = None
+        if calibration_images is not None:
+            calibration = [
+                self.model.preprocess(self._prepare(im, "RGB")[None]) for im in calibration_images
+            ]
+        self._encode = make_encoder(sam_model, runtime, calibration=calibration)
         self.reset_image()
 
     @property
@@ -110,7 +127,7 @@ class SamPredictor:
             batch.append(self.model.preprocess(x[None].to(self.device)))
         self.reset_image()
         x = torch.cat(batch).to(self.model.dtype)
-        self.features = self.model.image_encoder(x)
+        self.features = self._encode(x)
         frame = self.model.prompt_frame
         self.original_sizes = [(int(s[0]), int(s[1])) for s in original_sizes]
         self.input_sizes = [get_preprocess_shape(h, w, frame) for h, w in self.original_sizes]

@@ -119,6 +119,8 @@ def segment(
     multimask: bool = False,
     out_dir: str | os.PathLike,
     device: str | None = None,
+    runtime: str = "torch",
+    calib_images: str | os.PathLike | None = None,
 ) -> dict:
     """Segment ``image_path`` and write into ``out_dir``:
 
@@ -127,21 +129,27 @@ def segment(
     - ``overlay.png``: the image with every prompt's mask, box and points drawn;
     - ``result.json``: COCO RLE, scores, prompts and the full configuration.
 
+    ``runtime`` picks the image encoder's runtime (:mod:`leansam.runtime`); ``onnx-int8`` takes
+    its calibration images from the folder ``calib_images``.
+
     Returns the JSON record.
     """
     from .predictor import SamPredictor
     from .pretrained import default_checkpoint
     from .registry import create_model, get_config
+    from .runtime import calibration_images, check_runtime
 
     image = load_image(image_path)
     h, w = image.shape[:2]
     prompts = build_prompts(list(boxes), list(points), separate_points=separate_points)
     validate_prompts(prompts, h, w)
     get_config(model)  # unknown names fail before any work
+    check_runtime(runtime)
+    calib = calibration_images(calib_images) if runtime == "onnx-int8" else None
 
     checkpoint = default_checkpoint(model, checkpoint)
     sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
-    predictor = SamPredictor(sam)
+    predictor = SamPredictor(sam, runtime, calibration_images=calib)
     t0 = time.perf_counter()
     predictor.set_image(image)
     t1 = time.perf_counter()
@@ -189,6 +197,7 @@ def segment(
             "multimask": multimask,
             "separate_points": separate_points,
             "device": str(sam.device),
+            "runtime": runtime,
             "prompts": [asdict(p) for p in prompts],
         },
         "timing_ms": {"embed": 1000 * (t1 - t0), "decode": 1000 * (t2 - t1)},

@@ -10,6 +10,7 @@ Every mask source has the same small interface, so protocols never special-case 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Protocol
 
 import numpy as np
@@ -177,10 +178,13 @@ def make_mask_source(
     checkpoint: str | None = None,
     device: str | None = None,
     batch_size: int = 16,
+    runtime: str = "torch",
+    calib_images: str | os.PathLike | None = None,
 ) -> MaskSource:
     """A baseline by name (``box-fill``, ``grabcut``) or a registered model (leansam's shipped
     weights for its own models; otherwise random weights seeded with 0 when no checkpoint is
-    given, so every process builds the same model)."""
+    given, so every process builds the same model). ``runtime`` / ``calib_images``: see
+    :func:`leansam.segment.segment`."""
     if model == "box-fill":
         return BoxFill()
     if model == "grabcut":
@@ -188,10 +192,14 @@ def make_mask_source(
     from ..predictor import SamPredictor
     from ..pretrained import default_checkpoint
     from ..registry import create_model
+    from ..runtime import calibration_images, check_runtime
 
+    check_runtime(runtime)
+    calib = calibration_images(calib_images) if runtime == "onnx-int8" else None
     checkpoint = default_checkpoint(model, checkpoint)
     sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
-    return SamMaskSource(SamPredictor(sam), name=model, batch_size=batch_size)
+    predictor = SamPredictor(sam, runtime, calibration_images=calib)
+    return SamMaskSource(predictor, name=model, batch_size=batch_size)
 
 
 def as_mask_source(obj) -> MaskSource:

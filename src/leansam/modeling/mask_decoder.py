@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d
+
+#: prompt sets per decoder pass at inference (see MaskDecoder.predict_masks)
+PROMPT_CHUNK = 16
 
 
 class MaskDecoder(nn.Module):
@@ -90,17 +94,62 @@ class MaskDecoder(nn.Module):
         )
         # Broadcasting a 1-image embedding over the prompts gives the same numbers as upstream's
         # repeat_interleave without materialising B copies (and keeps the graph TensorRT-friendly).
+        # Without a mask prompt every prompt set gets the same dense embedding (expanded, stride
+        # 0): keep a batch of 1 so that the first layer's image side is computed once.
+        if (
+            image_embeddings.shape[0] == 1
+            and dense_prompt_embeddings.shape[0] > 1
+            and dense_prompt_embeddings.stride(0) == 0
+        ):
+            dense_prompt_embeddings = dense_prompt_embeddings[:1]
         src = image_embeddings + dense_prompt_embeddings
+        if not torch.is_grad_enabled() and b > PROMPT_CHUNK:
+            # Inference on many prompt sets: chunks keep the per-prompt image-sized tensors in
+            # cache (64 prompts at once run ~30 % slower per prompt than 16 on a CPU).
+            outs = [
+                self._predict(
+                    src if src.shape[0] == 1 else src[i : i + PROMPT_CHUNK],
+                    image_pe,
+                    tokens[i : i + PROMPT_CHUNK],
+                )
+                for i in range(0, b, PROMPT_CHUNK)
+            ]
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        return self._predict(src, image_pe, tokens)
+
+    def _predict(
+        self, src: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         _, c, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(-1, c, h, w))
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )
-        b2, c2, h2, w2 = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b2, c2, h2 * w2)).view(b2, -1, h2, w2)
+        if torch.is_grad_enabled():
+            upscaled = self.output_upscaling(src.transpose(1, 2).reshape(-1, c, h, w))
+            b2, c2, h2, w2 = upscaled.shape
+            masks = (hyper_in @ upscaled.view(b2, c2, h2 * w2)).view(b2, -1, h2, w2)
+        else:
+            masks = self._upscale_channels_last(src, hyper_in, h, w)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def _upscale_channels_last(
+        self, src: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int
+    ) -> torch.Tensor:
+        """``output_upscaling`` and the hypernetwork product on B x hw x C image tokens kept in
+        channels-last layout: no transpose copy in, LayerNorm as one fused pass over the channel
+        axis, masks read out as (HW x C') @ (C' x masks). The same function as the plain path
+        up to float rounding; for inference."""
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        b, _, c = src.shape
+        x = up1(src.view(b, h, w, c).permute(0, 3, 1, 2))  # channels-last in and out
+        x = F.layer_norm(
+            x.permute(0, 2, 3, 1), (up1.out_channels,), norm.weight, norm.bias, norm.eps
+        )
+        x = act2(up2(act1(x.permute(0, 3, 1, 2))))
+        b2, c2, h2, w2 = x.shape
+        flat = x.permute(0, 2, 3, 1).reshape(b2, h2 * w2, c2)  # a view when channels-last
+        return (flat @ hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b2, -1, h2, w2)

@@ -39,6 +39,96 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
+    def _head_weights(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """A projection's weight as heads x d x C and bias as heads x d."""
+        h = self.num_heads
+        d = self.internal_dim // h
+        return linear.weight.reshape(h, d, -1), linear.bias.reshape(h, d)
+
+    @staticmethod
+    def _per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """B x h x T x d times a per-head h x d x C -> B x h x T x C, as one batched matmul over
+        the heads (broadcasting the weight over B would copy it B x T times)."""
+        b, h, t, d = x.shape
+        y = x.transpose(0, 1).reshape(h, b * t, d) @ w
+        return y.reshape(h, b, t, -1).transpose(0, 1)
+
+    def attend_to_shared_image(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward` for B x T x C queries over one image (1 x N x C keys and values)
+        shared by all B prompt sets: the image side is projected once and the B x T queries of
+        each head form one matrix (no per-prompt copies of the image)."""
+        b, t, _ = q.shape
+        h = self.num_heads
+        qh = self._heads(self.q_proj(q))  # B x h x T x d
+        kh = self._heads(self.k_proj(k))[0]  # h x N x d
+        vh = self._heads(self.v_proj(v))[0]
+        d = qh.shape[-1]
+        qh = qh.transpose(0, 1).reshape(h, b * t, d)
+        attn = torch.softmax((qh @ kh.transpose(1, 2)) / math.sqrt(d), dim=-1)  # h x BT x N
+        out = (attn @ vh).reshape(h, b, t, d).permute(1, 2, 0, 3)  # B x T x h x d
+        return self.out_proj(out.reshape(b, t, self.internal_dim))
+
+    def attend_to_image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Few queries (B x T x C, the tokens) over many keys (B x N x C, one image per prompt
+        set) without projecting the N keys and values: q.(Wk x + bk) = (Wk^T q).x + q.bk, where
+        q.bk is constant along the softmax and drops out, and, as attention rows sum to 1,
+        attn @ (Wv x + bv) = (attn @ x) Wv^T + bv. 2 x N x C x heads x T multiply-adds instead
+        of 2 x N x C x internal_dim; the same function as :meth:`forward` up to float rounding.
+        For inference (used without autograd)."""
+        b, t, _ = q.shape
+        h = self.num_heads
+        wk, _ = self._head_weights(self.k_proj)
+        wv, bv = self._head_weights(self.v_proj)
+        qh = self._heads(self.q_proj(q)) / math.sqrt(wk.shape[1])  # B x h x T x d, scaled
+        q_in = self._per_head(qh, wk)  # B x h x T x C: Wk_h^T q
+        attn = torch.softmax(q_in.reshape(b, h * t, -1) @ k.transpose(1, 2), dim=-1)  # B x hT x N
+        ctx = (attn @ v).reshape(b, h, t, -1)  # B x h x T x C
+        out = self._per_head(ctx, wv.transpose(1, 2)) + bv[:, None]
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, self.internal_dim))
+
+    def attend_from_image(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        residual: torch.Tensor,
+        project_q: bool,
+    ) -> torch.Tensor:
+        """``residual`` + attention of many queries (1 or B x N x C, the image) over few keys
+        (B x T x C, the tokens), without the N x C -> N x C output projection: the output is
+        sum_h attn_h @ (v_h Wo_h^T + bo / heads) (each head's weights sum to 1), one fused
+        batched multiply-add. With ``project_q`` the queries are projected as usual (one image
+        shared by all prompt sets: computed once); otherwise the keys are mapped into the input
+        space instead, (Wq x + bq).k = x.(Wq^T k) + bq.k. Same function as ``residual +
+        forward(q, k, v)`` up to float rounding; for inference."""
+        b, t, _ = k.shape
+        h = self.num_heads
+        kh = self._heads(self.k_proj(k))  # B x h x T x d
+        vh = self._heads(self.v_proj(v))
+        d = kh.shape[-1]
+        kh = kh / math.sqrt(d)
+        # Scores laid out B x h x T x N: the softmax over the few tokens then runs along a
+        # strided axis, ~10x faster than along a contiguous axis of length T.
+        if project_q:
+            qh = self._heads(self.q_proj(q))[0]  # h x N x d, shared by the B prompt sets
+            attn = kh.transpose(0, 1).reshape(h, b * t, d) @ qh.transpose(1, 2)  # h x BT x N
+            attn = attn.reshape(h, b, t, -1).transpose(0, 1)  # B x h x T x N
+        else:
+            wq, bq = self._head_weights(self.q_proj)
+            k_in = self._per_head(kh, wq)  # B x h x T x C
+            attn = torch.baddbmm(
+                (kh * bq[:, None]).sum(-1).reshape(b, h * t, 1),  # bq . k
+                k_in.reshape(b, h * t, -1),
+                q.transpose(1, 2),
+            )  # B x hT x N
+        attn = torch.softmax(attn.reshape(b, h, t, -1), dim=2).reshape(b, h * t, -1)
+        wo = self.out_proj.weight.reshape(-1, h, d).permute(1, 2, 0)  # h x d x C
+        m = self._per_head(vh, wo).reshape(b, h * t, -1) + self.out_proj.bias / h
+        return torch.baddbmm(residual.expand(b, -1, -1), attn.transpose(1, 2), m)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: B x Nq x C, k and v: B x Nk x C (a batch of 1 broadcasts) -> B x Nq x C."""
         q = self._heads(self.q_proj(q))
@@ -97,15 +187,31 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q=q, k=q, v=queries)
         queries = self.norm1(queries)
 
+        # Without autograd (inference) and with one image per prompt set, the image-side
+        # projections are folded into the few token-side ones (Attention.attend_*): same
+        # function, fewer multiply-adds per prompt. One image shared by all prompt sets (the
+        # first layer) keeps the image-side projections, computed once for all.
+        fast = not torch.is_grad_enabled()
+        shared = keys.shape[0] == 1 and queries.shape[0] > 1
         q = queries + query_pe
-        k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
+        k = keys + key_pe  # keys do not change before the image->token attention: reused there
+        t2i = self.cross_attn_token_to_image
+        if not fast:
+            attn = t2i(q=q, k=k, v=keys)
+        elif shared:
+            attn = t2i.attend_to_shared_image(q, k, keys)
+        else:
+            attn = t2i.attend_to_image(q, k, keys)
+        queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        k = keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
-        return queries, keys
+        i2t = self.cross_attn_image_to_token
+        if fast:
+            keys = i2t.attend_from_image(k, q, queries, residual=keys, project_q=shared)
+        else:
+            keys = keys + i2t(q=k, k=q, v=queries)
+        return queries, self.norm4(keys)
 
 
 class TwoWayTransformer(nn.Module):
@@ -158,5 +264,12 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, query_pe=point_embedding, key_pe=key_pe)
         q = queries + point_embedding
         k = keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q=q, k=k, v=keys))
+        final = self.final_attn_token_to_image
+        if torch.is_grad_enabled():
+            attn = final(q=q, k=k, v=keys)
+        elif keys.shape[0] == 1 < queries.shape[0]:
+            attn = final.attend_to_shared_image(q, k, keys)
+        else:
+            attn = final.attend_to_image(q, k, keys)
+        queries = self.norm_final_attn(queries + attn)
         return queries, keys

@@ -25,15 +25,19 @@ from ..checkpoint import load_state_dict, save_state_dict
 from ..configs import PIXEL_MEAN
 from ..distributed import barrier, init_from_env
 from ..errors import InputError, require
-from ..io import atomic_replace, atomic_write_bytes, atomic_write_json, load_image
+from ..io import (
+    IMAGE_SUFFIXES,
+    atomic_replace,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_image,
+)
 from ..provenance import describe_environment
 from ..registry import create_model
 from ..transforms import ResizeLongestSide
 from .config import TrainConfig
 from .losses import iou_loss, mask_loss
 from .prompts import sample_prompts
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 # ------------------------------------------------------------------ shared machinery

@@ -1,0 +1,208 @@
+"""Image-encoder runtimes behind one callable: B x 3 x R x R (preprocessed) -> B x 256 x 64 x 64.
+
+========== ======================================================================================
+runtime    what runs
+========== ======================================================================================
+torch      PyTorch eager, the model's dtype (the reference numerics)
+torch-bf16 PyTorch eager under bf16 autocast (CPU with AVX512-BF16/AMX, or CUDA); fp32 islands
+           (LayerNorm, LiteMLA's division, the neck's bicubic resize) stay fp32
+torch-opt  BatchNorm folded into the preceding convolutions, channels-last, ``torch.compile`` with
+           inductor freezing (constant folding of the weights); falls back to folded eager where
+           no compiler is available. fp32, matches eager to ~1e-5. The first call compiles
+           (10-40 s on 2 cores); later calls with the same input shape are fast
+onnx       ONNX Runtime (CPU provider) on the exported fp32 encoder graph
+onnx-int8  ONNX Runtime with the encoder statically quantized to INT8 (QDQ, per-channel weights,
+           activations calibrated on the images of ``calibration``) -- a speed/accuracy option
+========== ======================================================================================
+
+BENCHMARKS.md records the speed of each and EVALUATION.md the mIoU cost of the lossy ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import InputError, require
+from .modeling.sam import Sam
+
+RUNTIMES = ("torch", "torch-bf16", "torch-opt", "onnx", "onnx-int8")
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise InputError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    return runtime
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every eval-mode BatchNorm2d that directly follows a Conv2d (as
+    ``conv`` / ``norm`` attributes of one layer, EfficientViT's ``ConvLayer``) folded into the
+    convolution's weight and bias. Same function up to float rounding."""
+    module = copy.deepcopy(module).eval()
+    for layer in module.modules():
+        conv, bn = getattr(layer, "conv", None), getattr(layer, "norm", None)
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+            continue
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        folded = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            bias=True,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        folded.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        folded.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+        layer.conv, layer.norm = folded, None
+    return module
+
+
+def _torch_opt(model: Sam) -> Encoder:
+    enc = fold_batchnorm(model.image_encoder).to(memory_format=torch.channels_last)
+    compiled = torch.compile(enc, dynamic=False, options={"freezing": True})
+    state = {"fn": compiled}
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            with torch.inference_mode():
+                return state["fn"](x).contiguous()
+        except Exception as e:  # no C++ compiler, unsupported platform: stay correct, go eager
+            if state["fn"] is enc:
+                raise
+            warnings.warn(
+                f"torch.compile failed ({type(e).__name__}); torch-opt runs folded eager",
+                stacklevel=2,
+            )
+            state["fn"] = enc
+            with torch.inference_mode():
+                return enc(x).contiguous()
+
+    return run
+
+
+def _torch_bf16(model: Sam) -> Encoder:
+    dev = model.device.type
+    dtype = torch.bfloat16 if dev == "cpu" else torch.float16
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(dev, dtype=dtype):
+            return model.image_encoder(x).float()
+
+    return run
+
+
+def _ort_session(graph: bytes):
+    ort = require("onnxruntime", "export")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+
+
+def _encoder_graph(model: Sam) -> bytes:
+    from .export import export_encoder
+
+    buf = io.BytesIO()
+    export_encoder(copy.deepcopy(model).float().cpu(), buf)
+    return buf.getvalue()
+
+
+def quantize_encoder_int8(graph: bytes, calibration: Sequence[torch.Tensor]) -> bytes:
+    """Static INT8 quantization (QDQ, per-channel symmetric weights, uint8 activations with MinMax
+    calibration over ``calibration``: preprocessed 1 x 3 x R x R images) of an encoder graph."""
+    require("onnx", "export")
+    ortq = require("onnxruntime.quantization", "export")
+    import tempfile
+    from pathlib import Path
+
+    if not calibration:
+        raise InputError("onnx-int8 needs calibration images (calibration=[...])")
+
+    class Reader(ortq.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"images": x.float().cpu().numpy()} for x in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "fp32.onnx", Path(d) / "int8.onnx"
+        src.write_bytes(graph)
+        ortq.quant_pre_process(str(src), str(src), skip_symbolic_shape=True)
+        ortq.quantize_static(
+            str(src),
+            str(dst),
+            Reader(),
+            quant_format=ortq.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=ortq.QuantType.QUInt8,
+            weight_type=ortq.QuantType.QInt8,
+            calibrate_method=ortq.CalibrationMethod.MinMax,
+        )
+        return dst.read_bytes()
+
+
+def _onnx(model: Sam, calibration: Sequence[torch.Tensor] | None, int8: bool) -> Encoder:
+    graph = _encoder_graph(model)
+    if int8:
+        graph = quantize_encoder_int8(graph, list(calibration or []))
+    session = _ort_session(graph)
+    device, dtype = model.device, model.dtype
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = session.run(None, {"images": x.float().cpu().numpy()})[0]
+        return torch.from_numpy(out).to(device=device, dtype=dtype)
+
+    return run
+
+
+def calibration_images(folder: str | os.PathLike | None, count: int = 8) -> list:
+    """The first ``count`` images (by name) of ``folder`` as H x W x 3 uint8 arrays: calibration
+    data for ``onnx-int8``. Raises a one-line :class:`InputError` for a missing or empty folder."""
+    from pathlib import Path
+
+    from .io import IMAGE_SUFFIXES, load_image
+
+    if folder is None:
+        raise InputError("runtime onnx-int8 needs calibration images: pass --calib-images DIR")
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"calibration folder not found: {root}")
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+    if not files:
+        raise InputError(f"no images in calibration folder {root}")
+    return [load_image(p) for p in files]
+
+
+def make_encoder(
+    model: Sam, runtime: str = "torch", *, calibration: Sequence[torch.Tensor] | None = None
+) -> Encoder:
+    """The image encoder of ``model`` on ``runtime`` (see the module table)."""
+    check_runtime(runtime)
+    if runtime == "torch":
+        return model.image_encoder
+    if runtime == "torch-bf16":
+        return _torch_bf16(model)
+    if runtime == "torch-opt":
+        return _torch_opt(model)
+    if model.device.type != "cpu":
+        raise InputError(f"runtime {runtime} runs on the CPU; use torch or torch-opt on a GPU")
+    return _onnx(model, calibration, int8=runtime == "onnx-int8")

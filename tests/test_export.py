@@ -1,0 +1,204 @@
+"""ONNX export: graphs run in ONNX Runtime and match PyTorch and segment_anything's ONNX model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import mask_agreement, randomize_
+
+from leansam import SamPredictor, create_model
+from leansam.data.coco import xywh_to_xyxy
+from leansam.export import (
+    DECODER_INPUTS,
+    TENSORRT_UNFRIENDLY,
+    SamOnnxDecoder,
+    check_graph,
+    export_onnx,
+    graph_ops,
+)
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def sam_tiny(tmp_path_factory):
+    """(reference segment_anything Sam, leansam Sam with its weights, exported graph folder)."""
+    from reference import build_reference
+
+    ref = randomize_(build_reference("sam-vit-tiny"), seed=3)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(ref.state_dict(), path)
+    ours = create_model("sam-vit-tiny", checkpoint=path)
+    out = tmp_path_factory.mktemp("onnx")
+    export_onnx(ours, out)
+    return ref, ours, out
+
+
+def _decoder_feeds(image_embeddings, coords, labels, orig_hw, mask=None):
+    p = coords.shape[0]
+    return {
+        "image_embeddings": image_embeddings.numpy(),
+        "point_coords": coords.astype(np.float32),
+        "point_labels": labels.astype(np.float32),
+        "mask_input": np.zeros((p, 1, 256, 256), np.float32) if mask is None else mask,
+        "has_mask_input": np.array([0.0 if mask is None else 1.0], np.float32),
+        "orig_im_size": np.array(orig_hw, np.float32),
+    }
+
+
+def test_exported_files_and_io_names(sam_tiny):
+    _, _, out = sam_tiny
+    assert sorted(p.name for p in out.iterdir()) == [
+        "decoder.onnx",
+        "decoder_batched.onnx",
+        "encoder.onnx",
+    ]
+    dec = _session(out / "decoder.onnx")
+    assert [i.name for i in dec.get_inputs()] == DECODER_INPUTS
+    assert [o.name for o in dec.get_outputs()] == ["masks", "iou_predictions", "low_res_masks"]
+    assert [i.name for i in _session(out / "encoder.onnx").get_inputs()] == ["images"]
+
+
+def test_no_tensorrt_unfriendly_ops(sam_tiny):
+    _, _, out = sam_tiny
+    for f in out.iterdir():
+        ops = graph_ops(f)
+        assert "MatMul" in ops
+        assert not ops & TENSORRT_UNFRIENDLY, f.name
+
+
+def test_check_graph_rejects_unfriendly_op(tmp_path):
+    h = onnx.helper
+    node = h.make_node("OneHot", ["i", "d", "v"], ["y"])
+    graph = h.make_graph(
+        [node],
+        "g",
+        [
+            h.make_tensor_value_info("i", onnx.TensorProto.INT64, [2]),
+            h.make_tensor_value_info("d", onnx.TensorProto.INT64, [1]),
+            h.make_tensor_value_info("v", onnx.TensorProto.FLOAT, [2]),
+        ],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2])],
+    )
+    path = tmp_path / "bad.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+    with pytest.raises(ValueError, match="OneHot"):
+        check_graph(path)
+
+
+@pytest.mark.parametrize("orig_hw", [(480, 640), (427, 300)])
+@pytest.mark.parametrize("num_points", [1, 3])
+def test_decoder_matches_segment_anything_onnx_model(sam_tiny, orig_hw, num_points):
+    """Same weights, same inputs: leansam's graph in ONNX Runtime vs SAM's SamOnnxModel."""
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    ref, ours, out = sam_tiny
+    g = torch.Generator().manual_seed(num_points)
+    emb = torch.randn(1, 256, 64, 64, generator=g)
+    coords = (torch.rand(1, num_points, 2, generator=g) * 1000).numpy()
+    labels = np.array([[1, 0, 1][:num_points]], np.float32)
+    feeds = _decoder_feeds(emb, coords, labels, orig_hw)
+    ref_out = SamOnnxModel(ref, return_single_mask=False)(
+        *(torch.from_numpy(feeds[k]) for k in DECODER_INPUTS)
+    )
+    got = _session(out / "decoder.onnx").run(None, feeds)
+    torch_out = SamOnnxDecoder(ours)(*(torch.from_numpy(feeds[k]) for k in DECODER_INPUTS))
+    assert got[0].shape == (1, 4, *orig_hw)
+    for r, o, t in zip(ref_out, got, torch_out, strict=True):
+        assert np.abs(t.numpy() - r.numpy()).max() <= 1e-4
+        assert np.abs(o - r.numpy()).max() <= 1e-3
+    assert mask_agreement(got[0] > 0, ref_out[0].numpy() > 0) >= 0.999
+
+
+def test_decoder_with_mask_input_and_single_mask(sam_tiny, tmp_path):
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    from leansam.export import export_decoder
+
+    ref, ours, _ = sam_tiny
+    export_decoder(ours, tmp_path / "single.onnx", return_single_mask=True)
+    g = torch.Generator().manual_seed(7)
+    emb = torch.randn(1, 256, 64, 64, generator=g)
+    mask = torch.randn(1, 1, 256, 256, generator=g).numpy()
+    for coords in (np.array([[[100.0, 200.0], [0, 0]]]), np.array([[[10.0, 20], [300, 400]]])):
+        labels = np.array([[1, -1]] if coords[0, 1, 0] == 0 else [[2, 3]], np.float32)
+        feeds = _decoder_feeds(emb, coords, labels, (300, 500), mask)
+        ref_out = SamOnnxModel(ref, return_single_mask=True)(
+            *(torch.from_numpy(feeds[k]) for k in DECODER_INPUTS)
+        )
+        got = _session(tmp_path / "single.onnx").run(None, feeds)
+        assert got[0].shape == (1, 1, 300, 500)
+        np.testing.assert_allclose(got[1], ref_out[1].numpy(), atol=1e-4)
+        assert mask_agreement(got[0] > 0, ref_out[0].numpy() > 0) >= 0.999
+
+
+def test_batched_decoder_matches_predictor(sam_tiny, coco_image):
+    """P boxes in one ONNX call == SamPredictor.predict(box=P x 4) on the same embedding."""
+    _, ours, out = sam_tiny
+    image, anns = coco_image
+    h, w = image.shape[:2]
+    pred = SamPredictor(ours)
+    pred.set_image(image)
+    boxes = np.array([xywh_to_xyxy(a["bbox"]) for a in anns[:5]])
+    masks, iou, low = pred.predict(box=boxes, multimask_output=True)
+    corners = pred.transform.apply_boxes(boxes, (h, w)).reshape(-1, 2, 2)
+    labels = np.tile(np.array([[2, 3]], np.float32), (len(boxes), 1))
+    feeds = _decoder_feeds(pred.get_image_embedding(), corners, labels, (h, w))
+    got = _session(out / "decoder_batched.onnx").run(None, feeds)
+    assert got[0].shape == (len(boxes), 4, h, w)
+    np.testing.assert_allclose(got[1][:, 1:], iou, atol=1e-4)
+    np.testing.assert_allclose(got[2][:, 1:], low, atol=1e-3)
+    assert mask_agreement(got[0][:, 1:] > 0, masks) >= 0.999
+
+
+@pytest.mark.parametrize("name", ["efficientvit-sam-tiny-l", "efficientvit-sam-l0"])
+def test_encoder_matches_pytorch(name, tmp_path):
+    """Dynamic batch; embedding max abs diff <= 1e-3 (issue 6), full-size L0 included."""
+    from leansam.export import export_encoder
+
+    torch.manual_seed(0)
+    model = randomize_(create_model(name), seed=2).eval()
+    export_encoder(model, tmp_path / "enc.onnx")
+    check_graph(tmp_path / "enc.onnx")
+    x = torch.randn(2, 3, model.image_size, model.image_size)
+    with torch.no_grad():
+        want = model.image_encoder(x).numpy()
+    got = _session(tmp_path / "enc.onnx").run(None, {"images": x.numpy()})[0]
+    assert got.shape == (2, 256, 64, 64)
+    assert np.abs(got - want).max() <= 1e-3
+
+
+def test_cli_export_onnx(tmp_path):
+    out = tmp_path / "onnx"
+    cmd = [sys.executable, "-m", "leansam.cli", "export", "onnx"]
+    r = subprocess.run(
+        [*cmd, "--model", "efficientvit-sam-tiny-l", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "decoder_batched.onnx" in r.stdout
+    assert {p.name for p in out.iterdir()} == {
+        "encoder.onnx",
+        "decoder.onnx",
+        "decoder_batched.onnx",
+    }
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = subprocess.run(
+        [*cmd, "--model", "efficientvit-sam-tiny-l", "--out", str(blocker / "sub")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert r.stderr.startswith("leansam: error: cannot create output folder")
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,104 @@
+"""Image-encoder runtimes: folded BatchNorm, torch.compile, ONNX Runtime, bf16 and INT8."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import COCO_MINI, mask_agreement, randomize_
+from torch import nn
+
+from leansam import SamPredictor, create_model
+from leansam.errors import InputError
+from leansam.io import load_image
+from leansam.runtime import RUNTIMES, calibration_images, fold_batchnorm, make_encoder
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return randomize_(create_model("efficientvit-sam-tiny-l"), seed=5).eval()
+
+
+def _x(model, n=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, model.image_size, model.image_size, generator=g)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_fold_batchnorm_is_exact_and_removes_every_foldable_norm(tiny):
+    enc = tiny.image_encoder
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in enc.modules())
+    assert n_bn > 10
+    folded = fold_batchnorm(enc)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in enc.modules())  # the original is untouched
+    x = _x(tiny, 2)
+    with torch.no_grad():
+        want, got = enc(x), folded(x)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("runtime", ["torch-opt", "onnx"])
+def test_fp32_runtimes_match_eager(tiny, runtime):
+    enc = make_encoder(tiny, runtime)
+    for n in (1, 2):  # a second batch size recompiles / uses the dynamic axis
+        x = _x(tiny, n, seed=n)
+        with torch.no_grad():
+            want = tiny.image_encoder(x)
+        got = enc(x)
+        assert got.shape == want.shape == (n, 256, 64, 64)
+        assert got.dtype == torch.float32
+        assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_bf16_runtime_is_close(tiny):
+    x = _x(tiny)
+    with torch.no_grad():
+        want = tiny.image_encoder(x)
+    got = make_encoder(tiny, "torch-bf16")(x)
+    assert got.dtype == torch.float32
+    assert 0 < _rel(got, want) < 0.05
+
+
+def test_int8_runtime_is_calibrated_and_lossy_but_close():
+    """On the shipped student and real images: INT8 differs from fp32, but within 30 %."""
+    model = create_model("leansam-efficientvit-s", pretrained=True)
+    calib = calibration_images(COCO_MINI / "train2017", count=4)
+    pred = SamPredictor(model, "onnx-int8", calibration_images=calib)
+    fp32 = SamPredictor(model)
+    image = load_image(sorted((COCO_MINI / "val2017").glob("*.jpg"))[0])
+    pred.set_image(image)
+    fp32.set_image(image)
+    err = _rel(pred.get_image_embedding(), fp32.get_image_embedding())
+    assert 0.001 < err < 0.3
+
+
+def test_predictor_on_onnx_gives_the_same_masks(tiny, coco_image):
+    image, anns = coco_image
+    boxes = np.array(
+        [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + 50, a["bbox"][1] + 40] for a in anns[:3]]
+    )
+    out = {}
+    for runtime in ("torch", "onnx"):
+        pred = SamPredictor(tiny, runtime)
+        assert pred.runtime == runtime
+        pred.set_image(image)
+        out[runtime] = pred.predict(box=boxes, multimask_output=True)
+    assert mask_agreement(out["onnx"][0], out["torch"][0]) >= 0.999
+    np.testing.assert_allclose(out["onnx"][1], out["torch"][1], atol=1e-4)
+
+
+def test_runtime_errors(tiny, tmp_path):
+    with pytest.raises(InputError, match="unknown runtime 'tensorrt'; choose one of torch"):
+        SamPredictor(tiny, "tensorrt")
+    with pytest.raises(InputError, match="needs calibration images"):
+        SamPredictor(tiny, "onnx-int8")
+    with pytest.raises(InputError, match="calibration folder not found"):
+        calibration_images(tmp_path / "nope")
+    with pytest.raises(InputError, match="no images in calibration folder"):
+        calibration_images(tmp_path)
+    assert RUNTIMES[0] == "torch"
