@@ -25,6 +25,10 @@ def _check_image(image: object) -> np.ndarray:
     return image
 
 
+#: prompt sets whose masks are up-sampled together (see SamPredictor.predict_torch)
+POSTPROCESS_CHUNK = 4
+
+
 class SamPredictor:
     """Drop-in for ``segment_anything.SamPredictor`` that also serves EfficientViT-SAM.
 
@@ -272,9 +276,14 @@ class SamPredictor:
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
-        masks = self.model.postprocess_masks(
-            low_res, self.input_sizes[idx], self.original_sizes[idx]
-        )
+        # Up-sample a few prompt sets at a time: the 1024 x 1024 intermediate of 64 prompt sets
+        # x 3 masks would be 800 MB of floats; chunks stay in cache and only the thresholded
+        # masks of the full batch are kept.
+        size, orig = self.input_sizes[idx], self.original_sizes[idx]
+        chunks = [
+            self.model.postprocess_masks(low_res[i : i + POSTPROCESS_CHUNK], size, orig)
+            for i in range(0, low_res.shape[0], POSTPROCESS_CHUNK)
+        ]
         if not return_logits:
-            masks = masks > self.model.mask_threshold
-        return masks, iou, low_res
+            chunks = [m > self.model.mask_threshold for m in chunks]
+        return torch.cat(chunks), iou, low_res
