@@ -11,7 +11,8 @@ DATA   ?= ../shared/data
 # The CPU wheel of torch; a GPU user sets TORCH_SPEC to their CUDA build (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint format bench eval-baselines weights weights-ablation eval-own \
+.PHONY: demo test test-slow lint format bench bench-speed eval-baselines weights weights-ablation \
+	eval-own eval-runtimes \
 	venv clean
 
 venv: $(STAMP)
@@ -45,6 +46,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/encoder_latency.py --runs 15 --out benchmarks/results/encoder_latency.json
+
+# Runtimes, encoder table (incl. SAM-ViT-H), decoder per prompt, segment everything (~20 minutes).
+bench-speed: $(STAMP)
+	$(PY) benchmarks/speed.py --runs 7 --out benchmarks/results/speed.json
 
 # The baseline rows of EVALUATION.md on coco-mini val (about 30 minutes on 2 cores).
 EVAL_ARGS = --images $(DATA)/coco-mini/val2017 \
@@ -90,6 +95,15 @@ eval-own: $(STAMP)
 		--out out/eval/student-box
 	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol box \
 		--checkpoint out/own/student-stage2-only/model.pt --out out/eval/student-s2only-box
+
+# Box mIoU of the shipped student on coco-mini val with each encoder runtime (BENCHMARKS.md): the
+# accuracy cost of bf16 and INT8 (INT8 calibrated on the first 8 coco-mini train images).
+RUNTIMES_EVAL = torch torch-bf16 onnx-int8
+eval-runtimes: $(STAMP)
+	for rt in $(RUNTIMES_EVAL); do \
+		$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol box --runtime $$rt \
+			--calib-images $(DATA)/coco-mini/train2017 --out out/eval/runtime-$$rt || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -202,3 +202,54 @@ def test_cli_export_onnx(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("leansam: error: cannot create output folder")
     assert "Traceback" not in r.stderr
+
+
+def test_tensorrt_fp32_nodes_cover_norms_and_litemla(tmp_path):
+    """The fp16 engine's fp32 set: every LiteMLA node, every LayerNorm (decomposed or not), the
+    bicubic resize; and not the convolutions."""
+    from leansam.export import export_decoder, export_encoder, fp32_nodes
+
+    model = create_model("efficientvit-sam-tiny-l")
+    export_encoder(model, tmp_path / "enc.onnx")
+    export_decoder(model, tmp_path / "dec.onnx")
+    for f in ("enc.onnx", "dec.onnx"):
+        nodes = list(onnx.load(tmp_path / f).graph.node)
+        keep = fp32_nodes(tmp_path / f)
+
+        def by_op(op, nodes=nodes):
+            return {n.name for n in nodes if n.op_type == op}
+
+        assert by_op("ReduceMean") | by_op("Sqrt") | by_op("LayerNormalization") <= keep
+        convs = by_op("Conv") | by_op("ConvTranspose")
+        assert not {c for c in convs if "/context_module/" not in c} & keep  # fp16 convs
+        if f == "enc.onnx":
+            lite = {n.name for n in nodes if "/context_module/main/" in n.name}
+            assert lite and {n for n in lite if "MatMul" in n or "Div" in n} <= keep
+            assert by_op("Resize") and by_op("Resize") <= keep
+        else:
+            assert by_op("LayerNormalization")
+
+
+def test_cli_export_tensorrt_without_tensorrt(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed")
+    cmd = [sys.executable, "-m", "leansam.cli", "export", "tensorrt"]
+    r = subprocess.run(
+        [*cmd, "--onnx", str(tmp_path), "--out", str(tmp_path / "e")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert "no ONNX graphs" in r.stderr and "leansam export onnx" in r.stderr
+    (tmp_path / "encoder.onnx").write_bytes(b"x")
+    r = subprocess.run(
+        [*cmd, "--onnx", str(tmp_path), "--out", str(tmp_path / "e")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "leansam: error: this needs the `tensorrt` package: pip install 'leansam[tensorrt]'"
+    )

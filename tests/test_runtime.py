@@ -102,3 +102,41 @@ def test_runtime_errors(tiny, tmp_path):
     with pytest.raises(InputError, match="no images in calibration folder"):
         calibration_images(tmp_path)
     assert RUNTIMES[0] == "torch"
+
+
+def test_cli_bench(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "leansam.cli", "bench", "--model", "efficientvit-sam-tiny-l"]
+    out = tmp_path / "bench.json"
+    args = ["--runtime", "torch", "--runtime", "onnx", "--boxes", "1,4", "--runs", "1"]
+    r = subprocess.run([*cmd, *args, "--json", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ms/box at 4 per call" in r.stdout
+    record = json.loads(out.read_text())
+    assert set(record["encoder"]) == {"torch", "onnx"}
+    assert record["encoder"]["onnx"]["max_abs_diff_vs_eager"] <= 1e-4
+    assert record["encoder"]["torch"]["seconds_per_image"] > 0
+    assert set(record["decoder_ms_per_box"]) == {"1", "4"}
+    r = subprocess.run([*cmd, "--boxes", "1,x"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "leansam: error: --boxes '1,x': expected numbers like 1,16,64"
+
+
+def test_torch_opt_predictor_compiles_the_decoder(tiny, coco_image):
+    """torch-opt: compiled encoder and decoder give eager's masks (any number of boxes)."""
+    image, _ = coco_image
+    eager, opt = SamPredictor(tiny), SamPredictor(tiny, "torch-opt")
+    assert eager.decode_impl is None and opt.decode_impl is not None
+    for p in (eager, opt):
+        p.set_image(image)
+    g = np.random.default_rng(0)
+    for n in (3, 20):  # below and above the decoder's 16-prompt chunk
+        xy = g.uniform(0, 300, size=(n, 2))
+        boxes = np.concatenate([xy, xy + g.uniform(20, 120, size=(n, 2))], 1)
+        a, b = eager.predict(box=boxes), opt.predict(box=boxes)
+        assert b[0].shape == (n, 3, *image.shape[:2])
+        assert mask_agreement(a[0], b[0]) >= 0.999
+        np.testing.assert_allclose(a[1], b[1], atol=1e-4)

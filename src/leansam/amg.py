@@ -351,6 +351,7 @@ class SamAutomaticMaskGenerator:
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=True,
+            impl=pred.decode_impl,
         )
         c = low_res.shape[1]
         low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1).float()

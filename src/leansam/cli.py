@@ -87,6 +87,30 @@ def _cmd_everything(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.quick import format_bench, quick_bench
+    from .io import atomic_write_json, load_image
+
+    try:
+        boxes = tuple(int(n) for n in args.boxes.split(","))
+    except ValueError:
+        raise InputError(f"--boxes {args.boxes!r}: expected numbers like 1,16,64") from None
+    result = quick_bench(
+        args.model,
+        checkpoint=args.checkpoint,
+        runtimes=tuple(args.runtime or ("torch", "torch-opt")),
+        batch=args.batch,
+        boxes=boxes,
+        runs=args.runs,
+        calib_images=args.calib_images,
+        image=load_image(args.image) if args.image else None,
+    )
+    print(format_bench(result))
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -219,6 +243,25 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     written = export_onnx(model, args.out, return_single_mask=args.return_single_mask)
     for name, path in written.items():
         print(f"{name:<16} {path}")
+    return 0
+
+
+def _cmd_export_tensorrt(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import build_tensorrt_engine
+
+    src = Path(args.onnx)
+    graphs = sorted(src.glob("*.onnx")) if src.is_dir() else [src]
+    if not graphs or not all(g.is_file() for g in graphs):
+        raise InputError(f"no ONNX graphs at {src}: run `leansam export onnx` first")
+    require("tensorrt", "tensorrt")
+    out = Path(args.out)
+    for g in graphs:
+        path = build_tensorrt_engine(
+            g, out / f"{g.stem}.engine", fp16=not args.fp32, max_batch=args.max_batch
+        )
+        print(f"{g.name:<22} -> {path}")
     return 0
 
 
@@ -406,6 +449,29 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(ev)
     ev.set_defaults(func=_cmd_everything)
 
+    from .runtime import RUNTIMES
+
+    b = sub.add_parser(
+        "bench",
+        help="time a model on this machine: encoder per runtime, decoder per box",
+        description="For leansam against the reference implementations see benchmarks/speed.py.",
+    )
+    b.add_argument("--model", required=True, help="model name, see `leansam models`")
+    b.add_argument("--checkpoint", help="weights (default: shipped ones for leansam-* models)")
+    b.add_argument(
+        "--runtime",
+        action="append",
+        choices=RUNTIMES,
+        help="encoder runtime to time; repeat for several (default: torch and torch-opt)",
+    )
+    b.add_argument("--batch", type=int, default=1, help="images per encoder call")
+    b.add_argument("--boxes", default="1,16,64", help="boxes per decoder call to time")
+    b.add_argument("--runs", type=int, default=5, help="timed rounds (median reported)")
+    b.add_argument("--image", help="image to use (default: random pixels, 640 x 480)")
+    b.add_argument("--calib-images", metavar="DIR", help="calibration folder for onnx-int8")
+    b.add_argument("--json", metavar="FILE", help="also write the full record here")
+    b.set_defaults(func=_cmd_bench)
+
     x = sub.add_parser("export", help="deployment graphs").add_subparsers(
         dest="export_command", required=True, metavar="FORMAT"
     )
@@ -424,6 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoders return one mask per prompt set, as SAM's export option",
     )
     xo.set_defaults(func=_cmd_export_onnx)
+    xt = x.add_parser(
+        "tensorrt",
+        help="TensorRT engines from the ONNX graphs (GPU machine with the tensorrt package)",
+        description="fp16 engines keep LayerNorm, LiteMLA and the bicubic resize in fp32.",
+    )
+    xt.add_argument("--onnx", required=True, help="folder of `leansam export onnx` (or one graph)")
+    xt.add_argument("--out", required=True, help="output folder for <graph>.engine")
+    xt.add_argument("--fp32", action="store_true", help="fp32 engines (default fp16)")
+    xt.add_argument("--max-batch", type=int, default=8, help="largest encoder batch")
+    xt.set_defaults(func=_cmd_export_tensorrt)
 
     d = sub.add_parser("demo", help="segment coco-mini images from their annotation boxes")
     d.add_argument("--data", default="../shared/data/coco-mini", help="coco-mini folder")

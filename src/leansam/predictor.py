@@ -9,7 +9,7 @@ import torch
 
 from .errors import InputError
 from .modeling.sam import Sam
-from .runtime import check_runtime, make_encoder
+from .runtime import check_runtime, compile_decoder, make_encoder
 from .transforms import ResizeLongestSide, get_preprocess_shape
 
 
@@ -39,7 +39,7 @@ class SamPredictor:
     batched call, :meth:`set_images` embeds several images in one encoder batch, and ``runtime``
     picks how the image encoder runs (:mod:`leansam.runtime`: ``torch``, ``torch-bf16``,
     ``torch-opt``, ``onnx``, ``onnx-int8``; the last needs ``calibration_images``, a few H x W x 3
-    uint8 images). Prompt decoding always runs in PyTorch.
+    uint8 images). Prompt decoding always runs in PyTorch (compiled for ``torch-opt``).
     """
 
     def __init__(
@@ -59,6 +59,8 @@ class SamPredictor:
                 self.model.preprocess(self._prepare(im, "RGB")[None]) for im in calibration_images
             ]
         self._encode = make_encoder(sam_model, runtime, calibration=calibration)
+        #: the decoder's inference pass (None: eager); compiled for torch-opt
+        self.decode_impl = compile_decoder(sam_model) if runtime == "torch-opt" else None
         self.reset_image()
 
     @property
@@ -275,6 +277,7 @@ class SamPredictor:
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
+            impl=self.decode_impl,
         )
         # Up-sample a few prompt sets at a time: the 1024 x 1024 intermediate of 64 prompt sets
         # x 3 masks would be 800 MB of floats; chunks stay in cache and only the thresholded

@@ -7,9 +7,11 @@ torch      PyTorch eager, the model's dtype (the reference numerics)
 torch-bf16 PyTorch eager under bf16 autocast (CPU with AVX512-BF16/AMX, or CUDA); fp32 islands
            (LayerNorm, LiteMLA's division, the neck's bicubic resize) stay fp32
 torch-opt  BatchNorm folded into the preceding convolutions, channels-last, ``torch.compile`` with
-           inductor freezing (constant folding of the weights); falls back to folded eager where
-           no compiler is available. fp32, matches eager to ~1e-5. The first call compiles
-           (10-40 s on 2 cores); later calls with the same input shape are fast
+           inductor freezing (constant folding of the weights: later changes to the model's
+           weights are not seen); falls back to folded eager where no compiler is available.
+           fp32, matches eager to ~1e-5. The first call compiles (10-40 s on 2 cores); later
+           calls with the same input shape are fast. SamPredictor also compiles the decoder
+           (:func:`compile_decoder`) for this runtime
 onnx       ONNX Runtime (CPU provider) on the exported fp32 encoder graph
 onnx-int8  ONNX Runtime with the encoder statically quantized to INT8 (QDQ, per-channel weights,
            activations calibrated on the images of ``calibration``) -- a speed/accuracy option
@@ -94,6 +96,31 @@ def _torch_opt(model: Sam) -> Encoder:
             state["fn"] = enc
             with torch.inference_mode():
                 return enc(x).contiguous()
+
+    return run
+
+
+def compile_decoder(model: Sam) -> Callable:
+    """``torch.compile`` of the mask decoder's inference pass (dynamic shapes: any number of
+    prompt sets and points without recompiling), for ``MaskDecoder.forward(impl=...)``: the
+    elementwise work around the attention and up-scaling fuses, ~1.3x faster per prompt with
+    16 prompts per call. Compiles on the first call (~40 s on 2 cores); falls back to eager
+    where compilation fails."""
+    dec = model.mask_decoder
+    compiled = torch.compile(dec._predict, dynamic=True)
+    state = {"fn": compiled}
+
+    def run(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as e:
+            if state["fn"] is dec._predict:
+                raise
+            warnings.warn(
+                f"torch.compile failed ({type(e).__name__}); the decoder runs eager", stacklevel=2
+            )
+            state["fn"] = dec._predict
+            return dec._predict(*args)
 
     return run
 

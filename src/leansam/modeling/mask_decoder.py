@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +56,8 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        *,
+        impl: Callable | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict masks.
 
@@ -64,12 +68,18 @@ class MaskDecoder(nn.Module):
           sparse_prompt_embeddings: B x N x 256.
           dense_prompt_embeddings: B x 256 x 64 x 64.
           multimask_output: return the 3 disambiguating masks instead of the single one.
+          impl: a replacement for the per-chunk inference pass (``_predict``), e.g. a compiled
+            one (``leansam.runtime.compile_decoder``); used only without autograd.
 
         Returns:
           masks: B x C x 256 x 256 logits (C = 3 or 1); iou_pred: B x C.
         """
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            impl=impl,
         )
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou_pred[:, sl]
@@ -80,6 +90,8 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        *,
+        impl: Callable | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All 1 + 3 masks and IoU predictions, see :meth:`forward`."""
         b = sparse_prompt_embeddings.shape[0]
@@ -103,11 +115,14 @@ class MaskDecoder(nn.Module):
         ):
             dense_prompt_embeddings = dense_prompt_embeddings[:1]
         src = image_embeddings + dense_prompt_embeddings
-        if not torch.is_grad_enabled() and b > PROMPT_CHUNK:
+        if torch.is_grad_enabled():
+            return self._predict(src, image_pe, tokens)
+        predict = impl or self._predict
+        if b > PROMPT_CHUNK:
             # Inference on many prompt sets: chunks keep the per-prompt image-sized tensors in
             # cache (64 prompts at once run ~30 % slower per prompt than 16 on a CPU).
             outs = [
-                self._predict(
+                predict(
                     src if src.shape[0] == 1 else src[i : i + PROMPT_CHUNK],
                     image_pe,
                     tokens[i : i + PROMPT_CHUNK],
@@ -115,7 +130,7 @@ class MaskDecoder(nn.Module):
                 for i in range(0, b, PROMPT_CHUNK)
             ]
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-        return self._predict(src, image_pe, tokens)
+        return predict(src, image_pe, tokens)
 
     def _predict(
         self, src: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
