@@ -46,6 +46,8 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/encoder_latency.py --runs 15 --out benchmarks/results/encoder_latency.json
+	$(PY) benchmarks/encoder_latency.py --models efficientvit-sam-l0 --runtime torch-opt --runs 15 \
+		--out benchmarks/results/encoder_latency_torch_opt.json
 
 # Runtimes, encoder table (incl. SAM-ViT-H), decoder per prompt, segment everything (~20 minutes).
 bench-speed: $(STAMP)

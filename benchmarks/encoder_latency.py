@@ -1,12 +1,14 @@
 """Image-encoder latency: leansam vs the reference EfficientViT-SAM code, same weights, same run.
 
     .venv/bin/python benchmarks/encoder_latency.py --models efficientvit-sam-l0,efficientvit-sam-xl0
+    .venv/bin/python benchmarks/encoder_latency.py --runtime torch-opt \
+        --out benchmarks/results/encoder_latency_torch_opt.json
 
-For each model the reference (``efficientsam``, with random weights) and leansam (loaded from the
-reference's state dict through ``create_model(checkpoint=...)``) encode the same preprocessed
-coco-mini image, interleaved round by round, batch 1, fp32, eager. Prints a markdown table and
-writes a JSON record with every sample statistic, the outputs' max abs difference, the full
-configuration and the machine.
+For each model the reference (``efficientsam``, with random weights) and leansam (loaded from
+the reference's state dict through ``create_model(checkpoint=...)``, its encoder on
+``--runtime``, default eager) encode the same preprocessed coco-mini image, interleaved round by
+round, batch 1, fp32. Prints a markdown table and writes a JSON record with every sample
+statistic, the outputs' max abs difference, the full configuration and the machine.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def build_reference(name: str) -> torch.nn.Module:
     return create_efficientvit_sam_model(name, pretrained=False).eval()
 
 
-def bench_model(name: str, image: np.ndarray, runs: int, warmup: int) -> dict:
+def bench_model(
+    name: str, image: np.ndarray, runs: int, warmup: int, runtime: str = "torch"
+) -> dict:
     torch.manual_seed(0)
     ref = build_reference(name)
     with tempfile.TemporaryDirectory() as d:
@@ -50,14 +54,17 @@ def bench_model(name: str, image: np.ndarray, runs: int, warmup: int) -> dict:
     x = ours.preprocess(
         torch.as_tensor(predictor.image_transform.apply_image(image)).permute(2, 0, 1)[None]
     )
+    from leansam.runtime import make_encoder
+
+    encode = make_encoder(ours, runtime)
     with torch.inference_mode():
-        diff = (ref.image_encoder(x) - ours.image_encoder(x)).abs().max().item()
+        diff = (ref.image_encoder(x) - encode(x)).abs().max().item()  # compiles for torch-opt
 
         def run_ref():
             ref.image_encoder(x)
 
         def run_ours():
-            ours.image_encoder(x)
+            encode(x)
 
         stats = interleaved_timings(
             {"reference": run_ref, "leansam": run_ours}, runs=runs, warmup=warmup
@@ -66,7 +73,7 @@ def bench_model(name: str, image: np.ndarray, runs: int, warmup: int) -> dict:
         "model": name,
         "input": list(x.shape),
         "dtype": "float32",
-        "runtime": "eager",
+        "runtime": runtime,
         "max_abs_diff": diff,
         "reference": stats["reference"].as_dict(),
         "leansam": stats["leansam"].as_dict(),
@@ -100,13 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--image", default=str(REPO.parent / "shared/data/coco-mini/val2017/000000000139.jpg")
     )
+    ap.add_argument(
+        "--runtime", default="torch", help="leansam's encoder runtime (leansam.runtime.RUNTIMES)"
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/encoder_latency.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     image = load_image(args.image)
     rows = []
     for name in args.models.split(","):
-        rows.append(bench_model(name, image, args.runs, args.warmup))
+        rows.append(bench_model(name, image, args.runs, args.warmup, args.runtime))
         r = rows[-1]
         print(
             f"{name}: ratio {r['ratio_median']:.3f}, max abs diff {r['max_abs_diff']:.1e}",
