@@ -127,20 +127,29 @@ class Sam(nn.Module):
         """256 x 256 logits -> bilinear to 1024 -> crop to ``input_size`` (the image content in the
         1024 frame) -> bilinear to ``original_size`` (H, W). Works on B x C x 256 x 256.
 
-        Without autograd the three steps run as one separable linear map, rows then columns
-        (:func:`resize_matrix`): bilinear resizing is separable and linear, so the composition is
-        an H x 256 and a 256 x W matrix. Same function up to float rounding, without the
-        1024 x 1024 intermediate the crop mostly discards."""
+        Without autograd the resizing runs separably (bilinear resizing is separable and
+        linear): the three steps along the rows as one H x 256 matrix (:func:`resize_matrix`),
+        then the two 1-D interpolations along the columns. Same function up to float rounding,
+        ~3x faster on a CPU, without the 1024 x 1024 intermediate the crop mostly discards."""
         if torch.is_grad_enabled() or masks.shape[-2:] != (EMBED_SIZE * 4, EMBED_SIZE * 4):
             masks = F.interpolate(
                 masks, (self.prompt_frame, self.prompt_frame), mode="bilinear", align_corners=False
             )
             masks = masks[..., : input_size[0], : input_size[1]]
             return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+        # Rows: one H x 256 matrix product; columns: the two 1-D interpolations (a dense 256 x W
+        # product would cost ~70M multiply-adds per mask for a map with 3 taps per output).
         n = masks.shape[-1]
         rows = resize_matrix(n, self.prompt_frame, input_size[0], original_size[0], masks)
-        cols = resize_matrix(n, self.prompt_frame, input_size[1], original_size[1], masks)
-        return rows @ masks @ cols.T  # ~2x faster than the interpolations on a CPU
+        y = rows @ masks  # B x C x H x 256
+        b, c, h, _ = y.shape
+        y = F.interpolate(
+            y.reshape(b * c, h, n), size=self.prompt_frame, mode="linear", align_corners=False
+        )
+        y = F.interpolate(
+            y[..., : input_size[1]], size=original_size[1], mode="linear", align_corners=False
+        )
+        return y.reshape(b, c, h, original_size[1])
 
     def forward(
         self,
