@@ -14,6 +14,13 @@ import sys
 from .errors import InputError, LeansamError, require
 
 
+def _int_list(text: str, flag: str, example: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: expected numbers like {example}") from None
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .registry import list_models, model_info
 
@@ -91,10 +98,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.quick import format_bench, quick_bench
     from .io import atomic_write_json, load_image
 
-    try:
-        boxes = tuple(int(n) for n in args.boxes.split(","))
-    except ValueError:
-        raise InputError(f"--boxes {args.boxes!r}: expected numbers like 1,16,64") from None
+    boxes = _int_list(args.boxes, "--boxes", "1,16,64")
     result = quick_bench(
         args.model,
         checkpoint=args.checkpoint,
@@ -130,10 +134,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval import EvalDataset, evaluate, make_mask_source, markdown
     from .pretrained import default_checkpoint
 
-    try:
-        clicks = tuple(int(k) for k in args.clicks.split(","))
-    except ValueError:
-        raise InputError(f"--clicks {args.clicks!r}: expected numbers like 1,3,5") from None
+    clicks = _int_list(args.clicks, "--clicks", "1,3,5")
     dataset = EvalDataset.load(args.images, args.annotations, limit=args.limit)
     checkpoint = default_checkpoint(args.model, args.checkpoint)
     source = make_mask_source(
