@@ -93,8 +93,8 @@ def bench_runtimes(runs: int) -> dict:
     ours = _leansam_from(ref)
     image = load_image(IMAGE)
     pred = SamPredictor(ours)
-    x1 = ours.preprocess(pred._prepare(image, "RGB")[None])
-    calib = [ours.preprocess(pred._prepare(im, "RGB")[None]) for im in calibration_images(CALIB)]
+    x1 = pred.encoder_input(image)
+    calib = [pred.encoder_input(im) for im in calibration_images(CALIB)]
     t0 = time.perf_counter()
     encoders = {
         "torch": make_encoder(ours, "torch"),

@@ -55,9 +55,7 @@ class SamPredictor:
         self.image_transform = ResizeLongestSide(sam_model.image_size)
         calibration = None
         if calibration_images is not None:
-            calibration = [
-                self.model.preprocess(self._prepare(im, "RGB")[None]) for im in calibration_images
-            ]
+            calibration = [self.encoder_input(im) for im in calibration_images]
         self._encode = make_encoder(sam_model, runtime, calibration=calibration)
         #: the decoder's inference pass (None: eager); compiled for torch-opt
         self.decode_impl = compile_decoder(sam_model) if runtime == "torch-opt" else None
@@ -85,6 +83,11 @@ class SamPredictor:
             image = np.ascontiguousarray(image[..., ::-1])
         resized = self.image_transform.apply_image(image)
         return torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
+
+    def encoder_input(self, image: np.ndarray, image_format: str = "RGB") -> torch.Tensor:
+        """The image encoder's input for an H x W x 3 uint8 image: resized to long side R,
+        normalised and zero-padded, 1 x 3 x R x R (what :meth:`set_image` encodes)."""
+        return self.model.preprocess(self._prepare(image, image_format)[None])
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Embed an H x W x 3 uint8 image (RGB, or BGR with ``image_format="BGR"``)."""

@@ -46,10 +46,10 @@ def quick_bench(
     if image is None:
         image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     pred = SamPredictor(model)
-    x = model.preprocess(pred._prepare(image, "RGB")[None]).expand(batch, -1, -1, -1)
+    x = pred.encoder_input(image).expand(batch, -1, -1, -1)
     prepared = None
     if calib is not None:
-        prepared = [model.preprocess(pred._prepare(im, "RGB")[None]) for im in calib]
+        prepared = [pred.encoder_input(im) for im in calib]
     encoders, setup = {}, {}
     with torch.inference_mode():
         want = model.image_encoder(x)
