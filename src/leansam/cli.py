@@ -274,6 +274,16 @@ def _cmd_weights_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """--model and --checkpoint as every command that runs one model takes them."""
+    p.add_argument("--model", required=True, help="model name, see `leansam models`")
+    p.add_argument(
+        "--checkpoint",
+        help="official .pt/.pth or .safetensors weights (default for leansam-* models: "
+        "the shipped weights)",
+    )
+
+
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     from .runtime import RUNTIMES
 
@@ -303,12 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="segment an image from box / point prompts")
     s.add_argument("image", help="image file (JPEG, PNG, ...)")
-    s.add_argument("--model", required=True, help="model name, see `leansam models`")
-    s.add_argument(
-        "--checkpoint",
-        help="official .pt/.pth or .safetensors weights (default for leansam-* models: "
-        "the shipped weights)",
-    )
+    _model_args(s)
     s.add_argument(
         "--box",
         action="append",
@@ -425,10 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         "overlay.png.",
     )
     ev.add_argument("image", help="image file (JPEG, PNG, ...)")
-    ev.add_argument("--model", required=True, help="model name, see `leansam models`")
-    ev.add_argument(
-        "--checkpoint", help="weights (default for leansam-* models: the shipped weights)"
-    )
+    _model_args(ev)
     ev.add_argument("--out", required=True, help="output folder")
     ev.add_argument("--points-per-side", type=int, default=32)
     ev.add_argument(
@@ -457,8 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="time a model on this machine: encoder per runtime, decoder per box",
         description="For leansam against the reference implementations see benchmarks/speed.py.",
     )
-    b.add_argument("--model", required=True, help="model name, see `leansam models`")
-    b.add_argument("--checkpoint", help="weights (default: shipped ones for leansam-* models)")
+    _model_args(b)
     b.add_argument(
         "--runtime",
         action="append",
@@ -480,10 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
         "onnx",
         help="encoder.onnx, decoder.onnx (SAM's ONNX contract) and decoder_batched.onnx",
     )
-    xo.add_argument("--model", required=True, help="model name, see `leansam models`")
-    xo.add_argument(
-        "--checkpoint", help="weights (default for leansam-* models: the shipped weights)"
-    )
+    _model_args(xo)
     xo.add_argument("--out", required=True, help="output folder")
     xo.add_argument(
         "--return-single-mask",
