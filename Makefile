@@ -77,6 +77,7 @@ weights: $(STAMP)
 		--annotations $(DATA)/coco-mini/annotations/instances_train2017.json \
 		--out out/sa1b/coco-mini-train
 	$(LEANSAM) data synth --out out/sa1b/synth --count 400 --seed 0
+	$(LEANSAM) train prompt --recipe recipes/own/decoder-warmup.yaml --resume
 	$(LEANSAM) train finetune --recipe recipes/own/teacher.yaml --resume
 	$(LEANSAM) train finetune --recipe recipes/own/teacher-b.yaml --resume
 	$(LEANSAM) train distill --recipe recipes/own/student-stage1.yaml --data $(OWN_IMAGES) --resume

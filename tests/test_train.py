@@ -266,7 +266,7 @@ def test_shipped_recipes_parse():
     assert len(recipes) >= 9
     for path in recipes:
         cfg = TrainConfig.from_yaml(path)
-        assert cfg.stage in ("distill", "finetune") and cfg.model
+        assert cfg.stage in ("distill", "finetune", "prompt") and cfg.model
     stage2 = TrainConfig.from_yaml(REPO / "recipes" / "paper-l0-stage2.yaml")
     assert (stage2.lr, stage2.masks_per_image, stage2.batch_size, stage2.grad_clip) == (
         8e-7,
@@ -282,7 +282,10 @@ def test_own_recipes_chain():
     from conftest import REPO
 
     own = REPO / "recipes" / "own"
+    warm = TrainConfig.from_yaml(own / "decoder-warmup.yaml")
     phase_a = TrainConfig.from_yaml(own / "teacher.yaml")
+    assert warm.stage == "prompt" and warm.data == [] and warm.model == phase_a.model
+    assert phase_a.decoder_checkpoint == f"{warm.out}/model.pt"
     teacher = TrainConfig.from_yaml(own / "teacher-b.yaml")
     assert phase_a.init_checkpoint is None and teacher.init_checkpoint == f"{phase_a.out}/model.pt"
     s1 = TrainConfig.from_yaml(own / "student-stage1.yaml")
@@ -366,3 +369,50 @@ def test_data_repeat_lists_folders_several_times(sa1b_small, tmp_path):
     assert finetune(cfg)["total_steps"] == 3 * 4 // 2
     with pytest.raises(InputError, match="data_repeat needs one count"):
         _ft_cfg(sa1b_small, tmp_path / "x", data_repeat=[1, 2])
+
+
+def test_synthetic_boxes_and_their_masks():
+    from leansam.train.trainer import box_target, synthetic_box
+
+    boxes = np.stack([synthetic_box(np.random.default_rng([0, i])) for i in range(200)])
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 1024 + 1e-3).all()
+    assert (np.sqrt(w * h) >= 16 * 0.99).all() and np.sqrt(w * h).max() > 400
+    # pixel centres 8, 24, ... of a 64-grid over the 1024 frame: [20, 100] holds 24..88, 5 cells
+    m = box_target(torch.tensor([[20.0, 0.0, 100.0, 1024.0]]), 64)
+    assert m.shape == (1, 64, 64) and m[0, 0].sum() == 5 and m[0, :, 1:6].all()
+
+
+def test_prompt_warmup_learns_boxes_and_keeps_the_encoder(tmp_path):
+    """`leansam train prompt`: the decoder learns box -> box mask; the encoder is untouched."""
+    from leansam import create_model
+    from leansam.train.trainer import _PromptStep, box_target, prompt_warmup, synthetic_box
+
+    cfg = TrainConfig(
+        stage="prompt", model="sam-vit-tiny", data=[], out=str(tmp_path / "pw"), grid=4,
+        items_per_epoch=64, epochs=5, batch_size=16, lr=2e-3, warmup_steps=2, bce_weight=1.0,
+        save_every=100,
+    )  # fmt: skip
+    boxes = torch.as_tensor(
+        np.stack([synthetic_box(np.random.default_rng([7, i])) for i in range(32)])
+    )
+
+    def fixed_loss(model) -> float:
+        with torch.no_grad():
+            return float(_PromptStep(model, cfg)(boxes, False))
+
+    before_model = create_model("sam-vit-tiny", seed=0)
+    result = prompt_warmup(cfg)
+    after_model = create_model("sam-vit-tiny", checkpoint=tmp_path / "pw" / "model.pt")
+    assert result["steps"] == result["total_steps"] == 20
+    before, after = fixed_loss(before_model), fixed_loss(after_model)
+    assert after < 0.8 * before, (before, after)
+    for a, b in zip(
+        before_model.image_encoder.state_dict().values(),
+        after_model.image_encoder.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    # the full-size grid is restored after each step
+    assert after_model.prompt_encoder.image_embedding_size == (64, 64)
+    assert box_target(boxes, 16).shape == (32, 16, 16)

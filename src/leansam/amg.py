@@ -208,6 +208,7 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         runtime: str = "torch",
+        predictor: SamPredictor | None = None,
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise InputError("give exactly one of points_per_side and point_grids")
@@ -232,7 +233,8 @@ class SamAutomaticMaskGenerator:
         if min_mask_region_area > 0:
             require("cv2", "data")
         self.point_grids = point_grids
-        self.predictor = SamPredictor(model, runtime)
+        #: ``predictor`` shares an existing one (its runtime, compiled graphs) instead
+        self.predictor = predictor if predictor is not None else SamPredictor(model, runtime)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -244,10 +246,16 @@ class SamAutomaticMaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
+        self._embedding: torch.Tensor | None = None  # set per generate() call
 
     @torch.inference_mode()
-    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
-        """All masks of an H x W x 3 uint8 RGB image, as SAM's records (see the module doc)."""
+    def generate(
+        self, image: np.ndarray, *, embedding: torch.Tensor | None = None
+    ) -> list[dict[str, Any]]:
+        """All masks of an H x W x 3 uint8 RGB image, as SAM's records (see the module doc).
+        ``embedding``: the whole image's embedding if already computed (``get_image_embedding``
+        of a predictor on the same model): the first crop layer then skips the encoder."""
+        self._embedding = embedding
         data = self._generate_masks(image)
         if self.min_mask_region_area > 0:
             data = self._postprocess_small_regions(
@@ -318,7 +326,10 @@ class SamAutomaticMaskGenerator:
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
         size = cropped.shape[:2]
-        self.predictor.set_image(cropped)
+        if layer == 0 and self._embedding is not None:
+            self.predictor.set_embedding(self._embedding, size)  # the whole image, embedded
+        else:
+            self.predictor.set_image(cropped)
         points = self.point_grids[layer] * np.array(size)[None, ::-1]
         parts = []
         for i in range(0, len(points), self.points_per_batch):

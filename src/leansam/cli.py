@@ -115,6 +115,60 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .pretrained import default_checkpoint
+    from .registry import create_model
+
+    uvicorn = require("uvicorn", "serve")
+    from .service import Engine, Limits, create_app
+
+    for name in ("max_upload_mb", "max_megapixels", "cache_images", "concurrency", "timeout"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive")
+    if args.queue < 0:
+        raise InputError("--queue must be 0 or more")
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be 1..65535, got {args.port}")
+    limits = Limits(
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=int(args.max_megapixels * 1e6),
+        cache_images=args.cache_images,
+        max_concurrency=args.concurrency,
+        max_queue=args.queue,
+        timeout_s=args.timeout,
+    )
+    checkpoint = default_checkpoint(args.model, args.checkpoint)
+    model = create_model(args.model, checkpoint=checkpoint, device=args.device, seed=0)
+    engine = Engine(
+        model, name=args.model, runtime=args.runtime, size=args.concurrency,
+        checkpoint=str(checkpoint) if checkpoint else None,
+    )  # fmt: skip
+    if not checkpoint:
+        print(
+            "warning: no --checkpoint: random weights, the masks are meaningless", file=sys.stderr
+        )
+    if args.host not in LOOPBACK_HOSTS:
+        print(
+            f"warning: listening on {args.host}: anyone who can reach this machine can use the "
+            "service (there is no authentication)",
+            file=sys.stderr,
+        )
+    print(f"leansam serve: {args.model} ({args.runtime}) on http://{args.host}:{args.port}/")
+    uvicorn.run(
+        create_app(engine, limits),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_keep_alive=5,
+        # connections beyond this get 503 from uvicorn before any work is done
+        limit_concurrency=args.max_connections,
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -201,7 +255,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
-    from .train.trainer import distill, finetune
+    from .train.trainer import distill, finetune, prompt_warmup
 
     cfg = TrainConfig.from_yaml(
         args.recipe,
@@ -214,7 +268,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         teacher_checkpoint=args.teacher_checkpoint,
         decoder_checkpoint=getattr(args, "decoder_checkpoint", None),
     )
-    run = distill if cfg.stage == "distill" else finetune
+    run = {"distill": distill, "finetune": finetune, "prompt": prompt_warmup}[cfg.stage]
     try:
         result = run(cfg, resume=args.resume)
     except KeyboardInterrupt:
@@ -396,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, text in (
         ("distill", "stage 1: student encoder learns the teacher's image embedding (MSE)"),
         ("finetune", "stage 2: end to end on SA-1B folders (20 x BCE + Dice)"),
+        (
+            "prompt",
+            "warm start of a from-scratch mask decoder: synthetic boxes, no data (MODEL_CARD.md)",
+        ),
     ):
         t = train.add_parser(stage, help=text)
         t.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
@@ -405,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--max-steps", type=int)
         t.add_argument("--init-checkpoint", help="weights to start from")
         t.add_argument("--teacher-checkpoint", help="stage 1: the teacher's weights")
-        if stage == "finetune":
+        if stage in ("finetune", "prompt"):
             t.add_argument(
                 "--decoder-checkpoint",
                 help="take the prompt encoder and mask decoder from this checkpoint (any model)",
@@ -499,6 +557,27 @@ def build_parser() -> argparse.ArgumentParser:
     xt.add_argument("--fp32", action="store_true", help="fp32 engines (default fp16)")
     xt.add_argument("--max-batch", type=int, default=8, help="largest encoder batch")
     xt.set_defaults(func=_cmd_export_tensorrt)
+
+    sv = sub.add_parser(
+        "serve",
+        help="HTTP API and web page for interactive segmentation (FastAPI + uvicorn)",
+        description="Open http://HOST:PORT/ for the page, /docs for the API. Loopback only "
+        "unless --host says otherwise.",
+    )
+    _model_args(sv)
+    sv.add_argument("--runtime", default="torch", choices=RUNTIMES, help="image-encoder runtime")
+    sv.add_argument("--device", default=None)
+    sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-mb", type=float, default=16, help="largest upload (MiB)")
+    sv.add_argument("--max-megapixels", type=float, default=36, help="largest image (MP)")
+    sv.add_argument("--cache-images", type=int, default=8, help="embeddings kept (LRU)")
+    sv.add_argument("--concurrency", type=int, default=1, help="inference jobs at once")
+    sv.add_argument("--queue", type=int, default=8, help="jobs waiting; beyond: 429")
+    sv.add_argument("--timeout", type=float, default=60, help="seconds per request; then 503")
+    sv.add_argument("--max-connections", type=int, default=64, help="open connections; then 503")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info"))
+    sv.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("demo", help="segment coco-mini images from their annotation boxes")
     d.add_argument("--data", default="../shared/data/coco-mini", help="coco-mini folder")

@@ -143,6 +143,20 @@ class SamPredictor:
         self.original_size, self.input_size = self.original_sizes[0], self.input_sizes[0]
         self.is_image_set = True
 
+    def set_embedding(self, features: torch.Tensor, original_size: tuple[int, int]) -> None:
+        """Restore an image's state from its embedding (1 x 256 x 64 x 64, from
+        :meth:`get_image_embedding`) and its original (H, W): decode prompts on an image embedded
+        earlier without running the encoder again (a service's embedding cache)."""
+        if features.ndim != 4 or features.shape[0] != 1:
+            raise InputError(f"features must be 1 x C x h x w, got {tuple(features.shape)}")
+        self.reset_image()
+        self.features = features.to(self.device)
+        h, w = int(original_size[0]), int(original_size[1])
+        self.original_sizes = [(h, w)]
+        self.input_sizes = [get_preprocess_shape(h, w, self.model.prompt_frame)]
+        self.original_size, self.input_size = self.original_sizes[0], self.input_sizes[0]
+        self.is_image_set = True
+
     def get_image_embedding(self) -> torch.Tensor:
         """The image embedding(s): B x 256 x 64 x 64 (B = number of images set)."""
         if not self.is_image_set:

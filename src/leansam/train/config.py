@@ -11,11 +11,13 @@ from ..errors import InputError, require
 
 @dataclass
 class TrainConfig:
-    """One training run. ``stage`` is ``distill`` (stage 1) or ``finetune`` (stage 2)."""
+    """One training run. ``stage`` is ``distill`` (stage 1), ``finetune`` (stage 2) or ``prompt``
+    (a warm start of the prompt encoder and mask decoder on synthetic geometry, for decoders
+    trained from scratch; see ``leansam.train.trainer.prompt_warmup``)."""
 
     stage: str
     model: str  # the model trained (the student in stage 1)
-    data: list[str]  # stage 1: image folders; stage 2: SA-1B folders
+    data: list[str]  # stage 1: image folders; stage 2: SA-1B folders; prompt: none
     out: str
     #: stage 2: how many times each ``data`` folder is listed per epoch (default once each)
     data_repeat: list[int] | None = None
@@ -66,18 +68,25 @@ class TrainConfig:
     #: depend on how the batch is split; trained in stage 1 (SyncBatchNorm across GPUs; CPU
     #: processes then each normalise over their own images).
     freeze_bn: bool | None = None
+    #: stage ``prompt``: side of the content-free image-embedding grid the decoder is trained on
+    #: (the positional encodings are resolution-free, so 16 x 16 transfers to SAM's 64 x 64 at a
+    #: 16th of the cost) and the synthetic boxes that make one epoch (batch_size boxes per step)
+    grid: int = 16
+    items_per_epoch: int = 4096
 
     def __post_init__(self) -> None:
-        if self.stage not in ("distill", "finetune"):
-            raise InputError(f"stage must be distill or finetune, got {self.stage!r}")
+        if self.stage not in ("distill", "finetune", "prompt"):
+            raise InputError(f"stage must be distill, finetune or prompt, got {self.stage!r}")
         if self.stage == "distill" and not self.teacher:
             raise InputError("stage 1 (distill) needs a teacher model")
         if self.amp not in ("none", "bf16", "fp16"):
             raise InputError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if isinstance(self.data, str):
             self.data = [self.data]
-        if not self.data:
+        if not self.data and self.stage != "prompt":
             raise InputError("no training data given")
+        if self.grid < 1 or self.items_per_epoch < 1:
+            raise InputError("grid and items_per_epoch must be positive")
         if self.data_repeat is not None and (
             len(self.data_repeat) != len(self.data) or min(self.data_repeat) < 0
         ):
@@ -102,6 +111,8 @@ class TrainConfig:
         except yaml.YAMLError as e:
             raise InputError(f"recipe {path} is not valid YAML: {e}") from None
         raw.update({k: v for k, v in overrides.items() if v is not None})
+        if raw.get("stage") == "prompt":
+            raw.setdefault("data", [])  # synthetic: no data folders
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
         if unknown:

@@ -388,6 +388,87 @@ def finetune(
     return _finish(run, model, records, resumed, datasets)
 
 
+# ------------------------------------------------------------------ prompt warm start
+def synthetic_box(rng: np.random.Generator, frame: int = 1024) -> np.ndarray:
+    """A random XYXY box in the ``frame`` x ``frame`` prompt frame: width and height uniform in 3 %
+    to 60 % of the frame, top-left corner uniform in the first 88 %, clipped to the frame. (Many
+    tiny boxes make "all background" the easy answer the decoder does not leave.)"""
+    x0, y0 = rng.uniform(0, 0.88 * frame, size=2)
+    w, h = rng.uniform(0.03 * frame, 0.6 * frame, size=2)
+    return np.array([x0, y0, min(x0 + w, frame), min(y0 + h, frame)], np.float32)
+
+
+def box_target(boxes: torch.Tensor, size: int, frame: int = 1024) -> torch.Tensor:
+    """N x size x size masks of ``boxes`` (XYXY in the frame) sampled at pixel centres."""
+    c = (torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5) * (frame / size)
+    inside_x = (c >= boxes[:, 0, None]) & (c <= boxes[:, 2, None])  # N x size
+    inside_y = (c >= boxes[:, 1, None]) & (c <= boxes[:, 3, None])
+    return inside_y[:, :, None] & inside_x[:, None, :]
+
+
+class _PromptStep(nn.Module):
+    """Decoder loss on synthetic boxes over a content-free (zero) image embedding: the only thing
+    to learn is where the box is, i.e. how the prompt's and the grid's positional encodings relate.
+    Trains the prompt encoder and mask decoder; the image encoder is untouched."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
+        self.cfg = cfg
+
+    def forward(self, boxes: torch.Tensor, multimask: bool) -> torch.Tensor:
+        pe, g = self.prompt_encoder, self.cfg.grid
+        full = pe.image_embedding_size
+        pe.image_embedding_size = (g, g)  # resolution-free encodings: train on a small grid
+        try:
+            sparse, dense = pe(None, boxes, None)
+            emb = dense.new_zeros((1, pe.embed_dim, g, g))
+            low, iou_pred = self.mask_decoder(emb, pe.get_dense_pe(), sparse, dense, multimask)
+        finally:
+            pe.image_embedding_size = full
+        gt = box_target(boxes, 16 * g)  # 4x the logits' side: soft edges after area averaging
+        loss = mask_loss(low.float(), gt, num_points=0, bce_weight=self.cfg.bce_weight)
+        if self.cfg.iou_loss_weight:
+            loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), gt, iou_pred)
+        return loss.mean()
+
+
+def prompt_warmup(
+    cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
+) -> dict:
+    """Warm start for a mask decoder trained from scratch: boxes -> the box's own mask, on a
+    content-free image embedding and a ``cfg.grid`` x ``cfg.grid`` grid.
+
+    From scratch, SAM's decoder first learns a prompt-independent "salient object" mask on real
+    images and does not leave it within a CPU budget (MODEL_CARD.md); on this pretext only the
+    prompt's position can lower the loss, and it is learned in minutes. Then stage 2 starts from
+    this decoder (``decoder_checkpoint``). ``batch_size`` boxes per process and step; multimask
+    output on every other step (best of 3, as in stage 2)."""
+    device = _device()
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
+    if cfg.decoder_checkpoint:
+        load_prompt_decoder(model, cfg.decoder_checkpoint)
+    prompt_parts = nn.ModuleDict(
+        {"prompt_encoder": model.prompt_encoder, "mask_decoder": model.mask_decoder}
+    )
+    run = _Run(cfg, cfg.items_per_epoch, prompt_parts, _PromptStep(model, cfg))
+    resumed = run.resume(resume)
+
+    def compute(step: int, indices: list[int]) -> torch.Tensor:
+        boxes = np.stack(
+            [synthetic_box(np.random.default_rng([cfg.seed, step, i])) for i in indices]
+        )
+        if on_step is not None:
+            on_step(step)
+        with _autocast(cfg, device):
+            return run.step_module(torch.as_tensor(boxes, device=device), step % 2 == 1)
+
+    records = run.loop(compute)
+    return _finish(run, model, records, resumed)
+
+
 # ------------------------------------------------------------------ stage 1
 def list_images(folders: list[str]) -> list[Path]:
     files = []
