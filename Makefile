@@ -11,9 +11,8 @@ DATA   ?= ../shared/data
 # The CPU wheel of torch; a GPU user sets TORCH_SPEC to their CUDA build (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint format bench bench-speed eval-baselines weights weights-ablation \
-	eval-own eval-runtimes \
-	venv clean
+.PHONY: demo test test-slow lint format bench bench-speed bench-service eval-baselines weights \
+	weights-ablation eval-own eval-runtimes browser venv clean
 
 venv: $(STAMP)
 
@@ -30,8 +29,18 @@ $(STAMP): pyproject.toml requirements-test.txt Makefile
 demo: $(STAMP)
 	$(VENV)/bin/leansam demo --data $(DATA)/coco-mini --out out/demo $(DEMO_ARGS)
 
-test: $(STAMP) lint
+test: $(STAMP) lint browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Debian's chromium for the web-page test (tests/test_web_page.py), installed once with apt-get when
+# missing and this is root on Debian; elsewhere the test is skipped (and fails under CI=true).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian's chromium for the web-page test"; \
+			apt-get update -qq >/dev/null && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else echo "note: no chromium (apt-get install chromium): the web-page test is skipped"; fi; }
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
@@ -52,6 +61,11 @@ bench: $(STAMP)
 # Runtimes, encoder table (incl. SAM-ViT-H), decoder per prompt, segment everything (~20 minutes).
 bench-speed: $(STAMP)
 	$(PY) benchmarks/speed.py --runs 7 --out benchmarks/results/speed.json
+
+# `leansam serve` under load on loopback (16 clients, 2 x 30 s) -> BENCHMARKS.md.
+bench-service: $(STAMP)
+	$(PY) benchmarks/service_load.py --clients 16 --duration 30 \
+		--out benchmarks/results/service_load.json
 
 # The baseline rows of EVALUATION.md on coco-mini val (about 30 minutes on 2 cores).
 EVAL_ARGS = --images $(DATA)/coco-mini/val2017 \

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import mask_agreement, randomize_
+from conftest import COCO_MINI, mask_agreement, randomize_
 
 from leansam import SamPredictor, create_model
 from leansam.data.coco import xywh_to_xyxy
@@ -253,3 +253,58 @@ def test_cli_export_tensorrt_without_tensorrt(tmp_path):
     assert r.stderr.strip() == (
         "leansam: error: this needs the `tensorrt` package: pip install 'leansam[tensorrt]'"
     )
+
+
+def test_export_leaves_the_model_in_eval_mode(sam_tiny, tmp_path):
+    """Regression: the exporter restored a fresh wrapper's training mode onto the user's model."""
+    from leansam.export import export_decoder
+
+    _, ours, _ = sam_tiny
+    export_decoder(ours, tmp_path / "d.onnx")
+    assert not any(m.training for m in ours.modules())
+
+
+@pytest.mark.parametrize("name", ["leansam-efficientvit-s", "leansam-vit-s"])
+def test_anylabeling_pair_reproduces_pytorch_masks(name, coco_val, tmp_path):
+    """`leansam export anylabeling`: X-AnyLabeling's efficientvit_sam files. The encoder takes the
+    raw uint8 H x W x 3 image (any size, preprocessing inside); fed as X-AnyLabeling feeds them,
+    the pair gives SamPredictor's masks (>= 99.9 % of pixels) on real images, both families."""
+    import yaml
+
+    from leansam.io import load_image
+
+    r = subprocess.run(
+        [sys.executable, "-m", "leansam.cli", "export", "anylabeling", "--model", name,
+         "--out", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
+    assert cfg["type"] == "efficientvit_sam" and cfg["target_size"] == 1024
+    for key in ("name", "display_name", "encoder_model_path", "decoder_model_path"):
+        assert cfg[key]
+    enc = _session(tmp_path / cfg["encoder_model_path"])
+    dec = _session(tmp_path / cfg["decoder_model_path"])
+    (inp,) = enc.get_inputs()
+    assert inp.type == "tensor(uint8)" and inp.shape == ["height", "width", 3]
+    predictor = SamPredictor(create_model(name, pretrained=True))
+    images, anns = coco_val
+    for info in images[:2]:
+        image = load_image(COCO_MINI / "val2017" / info["file_name"])
+        for img in (image, np.ascontiguousarray(image.transpose(1, 0, 2))):  # both orientations
+            h, w = img.shape[:2]
+            emb = enc.run(None, {"image": img})[0]
+            predictor.set_image(img)
+            assert np.abs(emb - predictor.get_image_embedding().numpy()).max() < 0.05
+            box = np.array([w * 0.2, h * 0.25, w * 0.7, h * 0.8])
+            point = np.array([[w * 0.45, h * 0.5]])
+            for coords, labels, kw in (
+                (box.reshape(2, 2), np.array([2, 3]), {"box": box}),
+                (np.concatenate([point, [[0, 0]]]), np.array([1, -1]),
+                 {"point_coords": point, "point_labels": np.array([1])}),
+            ):  # fmt: skip
+                c = predictor.transform.apply_coords(coords, (h, w))[None]
+                feeds = _decoder_feeds(torch.from_numpy(emb), c, labels[None], (h, w))
+                got = dec.run(None, feeds)[0][0]
+                want, _, _ = predictor.predict(multimask_output=True, **kw)
+                assert mask_agreement(got[1:] > 0, want) >= 0.999

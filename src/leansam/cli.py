@@ -283,8 +283,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export_onnx(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+def _export_model(args: argparse.Namespace):
+    """The model of an export command (--model / --checkpoint), warning on random weights."""
     from .io import ensure_dir
     from .pretrained import default_checkpoint
     from .registry import create_model
@@ -294,10 +294,26 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     checkpoint = default_checkpoint(args.model, args.checkpoint)
     if not checkpoint:
         print("warning: no --checkpoint: exporting random weights", file=sys.stderr)
-    model = create_model(args.model, checkpoint=checkpoint, seed=0)
+    return create_model(args.model, checkpoint=checkpoint, seed=0)
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    model = _export_model(args)
     written = export_onnx(model, args.out, return_single_mask=args.return_single_mask)
     for name, path in written.items():
         print(f"{name:<16} {path}")
+    return 0
+
+
+def _cmd_export_anylabeling(args: argparse.Namespace) -> int:
+    from .export import export_anylabeling
+
+    written = export_anylabeling(_export_model(args), args.name or args.model, args.out)
+    for name, path in written.items():
+        print(f"{name:<8} {path}")
+    print(f"load {written['config']} in X-AnyLabeling (Auto Labeling > Load custom model)")
     return 0
 
 
@@ -547,6 +563,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoders return one mask per prompt set, as SAM's export option",
     )
     xo.set_defaults(func=_cmd_export_onnx)
+    xa = x.add_parser(
+        "anylabeling",
+        help="encoder (uint8 H x W x 3 in, preprocessing inside) + decoder ONNX and the YAML "
+        "of X-AnyLabeling's efficientvit_sam model type",
+    )
+    _model_args(xa)
+    xa.add_argument("--out", required=True, help="output folder")
+    xa.add_argument("--name", help="file and model name (default: --model)")
+    xa.set_defaults(func=_cmd_export_anylabeling)
     xt = x.add_parser(
         "tensorrt",
         help="TensorRT engines from the ONNX graphs (GPU machine with the tensorrt package)",
