@@ -14,7 +14,6 @@ time, so the ratio is the service's overhead and queueing cost per request.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -125,9 +124,14 @@ def main() -> int:
     images, anns = load_coco(DATA / "annotations" / "instances_val2017.json")
     chosen = [im for im in images if anns[im["id"]]][: args.images]
     files = [DATA / "val2017" / im["file_name"] for im in chosen]
-    boxes = {f: [xywh_to_xyxy(a["bbox"]) for a in anns[im["id"]]] for f, im in zip(files, chosen)}
-    server_args = ["--model", args.model, "--runtime", args.runtime, "--log-level", "warning",
-                   "--queue", str(args.clients), "--max-connections", str(4 * args.clients)]  # fmt: skip
+    boxes = {
+        f: [xywh_to_xyxy(a["bbox"]) for a in anns[im["id"]]]
+        for f, im in zip(files, chosen, strict=True)
+    }
+    server_args = [
+        "--model", args.model, "--runtime", args.runtime, "--log-level", "warning",
+        "--queue", str(args.clients), "--max-connections", str(4 * args.clients),
+    ]  # fmt: skip
     record = {"config": vars(args), "environment": describe_environment()}
     with ServerProcess(server_args) as server:
         prompts = []

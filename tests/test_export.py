@@ -288,7 +288,7 @@ def test_anylabeling_pair_reproduces_pytorch_masks(name, coco_val, tmp_path):
     (inp,) = enc.get_inputs()
     assert inp.type == "tensor(uint8)" and inp.shape == ["height", "width", 3]
     predictor = SamPredictor(create_model(name, pretrained=True))
-    images, anns = coco_val
+    images, _ = coco_val
     for info in images[:2]:
         image = load_image(COCO_MINI / "val2017" / info["file_name"])
         for img in (image, np.ascontiguousarray(image.transpose(1, 0, 2))):  # both orientations
