@@ -413,6 +413,6 @@ def test_prompt_warmup_learns_boxes_and_keeps_the_encoder(tmp_path):
         strict=True,
     ):
         assert torch.equal(a, b)
-    # the full-size grid is restored after each step
-    assert after_model.prompt_encoder.image_embedding_size == (64, 64)
     assert box_target(boxes, 16).shape == (32, 16, 16)
+    with pytest.raises(InputError, match="exceeds the model's 64 x 64"):
+        _PromptStep(after_model, TrainConfig(**{**cfg.as_dict(), "grid": 65}))

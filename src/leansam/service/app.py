@@ -488,6 +488,7 @@ def create_app(engine: Engine, limits: Limits | None = None):
             "status": "ok",
             "model": engine.name,
             "cached_images": len(cache),
+            "evicted_images": cache.evictions,
             "in_progress": gate.pending,
             "uptime_s": round(time.time() - stats["started"], 1),
         }

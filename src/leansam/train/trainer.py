@@ -416,17 +416,17 @@ class _PromptStep(nn.Module):
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
         self.cfg = cfg
+        full = max(model.prompt_encoder.image_embedding_size)
+        if cfg.grid > full:
+            raise InputError(f"grid {cfg.grid} exceeds the model's {full} x {full} embedding grid")
 
     def forward(self, boxes: torch.Tensor, multimask: bool) -> torch.Tensor:
         pe, g = self.prompt_encoder, self.cfg.grid
-        full = pe.image_embedding_size
-        pe.image_embedding_size = (g, g)  # resolution-free encodings: train on a small grid
-        try:
-            sparse, dense = pe(None, boxes, None)
-            emb = dense.new_zeros((1, pe.embed_dim, g, g))
-            low, iou_pred = self.mask_decoder(emb, pe.get_dense_pe(), sparse, dense, multimask)
-        finally:
-            pe.image_embedding_size = full
+        sparse, dense = pe(None, boxes, None)
+        dense = dense[..., :g, :g]  # the "no mask" embedding is the same at every cell
+        image_pe = pe.pe_layer((g, g)).unsqueeze(0)  # resolution-free: any grid
+        emb = dense.new_zeros((1, pe.embed_dim, g, g))
+        low, iou_pred = self.mask_decoder(emb, image_pe, sparse, dense, multimask)
         gt = box_target(boxes, 16 * g)  # 4x the logits' side: soft edges after area averaging
         loss = mask_loss(low.float(), gt, num_points=0, bce_weight=self.cfg.bce_weight)
         if self.cfg.iou_loss_weight:
