@@ -31,7 +31,7 @@ import torch.onnx.operators
 from torch import nn
 
 from .errors import require
-from .io import ensure_dir
+from .io import atomic_replace, atomic_write_bytes, ensure_dir
 from .modeling.sam import Sam
 
 #: ONNX operators the graphs must not contain: TensorRT rejects them or falls back to slow plugins
@@ -232,16 +232,18 @@ def export_onnx(
             model, f, batched=True, return_single_mask=return_single_mask
         ),
     }
-    written = {}
-    for name, job in jobs.items():
-        path = out / f"{name}.onnx"
-        tmp = path.with_suffix(".onnx.tmp")
+    return {name: _write_graph(out / f"{name}.onnx", job, check) for name, job in jobs.items()}
+
+
+def _write_graph(path: Path, job, check: bool = True) -> Path:
+    """``job(temp_path)`` exports a graph; checked (``check_graph``), then renamed into place."""
+
+    def write(tmp):
         job(tmp)
         if check:
             check_graph(tmp)
-        os.replace(tmp, path)
-        written[name] = path
-    return written
+
+    return atomic_replace(path, write)
 
 
 # ------------------------------------------------------------------------- labeling tools
@@ -324,11 +326,8 @@ def export_anylabeling(
             dynamic_axes={"image": {0: "height", 1: "width"}},
         )
 
-    for path, job in ((encoder, write_encoder), (decoder, lambda f: export_decoder(model, f))):
-        tmp = path.with_suffix(".onnx.tmp")
-        job(tmp)
-        check_graph(tmp)
-        os.replace(tmp, path)
+    _write_graph(encoder, write_encoder)
+    _write_graph(decoder, lambda f: export_decoder(model, f))
     # YAML by hand (every value a plain string or number; JSON strings are valid YAML scalars)
     fields = {
         "type": "efficientvit_sam",
@@ -339,10 +338,9 @@ def export_anylabeling(
         "decoder_model_path": decoder.name,
         "target_size": model.prompt_frame,
     }
-    text = "".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items())
-    tmp = config.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, config)
+    atomic_write_bytes(
+        config, "".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items()).encode()
+    )
     return {"encoder": encoder, "decoder": decoder, "config": config}
 
 

@@ -135,9 +135,12 @@ class SamPredictor:
                 )
             batch.append(self.model.preprocess(x[None].to(self.device)))
         self.reset_image()
-        x = torch.cat(batch).to(self.model.dtype)
-        self.features = self._encode(x)
+        self._set_state(self._encode(torch.cat(batch).to(self.model.dtype)), original_sizes)
+
+    def _set_state(self, features: torch.Tensor, original_sizes) -> None:
+        """Per-image state that prompts decode against: embeddings, (H, W) before resizing."""
         frame = self.model.prompt_frame
+        self.features = features
         self.original_sizes = [(int(s[0]), int(s[1])) for s in original_sizes]
         self.input_sizes = [get_preprocess_shape(h, w, frame) for h, w in self.original_sizes]
         self.original_size, self.input_size = self.original_sizes[0], self.input_sizes[0]
@@ -150,12 +153,7 @@ class SamPredictor:
         if features.ndim != 4 or features.shape[0] != 1:
             raise InputError(f"features must be 1 x C x h x w, got {tuple(features.shape)}")
         self.reset_image()
-        self.features = features.to(self.device)
-        h, w = int(original_size[0]), int(original_size[1])
-        self.original_sizes = [(h, w)]
-        self.input_sizes = [get_preprocess_shape(h, w, self.model.prompt_frame)]
-        self.original_size, self.input_size = self.original_sizes[0], self.input_sizes[0]
-        self.is_image_set = True
+        self._set_state(features.to(self.device), [original_size])
 
     def get_image_embedding(self) -> torch.Tensor:
         """The image embedding(s): B x 256 x 64 x 64 (B = number of images set)."""
