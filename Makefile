@@ -12,7 +12,7 @@ DATA   ?= ../shared/data
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test test-slow lint format bench bench-speed bench-service eval-baselines weights \
-	weights-ablation eval-own eval-runtimes browser venv clean
+	weights-ablation eval-own eval-runtimes bench-quant browser venv clean
 
 venv: $(STAMP)
 
@@ -122,6 +122,17 @@ eval-runtimes: $(STAMP)
 		$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol box --runtime $$rt \
 			--calib-images $(DATA)/coco-mini/train2017 --out out/eval/runtime-$$rt || exit 1; \
 	done
+
+# QUANTIZATION.md: every method x bit setting on both own models (calibrated on coco-mini train,
+# box mIoU on val), one process per model; resumable (reruns skip finished configurations).
+QUANT_ARGS = --calib-count 16 --iters 40 --threads 1
+bench-quant: $(STAMP)
+	$(PY) benchmarks/quantization.py $(QUANT_ARGS) --models leansam-efficientvit-s \
+		--out benchmarks/results/quantization-student.json & \
+	$(PY) benchmarks/quantization.py $(QUANT_ARGS) --models leansam-vit-s \
+		--out benchmarks/results/quantization-teacher.json & \
+	wait
+	$(PY) benchmarks/quantization.py --markdown benchmarks/results/quantization-*.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

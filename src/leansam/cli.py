@@ -283,6 +283,55 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .io import atomic_write_json, ensure_dir
+    from .pretrained import default_checkpoint
+    from .quant import QuantConfig, calibration_samples, check_active, quantize, report, save
+    from .registry import create_model
+
+    require("sklearn", "quant")
+    config = QuantConfig.from_bits(
+        args.method,
+        args.bits,
+        iters=args.iters,
+        kernel_bug=args.kernel_bug,
+        sign_fold=not args.no_sign_fold,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    ensure_dir(out.parent)
+    checkpoint = default_checkpoint(args.model, args.checkpoint)
+    if not checkpoint:
+        print("warning: no --checkpoint: quantizing random weights", file=sys.stderr)
+    model = create_model(args.model, checkpoint=checkpoint, device=args.device, seed=0)
+    if getattr(model, "quant_config", None) is not None:
+        raise InputError(f"{checkpoint} is already quantized: pass the full-precision weights")
+    samples = calibration_samples(
+        model, args.calib_images, args.calib_annotations, count=args.calib_count, seed=args.seed
+    )
+    q = quantize(model, config, samples, progress=not args.no_progress)
+    active = check_active(q, samples[:1])  # raises unless every quantizer changes real data
+    save(q, out)
+    rep = {**report(q), "info": q.quant_info, "model": args.model, "checkpoint": checkpoint}
+    rep_path = Path(args.report) if args.report else out.with_name(out.name + ".report.json")
+    atomic_write_json(rep_path, rep)
+    regs = rep["cag_registers"]
+    print(
+        f"{args.model} {config.method} {config.bits}: {len(rep['tensors'])} quantized tensors, "
+        f"all {len(active)} quantizers active on a calibration image; "
+        f"{len(samples)} calibration images, {q.quant_info['total_s']:.0f} s"
+    )
+    if regs["per_channel_pairs"]:
+        print(
+            f"CAG: {regs['cag_pairs']} activation (scale, zero point) pairs instead of "
+            f"{regs['per_channel_pairs']} per channel ({100 * regs['reduction']:.1f} % fewer)"
+        )
+    print(f"wrote {out} (load: leansam.quant.load, or --checkpoint {out}) and {rep_path}")
+    return 0
+
+
 def _export_model(args: argparse.Namespace):
     """The model of an export command (--model / --checkpoint), warning on random weights."""
     from .io import ensure_dir
@@ -349,8 +398,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name, see `leansam models`")
     p.add_argument(
         "--checkpoint",
-        help="official .pt/.pth or .safetensors weights (default for leansam-* models: "
-        "the shipped weights)",
+        help="official .pt/.pth or .safetensors weights, or a quantized model from `leansam "
+        "quantize` (default for leansam-* models: the shipped weights)",
     )
 
 
@@ -582,6 +631,42 @@ def build_parser() -> argparse.ArgumentParser:
     xt.add_argument("--fp32", action="store_true", help="fp32 engines (default fp16)")
     xt.add_argument("--max-batch", type=int, default=8, help="largest encoder batch")
     xt.set_defaults(func=_cmd_export_tensorrt)
+
+    qz = sub.add_parser(
+        "quantize",
+        help="post-training quantization (AHCPTQ and baselines) to a q.pt file",
+        description="Calibrate on COCO-format images with their box prompts, quantize, check "
+        "that every quantizer is active, save. The file loads with leansam.quant.load and as "
+        "--checkpoint of segment, eval, everything and serve. See QUANTIZATION.md.",
+    )
+    _model_args(qz)
+    from .quant.config import BIT_SETTINGS, METHODS
+
+    qz.add_argument("--method", default="ahcptq", choices=list(METHODS), help="default ahcptq")
+    qz.add_argument("--bits", default="w4a4", help=f"WnAm, e.g. {', '.join(BIT_SETTINGS)}")
+    qz.add_argument("--calib-images", required=True, metavar="DIR", help="calibration images")
+    qz.add_argument(
+        "--calib-annotations", required=True, metavar="JSON", help="their COCO instances file"
+    )
+    qz.add_argument("--calib-count", type=int, default=32, help="calibration images (default 32)")
+    qz.add_argument(
+        "--iters",
+        type=int,
+        default=200,
+        help="reconstruction iterations per block (paper: 20000; default 200 fits a CPU)",
+    )
+    qz.add_argument(
+        "--kernel-bug",
+        action="store_true",
+        help="HLUQ as the published kernel computes it (only to reproduce published numbers)",
+    )
+    qz.add_argument("--no-sign-fold", action="store_true", help="skip the decoder key sign fold")
+    qz.add_argument("--seed", type=int, default=0)
+    qz.add_argument("--device", default=None)
+    qz.add_argument("--out", required=True, help="the quantized model file, e.g. q.pt")
+    qz.add_argument("--report", help="per-tensor report JSON (default: OUT.report.json)")
+    qz.add_argument("--no-progress", action="store_true")
+    qz.set_defaults(func=_cmd_quantize)
 
     sv = sub.add_parser(
         "serve",

@@ -51,6 +51,11 @@ class SamPredictor:
     ) -> None:
         self.model = sam_model
         self.runtime = check_runtime(runtime)
+        if getattr(sam_model, "quant_config", None) is not None and runtime != "torch":
+            raise InputError(
+                "a quantized model runs on the 'torch' runtime (fake quantization), "
+                f"not {runtime!r}"
+            )
         self.transform = ResizeLongestSide(sam_model.prompt_frame)
         self.image_transform = ResizeLongestSide(sam_model.image_size)
         calibration = None

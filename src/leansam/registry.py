@@ -61,7 +61,8 @@ def create_model(
     Arguments:
       name: a name from :func:`list_models`, e.g. ``"efficientvit-sam-l0"`` or ``"sam-vit-h"``.
       checkpoint: an official ``efficientvit_sam_*.pt`` / ``sam_vit_*.pth`` file or a safetensors
-        file; loaded weights-only and strictly. Without it the weights are random.
+        file; loaded weights-only and strictly. Without it the weights are random. A quantized
+        model written by ``leansam quantize`` loads as such (:func:`leansam.quant.load`).
       device, dtype: where and in which precision the model lives (default CPU, float32).
       seed: make random weights reproducible (without touching the caller's global RNG).
       pretrained: load leansam's own trained weights shipped in ``weights/`` (only for
@@ -81,6 +82,12 @@ def create_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = Sam(cfg, device=device)
+    elif _quantized_file(checkpoint):
+        from .quant.model import load
+
+        if dtype not in (None, torch.float32):
+            raise InputError("a quantized model runs in float32 (fake quantization)")
+        return load(checkpoint, model=name, device=device)
     else:
         from .checkpoint import load_checkpoint_into
 
@@ -89,6 +96,13 @@ def create_model(
         load_checkpoint_into(model, checkpoint)
     model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def _quantized_file(path: str | os.PathLike) -> bool:
+    """True for a file written by ``leansam quantize`` (see :func:`leansam.quant.load`)."""
+    from .quant.model import read
+
+    return read(path) is not None
 
 
 def model_info(name: str) -> dict:

@@ -28,12 +28,10 @@ def _int_weights(linear: nn.Linear, w_quant: UniformQuantizer) -> tuple[torch.Te
     """(Wq int64 [out, in], s_w float64 [out]) of a symmetric per-output-channel quantizer."""
     if not (w_quant.symmetric and w_quant.channel_axis == 0):
         raise ValueError("the integer view needs symmetric per-output-channel weights")
-    # codes computed in float32 exactly as the fake quantizer does, so both round alike
-    s_w = w_quant.scale.detach().float()
-    z = w_quant.zero_point.detach().float()
-    w = linear.weight.detach().float()
-    q = torch.clamp(torch.round(w / s_w[:, None]) + z[:, None], 0, w_quant.qmax)
-    return (q - z[:, None]).long(), s_w.double()
+    # codes computed in float32 exactly as the fake quantizer does (rounding to nearest, or
+    # AdaRound's learned rounding), so both agree
+    q = w_quant.codes(linear.weight.detach())
+    return q.long(), w_quant.scale.detach().double()
 
 
 def fake_quant_linear(

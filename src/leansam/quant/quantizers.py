@@ -8,10 +8,14 @@ Every quantizer is a small module with three states:
 - *disabled* (``enabled = False``): passes its input through; every quantizer's state is reported,
   so that a disabled one cannot inflate a result unnoticed.
 
+During block reconstruction an activation quantizer may *drop* (QDrop): with ``drop_prob`` p > 0
+and autograd on, each element keeps its full-precision value with probability p.
+
 Quantizers here: :class:`UniformQuantizer` (per tensor or per channel; MinMax, percentile or MSE
 initialisation; LSQ-style learnable scale), :class:`HLUQ` (hybrid log-uniform, for post-GELU/ReLU
 inputs), :class:`CAGQuantizer` (per-channel parameters merged into groups by KMeans) and
-:class:`Log2Quantizer` (softmax outputs).
+:class:`Log2Quantizer` (softmax outputs), and :class:`AdaRoundQuantizer` (weights with learned
+rounding).
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ from ..errors import InputError
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest (half to even, like ``torch.round``) with an identity gradient."""
+    """Round to nearest (half to even, like ``torch.round``) with an identity gradient.
+
+    ``x + (round(x) - x)`` is exactly ``round(x)`` in floating point (the difference is exact
+    by Sterbenz's lemma, and so is the sum), so without autograd plain rounding is used."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.round()
     return x + (x.round() - x).detach()
 
 
@@ -61,6 +70,7 @@ class Quantizer(nn.Module):
         self.observing = False
         self.register_buffer("initialized", torch.tensor(False), persistent=True)
         self.batches = 0
+        self.drop_prob = 0.0
 
     def observe(self, on: bool = True) -> Quantizer:
         self.observing = on
@@ -76,7 +86,28 @@ class Quantizer(nn.Module):
             return x
         if not bool(self.initialized):
             raise RuntimeError(f"{self.kind} quantizer used before calibration (init_params)")
-        return self.quantize(x)
+        xq = self.quantize(x)
+        if self.drop_prob > 0 and torch.is_grad_enabled():
+            return torch.where(torch.rand_like(x) < self.drop_prob, x, xq)
+        return xq
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Calibration sets the parameters' shapes (per channel, per group, per weight element):
+        # take the saved shapes, so that a freshly built quantizer loads a calibrated one.
+        for name, t in [*self._parameters.items(), *self._buffers.items()]:
+            saved = state_dict.get(prefix + name)
+            if t is None or saved is None or saved.shape == t.shape:
+                continue
+            new = torch.empty(saved.shape, dtype=t.dtype, device=t.device)
+            if name in self._parameters:
+                self._parameters[name] = nn.Parameter(new, requires_grad=t.requires_grad)
+            else:
+                self._buffers[name] = new
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def learnable(self) -> list[nn.Parameter]:
+        """The parameters block reconstruction trains (activation scales, rounding)."""
+        return []
 
     def _observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -94,9 +125,12 @@ class _MinMaxObserver(Quantizer):
 
     max_sample = 1 << 16  # values kept per channel
 
-    def __init__(self, bits: int, channel_axis: int | None = None) -> None:
+    def __init__(
+        self, bits: int, channel_axis: int | None = None, keep_sample: bool = True
+    ) -> None:
         super().__init__(bits)
         self.channel_axis = channel_axis
+        self.keep_sample = keep_sample
         self._min: torch.Tensor | None = None
         self._max: torch.Tensor | None = None
         self._sample: list[torch.Tensor] = []
@@ -108,7 +142,7 @@ class _MinMaxObserver(Quantizer):
         self._min = lo if self._min is None else (self._min * n + lo) / (n + 1)
         self._max = hi if self._max is None else (self._max * n + hi) / (n + 1)
         kept = sum(s.shape[1] for s in self._sample)
-        if kept < self.max_sample:
+        if self.keep_sample and kept < self.max_sample:
             g = torch.Generator().manual_seed(n)
             take = min(v.shape[1], self.max_sample - kept)
             idx = torch.randperm(v.shape[1], generator=g)[:take]
@@ -118,7 +152,13 @@ class _MinMaxObserver(Quantizer):
         """(min, max, C x N sample) of the calibration data."""
         if self._min is None:
             raise RuntimeError(f"{self.kind} quantizer saw no calibration data")
-        return self._min, self._max, torch.cat(self._sample, 1)
+        sample = torch.cat(self._sample, 1) if self._sample else torch.empty(len(self._min), 0)
+        return self._min, self._max, sample
+
+    def release(self) -> None:
+        """Drop the calibration statistics (after ``init_params``)."""
+        self._min = self._max = None
+        self._sample = []
 
 
 class UniformQuantizer(_MinMaxObserver):
@@ -170,6 +210,8 @@ class UniformQuantizer(_MinMaxObserver):
 
     @staticmethod
     def _fake(x, scale, zp, qmax):
+        if not torch.is_grad_enabled():  # inference: the same operations, in place
+            return torch.round(x / scale).add_(zp).clamp_(0, qmax).sub_(zp).mul_(scale)
         q = torch.clamp(round_ste(x / scale) + zp, 0, qmax)
         return (q - zp) * scale
 
@@ -207,9 +249,82 @@ class UniformQuantizer(_MinMaxObserver):
         z = _broadcast(self.zero_point, x, self.channel_axis)
         return self._fake(x, s.to(x.dtype), z.to(x.dtype), self.qmax)
 
+    def learnable(self) -> list[nn.Parameter]:
+        return [self.scale] if self.learn_scale else []
+
+    @torch.no_grad()
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """Signed integer codes ``q - z`` of ``w`` (float32 arithmetic, as in :meth:`quantize`)."""
+        s = _broadcast(self.scale.detach().float(), w, self.channel_axis)
+        z = _broadcast(self.zero_point.float(), w, self.channel_axis)
+        return torch.clamp(torch.round(w.float() / s) + z, 0, self.qmax) - z
+
     def num_params(self) -> int:
         """(scale, zero point) pairs a datapath must hold."""
         return int(self.scale.numel())
+
+
+class AdaRoundQuantizer(UniformQuantizer):
+    """Weights, symmetric per output channel, with learned rounding (AdaRound): the code is
+    ``floor(w / s) + h(alpha)`` with the rectified sigmoid ``h`` during reconstruction and
+    ``floor(w / s) + [alpha >= 0]`` after :meth:`finalize` (kept as the boolean ``up``). The
+    scale starts at the MSE-optimal clipping."""
+
+    kind = "adaround"
+    zeta, gamma = 1.1, -0.1
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits, channel_axis=0, symmetric=True, method="mse", learn_scale=False)
+        self.alpha: nn.Parameter | None = None
+        self.register_buffer("up", torch.zeros(1, dtype=torch.bool))
+
+    def init_params(self, weight: torch.Tensor | None = None) -> None:
+        super().init_params(weight)
+        with torch.no_grad():
+            s = _broadcast(self.scale, weight, 0)
+            rest = (weight.detach().float() / s) - torch.floor(weight.detach().float() / s)
+            rest = rest.clamp(1e-4, 1 - 1e-4)  # h(alpha) = rest at the start: round to nearest
+            alpha = -torch.log((self.zeta - self.gamma) / (rest - self.gamma) - 1)
+            self.alpha = nn.Parameter(alpha)
+            self.up = alpha >= 0
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (self.zeta - self.gamma) + self.gamma, 0, 1)
+
+    def _rounding(self) -> torch.Tensor:
+        return self.h() if self.alpha is not None else self.up.float()
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        s = _broadcast(self.scale, w, 0).to(w.dtype)
+        z = _broadcast(self.zero_point, w, 0).to(w.dtype)
+        q = torch.clamp(torch.floor(w / s) + self._rounding().to(w.dtype) + z, 0, self.qmax)
+        return (q - z) * s
+
+    @torch.no_grad()
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        s = _broadcast(self.scale.float(), w, 0)
+        z = _broadcast(self.zero_point.float(), w, 0)
+        q = torch.clamp(torch.floor(w.float() / s) + self._rounding() + z, 0, self.qmax)
+        return q - z
+
+    def round_loss(self, beta: float) -> torch.Tensor:
+        """AdaRound's regulariser pushing every h(alpha) to 0 or 1."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    def nearest(self, weight: torch.Tensor) -> torch.Tensor:
+        """The round-to-nearest decisions (the start of the optimisation) as an ``up`` mask."""
+        s = _broadcast(self.scale.detach(), weight, 0)
+        w = weight.detach().float() / s
+        return (w - torch.floor(w)) >= 0.5
+
+    def finalize(self) -> None:
+        """Hard rounding from now on; the soft variables are dropped."""
+        if self.alpha is not None:
+            self.up = (self.alpha.detach() >= 0).clone()
+            self.alpha = None
+
+    def learnable(self) -> list[nn.Parameter]:
+        return [self.alpha] if self.alpha is not None else []
 
 
 class HLUQ(_MinMaxObserver):
@@ -317,6 +432,9 @@ class HLUQ(_MinMaxObserver):
     def num_params(self) -> int:
         return 1  # (s_log, s_uni, m) per tensor
 
+    def learnable(self) -> list[nn.Parameter]:
+        return [self.s_log, self.s_uni]
+
     def extra_repr(self) -> str:
         return super().extra_repr() + (", kernel_bug=True" if self.kernel_bug else "")
 
@@ -330,7 +448,7 @@ class CAGQuantizer(_MinMaxObserver):
     kind = "cag"
 
     def __init__(self, bits: int, *, channel_axis: int = -1) -> None:
-        super().__init__(bits, channel_axis)
+        super().__init__(bits, channel_axis, keep_sample=False)  # min / max are enough
         self.scale = nn.Parameter(torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
         self.register_buffer("group", torch.zeros(1, dtype=torch.long))
@@ -389,6 +507,9 @@ class CAGQuantizer(_MinMaxObserver):
 
     def num_params(self) -> int:
         return self.num_groups
+
+    def learnable(self) -> list[nn.Parameter]:
+        return [self.scale]
 
 
 class Log2Quantizer(Quantizer):

@@ -1,0 +1,172 @@
+"""Post-training quantization of leansam's own models: every method x bit setting, box mIoU.
+
+    .venv/bin/python benchmarks/quantization.py --models leansam-efficientvit-s \
+        --out benchmarks/results/quantization-student.json
+    .venv/bin/python benchmarks/quantization.py --markdown benchmarks/results/quantization-*.json
+
+For each model (its shipped weights): FP32, then each method x bit setting quantized with
+calibration on coco-mini **train** (``--calib-count`` images, their GT boxes as prompts) and
+evaluated with the box protocol on coco-mini **val** (never used for calibration). Before each
+evaluation ``check_active`` runs the quantized model on a val image and fails unless every
+quantizer is enabled, calibrated and changes its input. Records (mIoU by size, wall times, CAG
+register counts, active quantizers) go to ``--out`` after every configuration; a rerun skips
+the configurations already there (resumable). ``--markdown`` prints the QUANTIZATION.md tables.
+A method ``ahcptq+kernel-bug`` runs AHCPTQ with the published HLUQ kernel's behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leansam import SamPredictor, create_model
+from leansam.eval import EvalDataset, evaluate
+from leansam.io import atomic_write_json, load_image
+from leansam.provenance import describe_environment
+from leansam.quant import (
+    BIT_SETTINGS,
+    METHODS,
+    CalibSample,
+    QuantConfig,
+    calibration_samples,
+    check_active,
+    quantize,
+    report,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
+
+
+def _val_sample(model, dataset: EvalDataset) -> list[CalibSample]:
+    """The first val image with its boxes, for the activity check."""
+    info = dataset.images[0]
+    image = load_image(dataset.path(info))
+    pred = SamPredictor(model)
+    boxes = np.array([o["bbox"] for o in dataset.objects(info["id"])], dtype=np.float64)[:4]
+    boxes[:, 2:] += boxes[:, :2]
+    boxes = pred.transform.apply_boxes(boxes, image.shape[:2])
+    return [CalibSample(pred.encoder_input(image), torch.as_tensor(boxes, dtype=torch.float32))]
+
+
+def _miou(result: dict) -> dict:
+    m = result["metrics"]
+    return {k: round(m["mIoU"][k], 2) for k in ("all", "small", "medium", "large")}
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    record = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    done = {(r["model"], r["method"], r["bits"]) for r in record["runs"]}
+    val = EvalDataset.load(DATA / "val2017", DATA / "annotations" / "instances_val2017.json")
+    record["setup"] = {
+        "calibration": f"coco-mini train, first {args.calib_count} annotated images, <= 4 GT "
+        "boxes each",
+        "evaluation": f"coco-mini val, box protocol, {val.num_objects()} objects",
+        "iters_per_block": args.iters,
+        "threads": args.threads,
+        "environment": describe_environment(),
+    }
+    for name in args.models.split(","):
+        model = create_model(name, pretrained=True)
+        if (name, "fp32", "-") not in done:
+            t0 = time.perf_counter()
+            res = evaluate(SamPredictor(model), val, "box", progress=False)
+            record["runs"].append(
+                {
+                    "model": name,
+                    "method": "fp32",
+                    "bits": "-",
+                    "miou": _miou(res),
+                    "eval_s": round(time.perf_counter() - t0, 1),
+                }
+            )
+            atomic_write_json(out, record)
+        samples = calibration_samples(
+            model,
+            DATA / "train2017",
+            DATA / "annotations" / "instances_train2017.json",
+            count=args.calib_count,
+        )
+        check = _val_sample(model, val)
+        for bits in args.bits.split(","):
+            for method in args.methods.split(","):
+                if (name, method, bits) in done:
+                    continue
+                base, _, flag = method.partition("+")  # ahcptq+kernel-bug: the published kernel
+                cfg = QuantConfig.from_bits(
+                    base, bits, iters=args.iters, kernel_bug=flag == "kernel-bug"
+                )
+                q = quantize(model, cfg, samples, progress=False)
+                active = check_active(q, check)
+                rep = report(q)
+                t0 = time.perf_counter()
+                res = evaluate(SamPredictor(q), val, "box", progress=False)
+                row = {
+                    "model": name,
+                    "method": method,
+                    "bits": bits,
+                    "miou": _miou(res),
+                    "quantize_s": q.quant_info["total_s"],
+                    "eval_s": round(time.perf_counter() - t0, 1),
+                    "quantized_tensors": len(rep["tensors"]),
+                    "active_quantizers": f"{len(active)}/{len(active)}",
+                    "cag_registers": rep["cag_registers"],
+                    "sign_folded": q.quant_info["sign_folded"],
+                    "kept": q.quant_info["kept"],
+                }
+                record["runs"].append(row)
+                atomic_write_json(out, record)
+                print(json.dumps(row), flush=True)
+
+
+def markdown(paths: list[str]) -> str:
+    runs = [r for p in paths for r in json.loads(Path(p).read_text())["runs"]]
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in runs):
+        mine = {(r["method"], r["bits"]): r for r in runs if r["model"] == name}
+        fp = mine.get(("fp32", "-"))
+        lines += [f"### {name}", ""]
+        if fp:
+            lines += [f"FP32: {fp['miou']['all']:.1f} box mIoU", ""]
+        bits = [b for b in BIT_SETTINGS if any(k[1] == b for k in mine)]
+        lines += ["| method | " + " | ".join(b.upper() for b in bits) + " | quantize time |"]
+        lines += ["|---|" + "---:|" * (len(bits) + 1)]
+        extra = [m for m, _ in mine if m not in METHODS and m != "fp32"]
+        for method in [*METHODS, *dict.fromkeys(extra)]:
+            cells = [
+                f"{mine[(method, b)]['miou']['all']:.1f}" if (method, b) in mine else "-"
+                for b in bits
+            ]
+            times = [mine[(method, b)]["quantize_s"] for b in bits if (method, b) in mine]
+            t = f"{np.median(times):.0f} s" if times else "-"
+            lines += [f"| {method} | " + " | ".join(cells) + f" | {t} |"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="leansam-efficientvit-s,leansam-vit-s")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--bits", default=",".join(BIT_SETTINGS))
+    p.add_argument("--calib-count", type=int, default=16)
+    p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out", default="benchmarks/results/quantization.json")
+    p.add_argument("--markdown", nargs="+", metavar="JSON", help="print tables and exit")
+    args = p.parse_args()
+    if args.markdown:
+        sys.stdout.write(markdown(args.markdown))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
