@@ -11,7 +11,8 @@ evaluation ``check_active`` runs the quantized model on a val image and fails un
 quantizer is enabled, calibrated and changes its input. Records (mIoU by size, wall times, CAG
 register counts, active quantizers) go to ``--out`` after every configuration; a rerun skips
 the configurations already there (resumable). ``--markdown`` prints the QUANTIZATION.md tables.
-A method ``ahcptq+kernel-bug`` runs AHCPTQ with the published HLUQ kernel's behaviour.
+A method ``ahcptq+kernel-bug`` runs AHCPTQ with the published HLUQ kernel's behaviour,
+``ahcptq+range`` with CAG groups merged by range.
 """
 
 from __future__ import annotations
@@ -99,9 +100,15 @@ def run(args: argparse.Namespace) -> None:
             for method in args.methods.split(","):
                 if (name, method, bits) in done:
                     continue
-                base, _, flag = method.partition("+")  # ahcptq+kernel-bug: the published kernel
+                # variants: ahcptq+kernel-bug (the published HLUQ kernel), ahcptq+range (CAG
+                # groups merged by range instead of mean)
+                base, _, flag = method.partition("+")
                 cfg = QuantConfig.from_bits(
-                    base, bits, iters=args.iters, kernel_bug=flag == "kernel-bug"
+                    base,
+                    bits,
+                    iters=args.iters,
+                    kernel_bug=flag == "kernel-bug",
+                    cag_merge="range" if flag == "range" else "mean",
                 )
                 q = quantize(model, cfg, samples, progress=False)
                 active = check_active(q, check)

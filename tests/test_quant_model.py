@@ -183,11 +183,14 @@ def test_reconstruction_lowers_the_block_error(tiny):
         outs = _run_block(block, got)
         return sum(float((o - t).pow(2).mean()) for o, t in zip(outs, targets, strict=True))
 
-    # fresh learnable rounding for this block, then reconstruct it
-    for m in block.modules():
-        if isinstance(m, _QuantLayer):
-            m.w_quant.init_params(m.weight)
+    # plain calibration (round to nearest) as the reference, then fresh learnable rounding
+    layers = [m for m in block.modules() if isinstance(m, _QuantLayer)]
+    for m in layers:
+        m.w_quant.init_params(m.weight)
+        m.w_quant.finalize()
     before = err()
+    for m in layers:
+        m.w_quant.init_params(m.weight)
     for qz in block.modules():
         if hasattr(qz, "learnable"):
             for p in qz.learnable():
@@ -209,9 +212,16 @@ def test_integer_reference_on_layers_of_a_quantized_model(tiny):
     q = quantize(model, QuantConfig(method="ahcptq", iters=2), samples, progress=False)
     mlp = q.mask_decoder.transformer.layers[0].mlp
     rows = {}
+
+    def keep(name):
+        def hook(mod, args, out):  # returns None: the output stays as it is
+            rows.setdefault(name, args[0])
+
+        return hook
+
     hooks = [
-        mlp.lin1.register_forward_hook(lambda m, a, o: rows.setdefault("lin1", a[0])),
-        mlp.lin2.register_forward_hook(lambda m, a, o: rows.setdefault("lin2", a[0])),
+        mlp.lin1.register_forward_hook(keep("lin1")),
+        mlp.lin2.register_forward_hook(keep("lin2")),
     ]
     run_samples(q, samples[:1])
     for h in hooks:
@@ -308,33 +318,34 @@ def test_cli_quantize_then_segment_and_eval(tmp_path):
     assert again.returncode == 2 and "already quantized" in again.stderr
 
 
-def _full_size_w8a8(name: str) -> tuple[dict, float]:
+def _full_size_w8a8(name: str) -> tuple[dict, float, int]:
     model = create_model(name, seed=0)
     samples = calibration_samples(model, *TRAIN, count=1, max_boxes=2)
     q = quantize(model, QuantConfig(method="minmax", w_bits=8, a_bits=8), samples, progress=False)
     per_layer = layer_sqnr(q, samples)
     emb = sqnr_db(_outputs(model, samples)[0], _outputs(q, samples)[0])
-    return per_layer, emb
+    return per_layer, emb, sum(isinstance(m, _QuantLayer) for m in q.modules())
+
+
+def _check_w8a8(name: str) -> None:
+    per_layer, emb, layers = _full_size_w8a8(name)
+    assert len(per_layer) == layers  # every quantized layer ran and was measured
+    worst = min(per_layer, key=per_layer.get)
+    # 8-bit per-tensor activations and per-channel weights (random weights): each layer keeps
+    # >= 30 dB of its own output (measured: worst 33.8, median 41.7 dB for L0), the embedding
+    # >= 25 dB (measured 34.9 dB for L0)
+    assert per_layer[worst] >= 30, (worst, per_layer[worst])
+    assert float(np.median(list(per_layer.values()))) >= 38
+    assert emb >= 25
 
 
 def test_w8a8_layer_sqnr_on_full_size_efficientvit_sam_l0():
-    per_layer, emb = _full_size_w8a8("efficientvit-sam-l0")
-    assert len(per_layer) > 100
-    worst = min(per_layer, key=per_layer.get)
-    # 8-bit per-tensor activations and per-channel weights: each layer keeps >= 25 dB of its
-    # own output (random weights; typical layers reach 35-45 dB)
-    assert per_layer[worst] >= 25, (worst, per_layer[worst])
-    assert float(np.median(list(per_layer.values()))) >= 33
-    assert emb >= 15
+    _check_w8a8("efficientvit-sam-l0")
 
 
 @pytest.mark.slow
 def test_w8a8_layer_sqnr_on_full_size_sam_vit_b():
-    per_layer, emb = _full_size_w8a8("sam-vit-b")
-    worst = min(per_layer, key=per_layer.get)
-    assert per_layer[worst] >= 25, (worst, per_layer[worst])
-    assert float(np.median(list(per_layer.values()))) >= 33
-    assert emb >= 15
+    _check_w8a8("sam-vit-b")
 
 
 @pytest.mark.slow

@@ -50,6 +50,9 @@ class QuantConfig:
         published numbers).
       sign_fold: fold the sign of bimodal decoder attention keys into q/k projections (PTQ4SAM;
         methods with reconstruction only).
+      cag_merge: how CAG merges a group's channels: ``mean`` of their (scale, zero point), as
+        measured in QUANTIZATION.md's tables, or ``range`` (MinMax over the members' ranges;
+        better without long reconstruction, see QUANTIZATION.md).
       seed: calibration sampling, dropping, KMeans.
     """
 
@@ -66,6 +69,7 @@ class QuantConfig:
     lr_scale: float = 4e-5
     kernel_bug: bool = False
     sign_fold: bool = True
+    cag_merge: str = "mean"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -76,6 +80,8 @@ class QuantConfig:
                 raise InputError(f"{name} must be 2..8, got {getattr(self, name)}")
         if self.iters < 0:
             raise InputError(f"iters must be >= 0, got {self.iters}")
+        if self.cag_merge not in ("mean", "range"):
+            raise InputError(f"cag_merge must be 'mean' or 'range', got {self.cag_merge!r}")
         if not 0 <= self.drop_prob < 1:
             raise InputError(f"drop_prob must be in [0, 1), got {self.drop_prob}")
 

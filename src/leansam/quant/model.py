@@ -366,7 +366,7 @@ def _reconstruct_block(
         for it in range(cfg.iters):
             if it in regroup_at and cags:
                 for q in cags:
-                    q.regroup(regroup_at[it], seed=cfg.seed)
+                    q.regroup(regroup_at[it], seed=cfg.seed, merge=cfg.cag_merge)
                 opt_w_state = opt_w.state_dict() if opt_w else None
                 opt_w, opt_a = optimizers()  # CAG: the optimiser restarts after each regroup
                 if opt_w is not None and opt_w_state is not None:
@@ -397,12 +397,12 @@ def _reconstruct_block(
                     opt.step()
     for q in cags:  # whatever the iteration count: CAG ends with 4 groups
         for g in CAG_GROUPS:
-            q.regroup(g, seed=cfg.seed)
+            q.regroup(g, seed=cfg.seed, merge=cfg.cag_merge)
     for q in acts:
         q.drop_prob = 0.0
     for q in weights:
         q.finalize()
-    kept = _keep_best(block, weights, acts, start, inputs, targets, cfg.seed)
+    kept = _keep_best(block, weights, acts, start, inputs, targets, cfg)
     return float(loss.detach()), kept
 
 
@@ -416,7 +416,7 @@ def _restore(qs: list[Quantizer], states: list[dict]) -> None:
 
 
 @torch.no_grad()
-def _keep_best(block, weights, acts, start, inputs, targets, seed: int) -> str:
+def _keep_best(block, weights, acts, start, inputs, targets, cfg: QuantConfig) -> str:
     """Reconstruction only pays off once AdaRound's soft variables have converged (the paper
     runs 20,000 iterations per block); with a short CPU budget many are still undecided, and
     rounding them (or scales learned against the soft weights) can end up worse than plain
@@ -446,7 +446,7 @@ def _keep_best(block, weights, acts, start, inputs, targets, seed: int) -> str:
     for q in acts:
         if isinstance(q, CAGQuantizer):
             for g in CAG_GROUPS:
-                q.regroup(g, seed=seed)
+                q.regroup(g, seed=cfg.seed, merge=cfg.cag_merge)
     errors["calibrated"] = error()
     best = min(errors, key=errors.get)
     if best == "learned":
@@ -641,12 +641,13 @@ def report(model: Sam) -> dict:
     for mod_name, mod in model.named_modules():
         if not isinstance(mod, _QuantLayer):
             continue
-        for what, qz in (("weight", mod.w_quant), ("input", mod.a_quant)):
-            if qz is None:
-                continue
-            rows.append(_row(f"{mod_name}.{what}", qz))
+        c = mod.in_features if isinstance(mod, QuantLinear) else mod.in_channels
+        rows.append(_row(f"{mod_name}.weight", mod.w_quant))
+        if mod.a_quant is not None:
+            # what a datapath holds for this input: per channel it would be c (scale, zero
+            # point) pairs; CAG holds its groups, per-tensor quantizers one set
+            rows.append({**_row(f"{mod_name}.input", mod.a_quant), "channels": c})
         if isinstance(mod.a_quant, CAGQuantizer):
-            c = mod.in_features if isinstance(mod, QuantLinear) else mod.in_channels
             per_channel += c
             grouped += mod.a_quant.num_groups
     for mod_name, mod in model.named_modules():

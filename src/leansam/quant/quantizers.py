@@ -476,9 +476,11 @@ class CAGQuantizer(_MinMaxObserver):
         """Per-channel (scale, zero point) as used in the forward (through the groups)."""
         return self.scale[self.group], self.zero_point[self.group]
 
-    def regroup(self, n_groups: int, seed: int = 0) -> None:
+    def regroup(self, n_groups: int, seed: int = 0, merge: str = "mean") -> None:
         """Merge the channels' current (scale, zero point) into ``n_groups`` KMeans clusters
-        (n_init 10, fixed seed); each group starts at its members' mean, zero point rounded."""
+        (n_init 10, fixed seed). ``merge="mean"``: each group starts at its members' mean
+        (zero point rounded); ``"range"``: at the MinMax parameters of the union of its members'
+        ranges (no member is clipped)."""
         from ..errors import require
 
         if n_groups >= self.num_groups:
@@ -492,8 +494,15 @@ class CAGQuantizer(_MinMaxObserver):
             feats.double().numpy()
         )
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.group.device)
-        new_scale = torch.stack([scale[labels == k].mean() for k in range(n_groups)])
-        new_zp = torch.stack([zp[labels == k].mean() for k in range(n_groups)]).round()
+        if merge == "range":
+            lo, hi = -zp * scale, (self.qmax - zp) * scale
+            los = torch.stack([lo[labels == k].min() for k in range(n_groups)])
+            his = torch.stack([hi[labels == k].max() for k in range(n_groups)])
+            new_scale = ((his - los) / self.qmax).clamp(min=1e-8)
+            new_zp = (-los / new_scale).round()
+        else:
+            new_scale = torch.stack([scale[labels == k].mean() for k in range(n_groups)])
+            new_zp = torch.stack([zp[labels == k].mean() for k in range(n_groups)]).round()
         with torch.no_grad():
             self.scale = nn.Parameter(new_scale.to(self.scale.device))
             self.zero_point = new_zp.to(self.zero_point.device)
