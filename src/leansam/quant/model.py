@@ -686,7 +686,7 @@ def check_active(model: Sam, samples: list[CalibSample]) -> dict[str, float]:
     changed. Raises if any quantizer is disabled, uncalibrated, never ran or changed nothing:
     a result reported for this model then really is the quantized model's."""
     changed: dict[str, float] = {}
-    handles = []
+    hooks = []
     for name, qz in quantizers(model):
         if not qz.enabled or not bool(qz.initialized):
             raise RuntimeError(f"quantizer {name} is disabled or uncalibrated")
@@ -695,12 +695,8 @@ def check_active(model: Sam, samples: list[CalibSample]) -> dict[str, float]:
             frac = float((out != args[0]).float().mean())
             changed[name] = max(changed.get(name, 0.0), frac)
 
-        handles.append(qz.register_forward_hook(hook))
-    try:
-        run_samples(model, samples)
-    finally:
-        for h in handles:
-            h.remove()
+        hooks.append((qz, hook))
+    _run_hooked(model, samples, hooks)
     names = [n for n, _ in quantizers(model)]
     silent = [n for n in names if changed.get(n, 0.0) == 0.0]
     if silent:
@@ -718,7 +714,7 @@ def layer_sqnr(model: Sam, samples: list[CalibSample]) -> dict[str, float]:
     from .quantizers import sqnr_db
 
     worst: dict[str, float] = {}
-    handles = []
+    hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, _QuantLayer):
 
@@ -726,13 +722,19 @@ def layer_sqnr(model: Sam, samples: list[CalibSample]) -> dict[str, float]:
                 db = sqnr_db(m.fp(args[0].float()), out)
                 worst[name] = min(worst.get(name, math.inf), db)
 
-            handles.append(mod.register_forward_hook(hook))
+            hooks.append((mod, hook))
+    _run_hooked(model, samples, hooks)
+    return worst
+
+
+def _run_hooked(model: Sam, samples, hooks: list) -> None:
+    """:func:`run_samples` with forward hooks (module, fn) attached for the pass only."""
+    handles = [mod.register_forward_hook(fn) for mod, fn in hooks]
     try:
         run_samples(model, samples)
     finally:
         for h in handles:
             h.remove()
-    return worst
 
 
 # -------------------------------------------------------------------------------- save, load
