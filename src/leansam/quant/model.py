@@ -487,13 +487,10 @@ def _fold_signs(model: Sam, samples: list[CalibSample]) -> list[str]:
 
         return hook
 
-    handles = [m.k_proj.register_forward_hook(keep(n)) for n, m in atts]
     _set_enabled(model, False)
     folded = []
     try:
-        run_samples(model, samples)
-        for h in handles:
-            h.remove()
+        _run_hooked(model, samples, [(m.k_proj, keep(n)) for n, m in atts])
         for n, m in atts:
             x = torch.cat(keys[n])
             k = m.k_proj(x)
@@ -502,8 +499,6 @@ def _fold_signs(model: Sam, samples: list[CalibSample]) -> list[str]:
                 sign_fold(m.q_proj, m.k_proj, x)
                 folded.append(f"mask_decoder.{n}")
     finally:
-        for h in handles:
-            h.remove()
         _set_enabled(model, True)
     return folded
 
