@@ -12,7 +12,8 @@ quantizer is enabled, calibrated and changes its input. Records (mIoU by size, w
 register counts, active quantizers) go to ``--out`` after every configuration; a rerun skips
 the configurations already there (resumable). ``--markdown`` prints the QUANTIZATION.md tables.
 A method ``ahcptq+kernel-bug`` runs AHCPTQ with the published HLUQ kernel's behaviour,
-``ahcptq+range`` with CAG groups merged by range.
+``ahcptq+range`` with CAG groups merged by range, ``METHOD+log2`` with plain log2 softmax
+quantizers instead of the calibrated granularity (the default, ``QuantConfig.softmax``).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> None:
                 if (name, method, bits) in done:
                     continue
                 # variants: ahcptq+kernel-bug (the published HLUQ kernel), ahcptq+range (CAG
-                # groups merged by range instead of mean)
+                # groups merged by range instead of mean), METHOD+log2 (plain log2 softmax)
                 base, _, flag = method.partition("+")
                 cfg = QuantConfig.from_bits(
                     base,
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> None:
                     iters=args.iters,
                     kernel_bug=flag == "kernel-bug",
                     cag_merge="range" if flag == "range" else "mean",
+                    softmax="log2" if flag == "log2" else "agq",
                 )
                 q = quantize(model, cfg, samples, progress=False)
                 active = check_active(q, check)
@@ -119,6 +121,7 @@ def run(args: argparse.Namespace) -> None:
                     "model": name,
                     "method": method,
                     "bits": bits,
+                    "softmax": cfg.softmax,
                     "miou": _miou(res),
                     "quantize_s": q.quant_info["total_s"],
                     "eval_s": round(time.perf_counter() - t0, 1),

@@ -218,6 +218,45 @@ def test_log2_quantizer_for_softmax():
     assert float(q(torch.tensor([0.3]))) == 0.25
 
 
+@torch.no_grad()
+def test_log2_granularity_search_minimises_the_attention_output_error():
+    torch.manual_seed(0)
+    p = torch.softmax(2 * torch.randn(4, 48, 200), -1)
+    v = torch.randn(4, 200, 16)
+    q = Log2Quantizer(8)
+    q.rows = 48  # every query row, so that the brute force below sees the same data
+    q.observe()
+    assert torch.equal(q(p, value=v), p)  # observing passes through
+    q.init_params()
+
+    def error(tau, s):
+        return float(
+            (Log2Quantizer._fake(p, torch.tensor(tau), torch.tensor(s), 8) @ v - p @ v)
+            .pow(2)
+            .mean()
+        )
+
+    grid = {(t, s): error(t, s) for t in Log2Quantizer.taus for s in Log2Quantizer.scales}
+    best = min(grid, key=grid.get)
+    assert (float(q.tau), float(q.scale)) == pytest.approx(best)
+    assert float(q.tau) > 1  # 8 bits leave room for a finer grid than powers of two
+    assert grid[best] < 0.1 * error(1, 1.0)  # far below plain log2's error
+    y = q(p)
+    k = -torch.log2(y[y > 0] / q.scale) * q.tau  # every output is s * 2^(-k / tau), k integer
+    assert torch.allclose(k, k.round(), atol=1e-3)
+    # without the search (or before calibration data) it is the plain log2 quantizer
+    plain = Log2Quantizer(8, search=False).observe()
+    plain(p, value=v)
+    plain.init_params()
+    assert (float(plain.tau), float(plain.scale)) == (1.0, 1.0)
+    # a state dict written before the search existed loads as plain log2
+    state = {k: t for k, t in q.state_dict().items() if k not in ("tau", "scale")}
+    old = Log2Quantizer(8)
+    old.tau.fill_(4)
+    old.load_state_dict(state)
+    assert float(old.tau) == 1.0 and float(old.scale) == 1.0
+
+
 def test_sign_fold_keeps_attention_and_makes_keys_one_sided():
     torch.manual_seed(0)
     q_proj, k_proj = torch.nn.Linear(32, 16), torch.nn.Linear(32, 16)

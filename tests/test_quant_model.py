@@ -137,6 +137,25 @@ def test_every_method_quantizes_and_every_quantizer_is_active(tiny, method):
     assert sqnr_db(_outputs(model, samples)[0], _outputs(q, samples)[0]) < 60
 
 
+def test_softmax_granularity_is_calibrated_on_the_attention_output(tiny):
+    model, samples = tiny
+    ref = _outputs(model, samples)
+    errors = {}
+    for softmax in ("log2", "agq"):
+        cfg = QuantConfig(method="minmax", w_bits=8, a_bits=8, softmax=softmax)
+        q = quantize(model, cfg, samples, progress=False)
+        logs = [qz for _, qz in quantizers(q) if isinstance(qz, Log2Quantizer)]
+        assert logs  # decoder attentions (and ViT blocks) quantize their softmax outputs
+        taus = {float(qz.tau) for qz in logs}
+        assert taus == {1.0} if softmax == "log2" else max(taus) > 1
+        rows = [r for r in report(q)["tensors"] if r["quantizer"] == "log2"]
+        assert len(rows) == len(logs) and {r["tau"] for r in rows} == taus
+        out = _outputs(q, samples)
+        errors[softmax] = [float((a - b).pow(2).mean()) for a, b in zip(ref, out, strict=True)]
+    # the calibrated grid lowers the error of the masks and the IoU predictions at W8A8
+    assert errors["agq"][1] < errors["log2"][1] and errors["agq"][2] < errors["log2"][2]
+
+
 def test_a_disabled_quantizer_is_caught(tiny):
     model, samples = tiny
     q = quantize(model, QuantConfig(method="minmax", w_bits=8, a_bits=8), samples, progress=False)
@@ -267,6 +286,8 @@ def test_bad_configurations_fail_with_one_line():
         QuantConfig.from_bits("ahcptq", "int4")
     with pytest.raises(InputError, match=r"2\.\.8"):
         QuantConfig.from_bits("ahcptq", "w9a9")
+    with pytest.raises(InputError, match="softmax"):
+        QuantConfig(softmax="log10")
 
 
 def _cli(*args, cwd):
@@ -332,9 +353,10 @@ def _check_w8a8(name: str, min_embedding_db: float) -> None:
     assert len(per_layer) == layers  # every quantized layer ran and was measured
     worst = min(per_layer, key=per_layer.get)
     # 8-bit per-tensor activations and per-channel weights (random weights): each layer keeps
-    # >= 30 dB of its own output (measured: worst 33.8, median 41.7 dB for L0); the embedding
-    # measured 34.9 dB for L0 but 15.6 dB for SAM-ViT-B (12 blocks of random-weight attention
-    # accumulate the noise of 8-bit per-tensor inputs; QUANTIZATION.md)
+    # >= 30 dB of its own output (measured: worst 33.8 / 38.1, median 41.7 / 39.9 dB for L0 /
+    # SAM-ViT-B), the embedding 34.9 / 31.0 dB. SAM-ViT-B's embedding was 15.6 dB with plain
+    # log2 softmax quantizers (12 blocks accumulate their error); the calibrated granularity
+    # brought it to 31.0 (QUANTIZATION.md)
     assert per_layer[worst] >= 30, (worst, per_layer[worst])
     assert float(np.median(list(per_layer.values()))) >= 38
     assert emb >= min_embedding_db
@@ -346,7 +368,7 @@ def test_w8a8_layer_sqnr_on_full_size_efficientvit_sam_l0():
 
 @pytest.mark.slow
 def test_w8a8_layer_sqnr_on_full_size_sam_vit_b():
-    _check_w8a8("sam-vit-b", 15)
+    _check_w8a8("sam-vit-b", 28)
 
 
 @pytest.mark.slow

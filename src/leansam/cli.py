@@ -298,6 +298,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         iters=args.iters,
         kernel_bug=args.kernel_bug,
         sign_fold=not args.no_sign_fold,
+        cag_merge=args.cag_merge,
+        softmax=args.softmax,
         seed=args.seed,
     )
     out = Path(args.out)
@@ -661,6 +663,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="HLUQ as the published kernel computes it (only to reproduce published numbers)",
     )
     qz.add_argument("--no-sign-fold", action="store_true", help="skip the decoder key sign fold")
+    qz.add_argument(
+        "--cag-merge",
+        default="mean",
+        choices=("mean", "range"),
+        help="how CAG merges a group's channel parameters (default mean; see QUANTIZATION.md)",
+    )
+    qz.add_argument(
+        "--softmax",
+        default="agq",
+        choices=("agq", "log2"),
+        help="softmax-output quantizer: agq (log2 with calibrated granularity, default) or "
+        "plain log2",
+    )
     qz.add_argument("--seed", type=int, default=0)
     qz.add_argument("--device", default=None)
     qz.add_argument("--out", required=True, help="the quantized model file, e.g. q.pt")

@@ -53,6 +53,10 @@ class QuantConfig:
       cag_merge: how CAG merges a group's channels: ``mean`` of their (scale, zero point), as
         measured in QUANTIZATION.md's tables, or ``range`` (MinMax over the members' ranges;
         better without long reconstruction, see QUANTIZATION.md).
+      softmax: the softmax-output quantizer: ``agq`` (log2 codes with a calibrated
+        granularity ``2^(-k/tau)`` and top level, PTQ4SAM's adaptive granularity, as the
+        published AHCPTQ code uses) or ``log2`` (plain powers of two, SPEC section 7's formula).
+        The same for every method.
       seed: calibration sampling, dropping, KMeans.
     """
 
@@ -70,6 +74,7 @@ class QuantConfig:
     kernel_bug: bool = False
     sign_fold: bool = True
     cag_merge: str = "mean"
+    softmax: str = "agq"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,6 +87,8 @@ class QuantConfig:
             raise InputError(f"iters must be >= 0, got {self.iters}")
         if self.cag_merge not in ("mean", "range"):
             raise InputError(f"cag_merge must be 'mean' or 'range', got {self.cag_merge!r}")
+        if self.softmax not in ("agq", "log2"):
+            raise InputError(f"softmax must be 'agq' or 'log2', got {self.softmax!r}")
         if not 0 <= self.drop_prob < 1:
             raise InputError(f"drop_prob must be in [0, 1), got {self.drop_prob}")
 
@@ -112,4 +119,5 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
         known = {f.name for f in fields(cls)}
+        d = {"softmax": "log2", **d}  # files from before the softmax option used plain log2
         return cls(**{k: v for k, v in d.items() if k in known})

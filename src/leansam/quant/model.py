@@ -26,7 +26,8 @@ reconstruction). Activations: one width for all; the CAG role is per-channel-the
 (``ahcptq``, ``ahcptq-no-hluq``) or per tensor; the HLUQ role is HLUQ (``ahcptq``,
 ``ahcptq-no-cag``) or per tensor; plain inputs are per tensor (MinMax for ``minmax``,
 percentile for ``percentile``, MSE-initialised with learnable scale otherwise); softmax outputs
-use the log2 quantizer in every method.
+use the log2 quantizer in every method, by default with a calibrated granularity
+(``QuantConfig.softmax``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ VERSION = 1
 def _act_quantizer(role: str, cfg: QuantConfig, channel_axis: int) -> Quantizer:
     bits = cfg.a_bits
     if role == "softmax":
-        return Log2Quantizer(bits)
+        return Log2Quantizer(bits, search=cfg.softmax == "agq")
     if role == "cag" and cfg.cag:
         return CAGQuantizer(bits, channel_axis=channel_axis)
     if role == "hluq" and cfg.hluq:
@@ -665,7 +666,7 @@ def report(model: Sam) -> dict:
 
 
 def _row(name: str, qz: Quantizer) -> dict:
-    return {
+    row = {
         "tensor": name,
         "quantizer": qz.kind,
         "bits": qz.bits,
@@ -673,6 +674,9 @@ def _row(name: str, qz: Quantizer) -> dict:
         "calibrated": bool(qz.initialized),
         "params": int(qz.num_params()) if hasattr(qz, "num_params") else 0,
     }
+    if isinstance(qz, Log2Quantizer):  # levels s * 2^(-k / tau): a shift and a tau-entry table
+        row["tau"], row["scale"] = float(qz.tau), float(qz.scale)
+    return row
 
 
 @torch.no_grad()

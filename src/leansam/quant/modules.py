@@ -141,8 +141,9 @@ class QuantViTAttention(vit.Attention):
         attn = (attn.view(b * n, h, w, h, w) + rel_h[..., None] + rel_w[..., None, :]).view(
             b * n, h * w, h * w
         )
-        attn = self.attn_quant(attn.softmax(dim=-1))
-        out = (attn @ self.v_quant(v)).view(b, n, h, w, -1).permute(0, 2, 3, 1, 4)
+        v = self.v_quant(v)
+        attn = self.attn_quant(attn.softmax(dim=-1), value=v)
+        out = (attn @ v).view(b, n, h, w, -1).permute(0, 2, 3, 1, 4)
         return self.proj(out.reshape(b, h, w, -1))
 
 
@@ -159,7 +160,7 @@ class QuantDecoderAttention(transformer.Attention):
         k = self.k_quant(self._heads(self.k_proj(k)))
         v = self.v_quant(self._heads(self.v_proj(v)))
         attn = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
-        out = self.attn_quant(attn) @ v
+        out = self.attn_quant(attn, value=v) @ v
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
 
