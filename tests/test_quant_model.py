@@ -183,7 +183,9 @@ def test_cag_groups_drive_the_forward(tiny):
 
 def test_reconstruction_lowers_the_block_error(tiny):
     model, samples = tiny
-    cfg = QuantConfig(method="qdrop", w_bits=4, a_bits=4, iters=0, lr_scale=1e-3)
+    # plain log2 softmax: with the calibrated granularity, 60 iterations lowered the first ViT
+    # block's error by only 0.3 %, too little for the 1 % bar below to tell learning from noise
+    cfg = QuantConfig(method="qdrop", w_bits=4, a_bits=4, iters=0, lr_scale=1e-3, softmax="log2")
     q = quantize(model, cfg, samples, progress=False)
     fp = prepare(model, cfg)
     for _, qz in quantizers(fp):
