@@ -12,8 +12,9 @@ quantizer is enabled, calibrated and changes its input. Records (mIoU by size, w
 register counts, active quantizers) go to ``--out`` after every configuration; a rerun skips
 the configurations already there (resumable). ``--markdown`` prints the QUANTIZATION.md tables.
 A method ``ahcptq+kernel-bug`` runs AHCPTQ with the published HLUQ kernel's behaviour,
-``ahcptq+range`` with CAG groups merged by range, ``METHOD+log2`` with plain log2 softmax
-quantizers instead of the calibrated granularity (the default, ``QuantConfig.softmax``).
+``METHOD+mean`` with CAG groups merged at their members' mean instead of by range (the default,
+``QuantConfig.cag_merge``), ``METHOD+log2`` with plain log2 softmax quantizers instead of the
+calibrated granularity (the default, ``QuantConfig.softmax``).
 """
 
 from __future__ import annotations
@@ -101,15 +102,15 @@ def run(args: argparse.Namespace) -> None:
             for method in args.methods.split(","):
                 if (name, method, bits) in done:
                     continue
-                # variants: ahcptq+kernel-bug (the published HLUQ kernel), ahcptq+range (CAG
-                # groups merged by range instead of mean), METHOD+log2 (plain log2 softmax)
+                # variants: ahcptq+kernel-bug (the published HLUQ kernel), METHOD+mean (CAG
+                # groups merged at the mean instead of by range), METHOD+log2 (plain log2 softmax)
                 base, _, flag = method.partition("+")
                 cfg = QuantConfig.from_bits(
                     base,
                     bits,
                     iters=args.iters,
                     kernel_bug=flag == "kernel-bug",
-                    cag_merge="range" if flag == "range" else "mean",
+                    cag_merge="mean" if flag == "mean" else "range",
                     softmax="log2" if flag == "log2" else "agq",
                 )
                 q = quantize(model, cfg, samples, progress=False)
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> None:
                     "method": method,
                     "bits": bits,
                     "softmax": cfg.softmax,
+                    "cag_merge": cfg.cag_merge if cfg.cag else "-",
                     "miou": _miou(res),
                     "quantize_s": q.quant_info["total_s"],
                     "eval_s": round(time.perf_counter() - t0, 1),

@@ -12,6 +12,7 @@ from leansam.quant import (
     HLUQ,
     CAGQuantizer,
     Log2Quantizer,
+    QuantConfig,
     UniformQuantizer,
     round_ste,
     sign_fold,
@@ -202,6 +203,41 @@ def test_cag_progressive_grouping_to_four_groups():
     s, z = q.channel_params()
     manual = (torch.clamp(torch.round(x / s) + z, 0, 15) - z) * s
     torch.testing.assert_close(after, manual)
+
+
+@torch.no_grad()
+def test_cag_merge_rules():
+    """``range`` (default) covers every member's range; ``mean`` is the members' centroid."""
+    g = torch.Generator().manual_seed(1)
+    lo = -torch.rand(32, generator=g) * 4
+    hi = torch.rand(32, generator=g) * 8 + 0.5
+    x = lo + (hi - lo) * torch.rand(2048, 32, generator=g)
+    x[0], x[1] = lo, hi  # every channel reaches its min and max
+    qs = {}
+    for merge in ("range", "mean"):
+        q = CAGQuantizer(4, channel_axis=-1).observe()
+        q(x)
+        q.init_params()
+        scale0, zp0 = (t.clone() for t in q.channel_params())
+        q.regroup(4, merge=merge)
+        qs[merge] = (q, scale0, zp0)
+    q, scale0, _ = qs["range"]
+    s = q.channel_params()[0]
+    # nothing clipped: the group covers each member's grid, so a value is off by at most half
+    # the group's step plus half the member's own step (both zero points are rounded)
+    assert bool(((q(x) - x).abs() <= s / 2 + scale0 / 2 + 1e-5).all())
+    assert s.unique().numel() == 4
+    q, scale0, zp0 = qs["mean"]
+    for k in range(4):
+        m = q.group == k
+        assert float(q.scale[k]) == pytest.approx(float(scale0[m].mean()), rel=1e-6)
+        assert float(q.zero_point[k]) == float(zp0[m].mean().round())
+    # the mean rule clips the wide channels of some group; the range rule does not
+    assert float((q(x) - x).abs().max()) > float(qs["range"][0](x).sub(x).abs().max())
+    with pytest.raises(InputError, match="cag_merge"):
+        QuantConfig(cag_merge="median")
+    assert QuantConfig().cag_merge == "range"
+    assert QuantConfig.from_dict({"method": "minmax"}).cag_merge == "mean"  # files from before
 
 
 @torch.no_grad()

@@ -665,9 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--no-sign-fold", action="store_true", help="skip the decoder key sign fold")
     qz.add_argument(
         "--cag-merge",
-        default="mean",
-        choices=("mean", "range"),
-        help="how CAG merges a group's channel parameters (default mean; see QUANTIZATION.md)",
+        default="range",
+        choices=("range", "mean"),
+        help="how CAG merges a group's channels: range (default, no channel clipped) or mean "
+        "(the KMeans centroid); see QUANTIZATION.md",
     )
     qz.add_argument(
         "--softmax",

@@ -50,9 +50,10 @@ class QuantConfig:
         published numbers).
       sign_fold: fold the sign of bimodal decoder attention keys into q/k projections (PTQ4SAM;
         methods with reconstruction only).
-      cag_merge: how CAG merges a group's channels: ``mean`` of their (scale, zero point), as
-        measured in QUANTIZATION.md's tables, or ``range`` (MinMax over the members' ranges;
-        better without long reconstruction, see QUANTIZATION.md).
+      cag_merge: how CAG merges a group's channels: ``range`` (the default: MinMax over the
+        members' ranges, so no channel is clipped) or ``mean`` of their (scale, zero point), the
+        KMeans centroid (clips the group's wide channels; measured worse at a CPU budget, see
+        QUANTIZATION.md).
       softmax: the softmax-output quantizer: ``agq`` (log2 codes with a calibrated
         granularity ``2^(-k/tau)`` and top level, PTQ4SAM's adaptive granularity, as the
         published AHCPTQ code uses) or ``log2`` (plain powers of two, SPEC section 7's formula).
@@ -73,7 +74,7 @@ class QuantConfig:
     lr_scale: float = 4e-5
     kernel_bug: bool = False
     sign_fold: bool = True
-    cag_merge: str = "mean"
+    cag_merge: str = "range"
     softmax: str = "agq"
     seed: int = 0
 
@@ -119,5 +120,6 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
         known = {f.name for f in fields(cls)}
-        d = {"softmax": "log2", **d}  # files from before the softmax option used plain log2
+        # files from before these options: plain log2 softmax, CAG groups merged by mean
+        d = {"softmax": "log2", "cag_merge": "mean", **d}
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -476,7 +476,7 @@ class CAGQuantizer(_MinMaxObserver):
         """Per-channel (scale, zero point) as used in the forward (through the groups)."""
         return self.scale[self.group], self.zero_point[self.group]
 
-    def regroup(self, n_groups: int, seed: int = 0, merge: str = "mean") -> None:
+    def regroup(self, n_groups: int, seed: int = 0, merge: str = "range") -> None:
         """Merge the channels' current (scale, zero point) into ``n_groups`` KMeans clusters
         (n_init 10, fixed seed). ``merge="mean"``: each group starts at its members' mean
         (zero point rounded); ``"range"``: at the MinMax parameters of the union of its members'
