@@ -303,10 +303,16 @@ class SamPredictor:
         # x 3 masks would be 800 MB of floats; chunks stay in cache and only the thresholded
         # masks of the full batch are kept.
         size, orig = self.input_sizes[idx], self.original_sizes[idx]
-        chunks = [
-            self.model.postprocess_masks(low_res[i : i + POSTPROCESS_CHUNK], size, orig)
-            for i in range(0, low_res.shape[0], POSTPROCESS_CHUNK)
-        ]
-        if not return_logits:
-            chunks = [m > self.model.mask_threshold for m in chunks]
-        return torch.cat(chunks), iou, low_res
+        if return_logits:
+            masks = torch.cat(
+                [
+                    self.model.postprocess_masks(low_res[i : i + POSTPROCESS_CHUNK], size, orig)
+                    for i in range(0, low_res.shape[0], POSTPROCESS_CHUNK)
+                ]
+            )
+            return masks, iou, low_res
+        masks = torch.empty(*low_res.shape[:2], *orig, dtype=torch.bool, device=low_res.device)
+        for i in range(0, low_res.shape[0], POSTPROCESS_CHUNK):
+            logits = self.model.postprocess_masks(low_res[i : i + POSTPROCESS_CHUNK], size, orig)
+            torch.gt(logits, self.model.mask_threshold, out=masks[i : i + POSTPROCESS_CHUNK])
+        return masks, iou, low_res

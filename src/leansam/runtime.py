@@ -110,12 +110,13 @@ def _torch_opt(model: Sam) -> Encoder:
 
 
 def compile_decoder(model: Sam) -> Callable:
-    """``torch.compile`` of the mask decoder's inference pass (dynamic shapes: any number of
-    prompt sets and points without recompiling), for ``MaskDecoder.forward(impl=...)``: the
-    elementwise work around the attention and up-scaling fuses, ~1.3x faster per prompt with
-    16 prompts per call. Compiles on the first call (~40 s on 2 cores); falls back to eager
+    """``torch.compile`` of the mask decoder's inference pass up to the up-scaling (dynamic
+    shapes: any number of prompt sets and points without recompiling), for
+    ``MaskDecoder.forward(impl=...)``: the elementwise work around the attentions fuses. The
+    up-scaling stays eager (``MaskDecoder._upscale``: tiled matrix products, faster than the
+    compiled convolutions). Compiles on the first call (~40 s on 2 cores); falls back to eager
     where compilation fails."""
-    return compiled_or_eager(model.mask_decoder._predict, "the decoder", dynamic=True)
+    return compiled_or_eager(model.mask_decoder._decode, "the decoder", dynamic=True)
 
 
 def _torch_bf16(model: Sam) -> Encoder:

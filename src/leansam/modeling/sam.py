@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,27 @@ def resize_matrix(n: int, frame: int, keep: int, out: int, like: torch.Tensor) -
     eye = torch.eye(n, dtype=like.dtype, device=like.device)[None]  # column j: unit impulse
     x = F.interpolate(eye, size=frame, mode="linear", align_corners=False)[..., :keep]
     return F.interpolate(x, size=out, mode="linear", align_corners=False)[0].T
+
+
+#: output rows (columns) per band of the separable mask resizing (see Sam.postprocess_masks)
+RESIZE_BAND = 64
+
+
+@lru_cache(maxsize=64)
+def _resize_bands(
+    n: int, frame: int, keep: int, out: int, dtype: torch.dtype, device: str
+) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
+    """:func:`resize_matrix` cut into bands of :data:`RESIZE_BAND` outputs, each with the input
+    range its nonzero weights cover: (out0, out1, in0, in1, weights out x in)."""
+    like = torch.empty(0, dtype=dtype, device=device)
+    mat = resize_matrix(n, frame, keep, out, like)
+    bands = []
+    for o0 in range(0, out, RESIZE_BAND):
+        sub = mat[o0 : o0 + RESIZE_BAND]
+        nz = torch.nonzero(sub.abs().sum(0)).flatten()
+        i0, i1 = int(nz[0]), int(nz[-1]) + 1
+        bands.append((o0, o0 + sub.shape[0], i0, i1, sub[:, i0:i1].contiguous()))
+    return tuple(bands)
 
 
 class Sam(nn.Module):
@@ -129,27 +152,29 @@ class Sam(nn.Module):
 
         Without autograd the resizing runs separably (bilinear resizing is separable and
         linear): the three steps along the rows as one H x 256 matrix (:func:`resize_matrix`),
-        then the two 1-D interpolations along the columns. Same function up to float rounding,
-        ~3x faster on a CPU, without the 1024 x 1024 intermediate the crop mostly discards."""
+        then the three along the columns as one 256 x W matrix. Each output depends on a few
+        neighbouring inputs, so both products run band by band (:data:`RESIZE_BAND` outputs
+        times the inputs their weights cover) instead of densely. Same function up to float
+        rounding, ~5x faster on a CPU, without the 1024 x 1024 intermediate the crop mostly
+        discards."""
         if torch.is_grad_enabled() or masks.shape[-2:] != (EMBED_SIZE * 4, EMBED_SIZE * 4):
             masks = F.interpolate(
                 masks, (self.prompt_frame, self.prompt_frame), mode="bilinear", align_corners=False
             )
             masks = masks[..., : input_size[0], : input_size[1]]
             return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
-        # Rows: one H x 256 matrix product; columns: the two 1-D interpolations (a dense 256 x W
-        # product would cost ~70M multiply-adds per mask for a map with 3 taps per output).
-        n = masks.shape[-1]
-        rows = resize_matrix(n, self.prompt_frame, input_size[0], original_size[0], masks)
-        y = rows @ masks  # B x C x H x 256
-        b, c, h, _ = y.shape
-        y = F.interpolate(
-            y.reshape(b * c, h, n), size=self.prompt_frame, mode="linear", align_corners=False
-        )
-        y = F.interpolate(
-            y[..., : input_size[1]], size=original_size[1], mode="linear", align_corners=False
-        )
-        return y.reshape(b, c, h, original_size[1])
+        b, c, n, _ = masks.shape
+        (h, w), key = original_size, (masks.dtype, str(masks.device))
+        x = masks.reshape(b * c, n, n)
+        y = masks.new_empty(b * c, h, n)
+        for o0, o1, i0, i1, band in _resize_bands(n, self.prompt_frame, input_size[0], h, *key):
+            y[:, o0:o1] = band @ x[:, i0:i1]
+        y = y.view(b * c * h, n)
+        res = masks.new_empty(b, c, h, w)
+        flat = res.view(b * c * h, w)
+        for o0, o1, i0, i1, band in _resize_bands(n, self.prompt_frame, input_size[1], w, *key):
+            flat[:, o0:o1] = y[:, i0:i1] @ band.T
+        return res
 
     def forward(
         self,
