@@ -152,6 +152,8 @@ def markdown(paths: list[str]) -> str:
         lines += ["|---|" + "---:|" * (len(bits) + 1)]
         extra = [m for m, _ in mine if m not in METHODS and m != "fp32"]
         for method in [*METHODS, *dict.fromkeys(extra)]:
+            if not any((method, b) in mine for b in bits):
+                continue
             cells = [
                 f"{mine[(method, b)]['miou']['all']:.1f}" if (method, b) in mine else "-"
                 for b in bits

@@ -123,17 +123,21 @@ class MaskDecoder(nn.Module):
         impl = impl or self._decode
         if b > PROMPT_CHUNK:
             # Inference on many prompt sets: chunks keep the per-prompt image-sized tensors in
-            # cache (64 prompts at once run ~30 % slower per prompt than 16 on a CPU).
-            outs = [
+            # cache (64 prompts at once run ~30 % slower per prompt than 16 on a CPU); each
+            # chunk writes its masks into place.
+            _, _, h, w = src.shape
+            masks = src.new_empty(b, self.num_mask_tokens, 4 * h, 4 * w)
+            ious = [
                 self._infer(
                     src if src.shape[0] == 1 else src[i : i + PROMPT_CHUNK],
                     image_pe,
                     tokens[i : i + PROMPT_CHUNK],
                     impl,
-                )
+                    out=masks[i : i + PROMPT_CHUNK],
+                )[1]
                 for i in range(0, b, PROMPT_CHUNK)
             ]
-            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+            return masks, torch.cat(ious)
         return self._infer(src, image_pe, tokens, impl)
 
     def _predict(
@@ -149,13 +153,18 @@ class MaskDecoder(nn.Module):
         return masks, iou_pred
 
     def _infer(
-        self, src: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor, impl: Callable
+        self,
+        src: torch.Tensor,
+        image_pe: torch.Tensor,
+        tokens: torch.Tensor,
+        impl: Callable,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The inference pass: ``impl`` (:meth:`_decode` or a compiled one), then the tiled
-        up-scaling."""
+        up-scaling (into ``out`` if given)."""
         _, _, h, w = src.shape
         src, hyper_in, iou_pred = impl(src, image_pe, tokens)
-        return self._upscale(src, hyper_in, h, w), iou_pred
+        return self._upscale(src, hyper_in, h, w, out=out), iou_pred
 
     def _heads(self, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hypernetwork inputs (B x masks x C/8) and IoU predictions from the output tokens."""
@@ -174,7 +183,14 @@ class MaskDecoder(nn.Module):
         hs, src = self.transformer(src, image_pe, tokens)
         return (src, *self._heads(hs))
 
-    def _upscale(self, src: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def _upscale(
+        self,
+        src: torch.Tensor,
+        hyper_in: torch.Tensor,
+        h: int,
+        w: int,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``output_upscaling`` and the hypernetwork product for inference, on B x hw x C image
         tokens: B x masks x 4h x 4w logits. Both transposed convolutions have kernel = stride = 2,
         so each input pixel maps to its own 4 x 4 output block: the whole up-scaling is a
@@ -183,9 +199,11 @@ class MaskDecoder(nn.Module):
         hypernetwork outputs, so the 32-channel 4h x 4w intermediate (8 MB per prompt set)
         never leaves the cache; each tile's masks are written into place. The same
         function as the plain path up to float rounding (about 2x faster per prompt on a CPU).
-        Traced graphs (ONNX export) take the loop-free :meth:`_upscale_channels_last`."""
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return self._upscale_channels_last(src, hyper_in, h, w)
+        Traced graphs (ONNX export) and GPUs (where the loop would launch thousands of small
+        kernels) take the loop-free :meth:`_upscale_channels_last`."""
+        if src.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            masks = self._upscale_channels_last(src, hyper_in, h, w)
+            return masks if out is None else out.copy_(masks)
         up1, norm, _, up2, _ = self.output_upscaling
         b, _, c = src.shape
         c1, c2 = up1.out_channels, up2.out_channels
@@ -194,7 +212,8 @@ class MaskDecoder(nn.Module):
         b1, b2 = up1.bias.repeat(4), up2.bias.repeat(2)
         m = hyper_in.shape[1]
         rows = max(1, UPSCALE_TILE // w)  # whole image rows per tile
-        out = src.new_empty(b, m, 4 * h, 4 * w)
+        if out is None:
+            out = src.new_empty(b, m, 4 * h, 4 * w)
         for i in range(b):
             for y in range(0, h, rows):
                 r = min(rows, h - y)
