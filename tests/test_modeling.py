@@ -251,3 +251,18 @@ def test_mask_postprocessing_equals_sam_resizing(input_size, original_size):
         plain = model.postprocess_masks(masks, input_size, original_size)
     assert fast.shape == (2, 3, *original_size)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_softmax_flushes_only_subnormal_weights():
+    from leansam.modeling.common import softmax_ftz
+
+    x = torch.cat([torch.zeros(1, 1), torch.linspace(-100, 0, 4095)[None]], 1) * 1.0
+    ref = torch.softmax(x, -1)
+    tiny = torch.finfo(torch.float32).tiny
+    sub = (ref > 0) & (ref < tiny)
+    assert int(sub.sum()) > 100  # exp(-88..-100) are subnormal in float32
+    y = softmax_ftz(x, -1)
+    assert not bool(((y > 0) & (y < tiny)).any())
+    assert bool((y[sub] == 0).all()) and torch.equal(y[~sub], ref[~sub])
+    half = softmax_ftz(x.half(), -1)  # float16's subnormals are not negligible: kept
+    assert torch.equal(half, torch.softmax(x.half(), -1))

@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .common import MLPBlock
+from .common import MLPBlock, softmax_ftz
 
 
 class Attention(nn.Module):
@@ -66,7 +66,7 @@ class Attention(nn.Module):
         vh = self._heads(self.v_proj(v))[0]
         d = qh.shape[-1]
         qh = qh.transpose(0, 1).reshape(h, b * t, d)
-        attn = torch.softmax((qh @ kh.transpose(1, 2)) / math.sqrt(d), dim=-1)  # h x BT x N
+        attn = softmax_ftz((qh @ kh.transpose(1, 2)) / math.sqrt(d), dim=-1)  # h x BT x N
         out = (attn @ vh).reshape(h, b, t, d).permute(1, 2, 0, 3)  # B x T x h x d
         return self.out_proj(out.reshape(b, t, self.internal_dim))
 
@@ -83,7 +83,7 @@ class Attention(nn.Module):
         wv, bv = self._head_weights(self.v_proj)
         qh = self._heads(self.q_proj(q)) / math.sqrt(wk.shape[1])  # B x h x T x d, scaled
         q_in = self._per_head(qh, wk)  # B x h x T x C: Wk_h^T q
-        attn = torch.softmax(q_in.reshape(b, h * t, -1) @ k.transpose(1, 2), dim=-1)  # B x hT x N
+        attn = softmax_ftz(q_in.reshape(b, h * t, -1) @ k.transpose(1, 2), dim=-1)  # B x hT x N
         ctx = (attn @ v).reshape(b, h, t, -1)  # B x h x T x C
         out = self._per_head(ctx, wv.transpose(1, 2)) + bv[:, None]
         return self.out_proj(out.transpose(1, 2).reshape(b, t, self.internal_dim))
@@ -124,7 +124,7 @@ class Attention(nn.Module):
                 k_in.reshape(b, h * t, -1),
                 q.transpose(1, 2),
             )  # B x hT x N
-        attn = torch.softmax(attn.reshape(b, h, t, -1), dim=2).reshape(b, h * t, -1)
+        attn = softmax_ftz(attn.reshape(b, h, t, -1), dim=2).reshape(b, h * t, -1)
         wo = self.out_proj.weight.reshape(-1, h, d).permute(1, 2, 0)  # h x d x C
         m = self._per_head(vh, wo).reshape(b, h * t, -1) + self.out_proj.bias / h
         return torch.baddbmm(residual.expand(b, -1, -1), attn.transpose(1, 2), m)

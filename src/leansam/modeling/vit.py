@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import EMBED_DIM, ViTConfig
-from .common import LayerNorm2d, MLPBlock
+from .common import LayerNorm2d, MLPBlock, softmax_ftz
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -88,7 +88,8 @@ class Attention(nn.Module):
         attn = (attn.view(b * n, h, w, h, w) + rel_h[..., None] + rel_w[..., None, :]).view(
             b * n, h * w, h * w
         )
-        attn = attn.softmax(dim=-1)
+        # inference: subnormal weights flushed (see transformer.softmax_ftz)
+        attn = attn.softmax(dim=-1) if torch.is_grad_enabled() else softmax_ftz(attn, dim=-1)
         out = (attn @ v).view(b, n, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
 
