@@ -198,7 +198,7 @@ class MaskDecoder(nn.Module):
         products (LayerNorm and GELU between them) followed by the product with the
         hypernetwork outputs, so the 32-channel 4h x 4w intermediate (8 MB per prompt set)
         never leaves the cache; each tile's masks are written into place. The same
-        function as the plain path up to float rounding (about 2x faster per prompt on a CPU).
+        function as the plain path up to float rounding (timings: BENCHMARKS.md, "Decoder").
         Traced graphs (ONNX export) and GPUs (where the loop would launch thousands of small
         kernels) take the loop-free :meth:`_upscale_channels_last`."""
         if src.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
