@@ -81,9 +81,10 @@ class MLP(nn.Module):
 def softmax_ftz(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax with subnormal outputs flushed to zero (float32 / bfloat16), for the inference
     paths. A trained decoder's attention over 4,096 image tokens leaves up to ~12 % of the
-    weights subnormal (below 1.2e-38); as operands of the next matrix product they run through
-    x86 microcode assists and made it ~30x slower (segment-everything 2x slower overall), while
-    their contribution is below 1.2e-38 of a sum of weights equal to 1. float16 keeps them (its
+    weights subnormal (below 1.2e-38); as operands of the next matrix product they take the
+    CPU's slow path for subnormals (segment everything ran 2x slower,
+    ``benchmarks/subnormal_softmax.py``), while their contribution is below 1.2e-38 of a sum of
+    weights equal to 1. float16 keeps them (its
     smallest normal, 6e-5, is not negligible), and so do traced graphs (ONNX export: the
     runtime decides)."""
     y = torch.softmax(x, dim=dim)
