@@ -79,15 +79,14 @@ class MLP(nn.Module):
 
 
 def softmax_ftz(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Softmax with subnormal outputs flushed to zero (float32 / bfloat16), for the inference
-    paths. A trained decoder's attention over 4,096 image tokens leaves up to ~12 % of the
-    weights subnormal (below 1.2e-38); as operands of the next matrix product they take the
-    CPU's slow path for subnormals (segment everything ran 2x slower,
-    ``benchmarks/subnormal_softmax.py``), while their contribution is below 1.2e-38 of a sum of
-    weights equal to 1. float16 keeps them (its
-    smallest normal, 6e-5, is not negligible), and so do traced graphs (ONNX export: the
-    runtime decides)."""
+    """Softmax with subnormal outputs flushed to zero (float32 / bfloat16) at inference. A
+    trained decoder's attention over 4,096 image tokens leaves up to ~12 % of the weights
+    subnormal (below 1.2e-38); as operands of the next matrix product they take the CPU's slow
+    path for subnormals (segment everything ran 2x slower, ``benchmarks/subnormal_softmax.py``),
+    while their contribution is below 1.2e-38 of a sum of weights equal to 1. A plain softmax
+    under autograd (the in-place flush would break its backward), in float16 (its smallest
+    normal, 6e-5, is not negligible) and in traced graphs (ONNX export: the runtime decides)."""
     y = torch.softmax(x, dim=dim)
-    if y.dtype == torch.float16 or torch.jit.is_tracing():
+    if torch.is_grad_enabled() or y.dtype == torch.float16 or torch.jit.is_tracing():
         return y
     return F.threshold_(y, torch.finfo(y.dtype).tiny, 0.0)

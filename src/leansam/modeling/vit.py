@@ -88,8 +88,7 @@ class Attention(nn.Module):
         attn = (attn.view(b * n, h, w, h, w) + rel_h[..., None] + rel_w[..., None, :]).view(
             b * n, h * w, h * w
         )
-        # inference: subnormal weights flushed (see transformer.softmax_ftz)
-        attn = attn.softmax(dim=-1) if torch.is_grad_enabled() else softmax_ftz(attn, dim=-1)
+        attn = softmax_ftz(attn, dim=-1)  # at inference: subnormal weights flushed
         out = (attn @ v).view(b, n, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
 
