@@ -14,7 +14,9 @@ the configurations already there (resumable). ``--markdown`` prints the QUANTIZA
 A method ``ahcptq+kernel-bug`` runs AHCPTQ with the published HLUQ kernel's behaviour,
 ``METHOD+mean`` with CAG groups merged at their members' mean instead of by range (the default,
 ``QuantConfig.cag_merge``), ``METHOD+log2`` with plain log2 softmax quantizers instead of the
-calibrated granularity (the default, ``QuantConfig.softmax``).
+calibrated granularity (the default, ``QuantConfig.softmax``). ``--seed`` (rows labelled
+``METHOD (seed N)``), ``--iters`` and ``--keep-8bit TENSOR`` (mixed precision) set the
+corresponding ``QuantConfig`` fields; QUANTIZATION.md keeps each such study in its own record.
 """
 
 from __future__ import annotations
@@ -66,13 +68,15 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     record = json.loads(out.read_text()) if out.exists() else {"runs": []}
-    done = {(r["model"], r["method"], r["bits"]) for r in record["runs"]}
+    done = {(r["model"], _label(r), r["bits"]) for r in record["runs"]}
     val = EvalDataset.load(DATA / "val2017", DATA / "annotations" / "instances_val2017.json")
     record["setup"] = {
         "calibration": f"coco-mini train, first {args.calib_count} annotated images, <= 4 GT "
         "boxes each",
         "evaluation": f"coco-mini val, box protocol, {val.num_objects()} objects",
         "iters_per_block": args.iters,
+        "seed": args.seed,
+        "keep_8bit": args.keep_8bit,
         "threads": args.threads,
         "environment": describe_environment(),
     }
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> None:
         check = _val_sample(model, val)
         for bits in args.bits.split(","):
             for method in args.methods.split(","):
-                if (name, method, bits) in done:
+                if (name, _label({"method": method, "seed": args.seed}), bits) in done:
                     continue
                 # variants: ahcptq+kernel-bug (the published HLUQ kernel), METHOD+mean (CAG
                 # groups merged at the mean instead of by range), METHOD+log2 (plain log2 softmax)
@@ -112,6 +116,8 @@ def run(args: argparse.Namespace) -> None:
                     kernel_bug=flag == "kernel-bug",
                     cag_merge="mean" if flag == "mean" else "range",
                     softmax="log2" if flag == "log2" else "agq",
+                    seed=args.seed,
+                    keep_8bit=tuple(args.keep_8bit),
                 )
                 q = quantize(model, cfg, samples, progress=False)
                 active = check_active(q, check)
@@ -122,6 +128,7 @@ def run(args: argparse.Namespace) -> None:
                     "model": name,
                     "method": method,
                     "bits": bits,
+                    "seed": args.seed,
                     "softmax": cfg.softmax,
                     "cag_merge": cfg.cag_merge if cfg.cag else "-",
                     "miou": _miou(res),
@@ -138,11 +145,17 @@ def run(args: argparse.Namespace) -> None:
                 print(json.dumps(row), flush=True)
 
 
+def _label(row: dict) -> str:
+    """A run's row label: its method, and its seed where that is not the default 0."""
+    seed = row.get("seed", 0)
+    return row["method"] + (f" (seed {seed})" if seed else "")
+
+
 def markdown(paths: list[str]) -> str:
     runs = [r for p in paths for r in json.loads(Path(p).read_text())["runs"]]
     lines = []
     for name in dict.fromkeys(r["model"] for r in runs):
-        mine = {(r["method"], r["bits"]): r for r in runs if r["model"] == name}
+        mine = {(_label(r), r["bits"]): r for r in runs if r["model"] == name}
         fp = mine.get(("fp32", "-"))
         lines += [f"### {name}", ""]
         if fp:
@@ -172,6 +185,8 @@ def main() -> None:
     p.add_argument("--bits", default=",".join(BIT_SETTINGS))
     p.add_argument("--calib-count", type=int, default=16)
     p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--keep-8bit", action="append", default=[], help="QuantConfig.keep_8bit")
+    p.add_argument("--seed", type=int, default=0, help="QuantConfig.seed (dropping, KMeans, order)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", default="benchmarks/results/quantization.json")
     p.add_argument("--markdown", nargs="+", metavar="JSON", help="print tables and exit")

@@ -281,6 +281,37 @@ def test_save_load_and_every_entry_point(tiny, tmp_path):
         load(REPO / "pyproject.toml")
 
 
+def test_keep_8bit_is_mixed_precision_by_tensor_name(tiny, tmp_path):
+    """QuantConfig.keep_8bit: the named tensors (a tensor, or every tensor of a module) use 8
+    bits, the rest the configured width; the choice survives save / load."""
+    model, samples = tiny
+    att = "mask_decoder.transformer.layers.0.cross_attn_image_to_token"
+    keep = (f"{att}.q", f"{att}.k", "mask_decoder.transformer.layers.0.mlp.lin1")
+    cfg = QuantConfig.from_bits("ahcptq", "w4a4", iters=2, keep_8bit=keep)
+    q = quantize(model, cfg, samples, progress=False)
+    check_active(q, samples[:1])
+    bits = {r["tensor"]: r["bits"] for r in report(q)["tensors"]}
+    eight = {t for t, b in bits.items() if b == 8}
+    lin1 = "mask_decoder.transformer.layers.0.mlp.lin1"
+    assert eight == {f"{att}.q", f"{att}.k", f"{lin1}.weight", f"{lin1}.input"}
+    assert set(bits.values()) == {4, 8}
+    assert report(q)["keep_8bit"] == list(keep)
+    # 8 bits really is 8 bits: 255 steps over the range the 4-bit quantizer would split in 15
+    qz = dict(quantizers(q))[f"{att}.q_quant"]
+    assert qz.qmax == 255
+    x = torch.linspace(-1, 1, 10_001)
+    levels = qz(x * qz.scale.detach() * 127).unique().numel()
+    assert 200 < levels <= 256
+    back = load(save(q, tmp_path / "q.pt"))
+    assert back.quant_config.keep_8bit == keep
+    for a, b in zip(_outputs(q, samples), _outputs(back, samples), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(InputError, match=r"'mask_decoder\.nope' names no quantized tensor"):
+        prepare(model, QuantConfig(keep_8bit=("mask_decoder.nope",)))
+    with pytest.raises(InputError, match="tuple of tensor or module names"):
+        QuantConfig(keep_8bit="mask_decoder")
+
+
 def test_bad_configurations_fail_with_one_line():
     with pytest.raises(InputError, match="unknown method"):
         QuantConfig(method="gptq")
@@ -339,6 +370,13 @@ def test_cli_quantize_then_segment_and_eval(tmp_path):
         "--calib-annotations", TRAIN[1], "--out", tmp_path / "y.pt", cwd=tmp_path,
     )  # fmt: skip
     assert again.returncode == 2 and "already quantized" in again.stderr
+    typo = _cli(
+        "quantize", "--model", "sam-vit-tiny", "--calib-images", TRAIN[0], "--calib-annotations",
+        TRAIN[1], "--calib-count", "1", "--keep-8bit", "mask_decoder.nope", "--out",
+        tmp_path / "z.pt", cwd=tmp_path,
+    )  # fmt: skip
+    assert typo.returncode == 2 and typo.stderr.count("\n") == 1
+    assert "'mask_decoder.nope' names no quantized tensor" in typo.stderr
 
 
 def _full_size_w8a8(name: str) -> tuple[dict, float, int]:

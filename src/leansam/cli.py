@@ -301,6 +301,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         cag_merge=args.cag_merge,
         softmax=args.softmax,
         seed=args.seed,
+        keep_8bit=tuple(args.keep_8bit),
     )
     out = Path(args.out)
     ensure_dir(out.parent)
@@ -676,6 +677,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("agq", "log2"),
         help="softmax-output quantizer: agq (log2 with calibrated granularity, default) or "
         "plain log2",
+    )
+    qz.add_argument(
+        "--keep-8bit",
+        action="append",
+        default=[],
+        metavar="TENSOR",
+        help="keep this quantized tensor (or every tensor under this module name, as the report "
+        "lists them) at 8 bits; repeatable. See QUANTIZATION.md for the two that matter at W4A4",
     )
     qz.add_argument("--seed", type=int, default=0)
     qz.add_argument("--device", default=None)

@@ -18,6 +18,7 @@ from .model import (
     load,
     prepare,
     quantize,
+    quantized_tensors,
     report,
     save,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "parse_bits",
     "prepare",
     "quantize",
+    "quantized_tensors",
     "report",
     "round_ste",
     "save",

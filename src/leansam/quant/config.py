@@ -58,6 +58,12 @@ class QuantConfig:
         granularity ``2^(-k/tau)`` and top level, PTQ4SAM's adaptive granularity, as the
         published AHCPTQ code uses) or ``log2`` (plain powers of two, SPEC section 7's formula).
         The same for every method.
+      keep_8bit: quantized tensors kept at 8 bits whatever ``w_bits`` / ``a_bits`` say, named
+        as :func:`leansam.quant.report` lists them (e.g.
+        ``mask_decoder.transformer.layers.0.cross_attn_image_to_token.q``) or by a module name
+        (every quantized tensor under it): mixed precision for the few tensors a model is most
+        sensitive to (``benchmarks/quant_diagnosis.py --breakdown`` finds them;
+        QUANTIZATION.md). Empty by default: one width for all.
       seed: calibration sampling, dropping, KMeans.
     """
 
@@ -77,8 +83,16 @@ class QuantConfig:
     cag_merge: str = "range"
     softmax: str = "agq"
     seed: int = 0
+    keep_8bit: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.keep_8bit, str) or not all(
+            isinstance(p, str) and p for p in self.keep_8bit
+        ):
+            raise InputError(
+                f"keep_8bit must be a tuple of tensor or module names, got {self.keep_8bit!r}"
+            )
+        object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
         for name in ("w_bits", "a_bits"):

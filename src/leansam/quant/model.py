@@ -179,8 +179,41 @@ def prepare(model: Sam, config: QuantConfig) -> Sam:
     else:
         _wrap_vit(q.image_encoder, config)
     _wrap_decoder(q.mask_decoder, config)
+    _keep_8bit(q, config.keep_8bit)
     q.quant_config = config
     return q.eval()
+
+
+def _keep_8bit(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Mixed precision: the quantized tensors named ``prefix`` or ``prefix.*`` (names as
+    :func:`report` lists them) use 8 bits."""
+    tensors = dict(quantized_tensors(model))
+    for prefix in prefixes:
+        hits = [z for n, z in tensors.items() if n == prefix or n.startswith(prefix + ".")]
+        if not hits:
+            raise InputError(
+                f"keep_8bit {prefix!r} names no quantized tensor (see the tensor names in the "
+                "report `leansam quantize` writes)"
+            )
+        for z in hits:
+            z.bits = max(z.bits, 8)
+
+
+def quantized_tensors(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
+    """(name, quantizer) of every quantized tensor: ``LAYER.weight`` and ``LAYER.input`` of the
+    quantized layers, then ``ATTENTION.q`` / ``.k`` / ``.v`` / ``.attn`` (softmax output) /
+    ``.ctx`` (LiteMLA's context) of the attentions."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, _QuantLayer):
+            yield f"{name}.weight", mod.w_quant
+            if mod.a_quant is not None:
+                yield f"{name}.input", mod.a_quant
+    for name, mod in model.named_modules():
+        if isinstance(mod, (QuantViTAttention, QuantDecoderAttention, QuantLiteMLA)):
+            for attr in ("q_quant", "k_quant", "v_quant", "attn_quant", "ctx_quant"):
+                qz = getattr(mod, attr, None)
+                if qz is not None:
+                    yield f"{name}.{attr.removesuffix('_quant')}", qz
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
@@ -634,28 +667,26 @@ def report(model: Sam) -> dict:
     totals of the per-channel vs grouped activation parameters (CAG's register saving)."""
     rows = []
     per_channel = grouped = 0
-    for mod_name, mod in model.named_modules():
-        if not isinstance(mod, _QuantLayer):
-            continue
-        c = mod.in_features if isinstance(mod, QuantLinear) else mod.in_channels
-        rows.append(_row(f"{mod_name}.weight", mod.w_quant))
-        if mod.a_quant is not None:
+    channels = {
+        f"{n}.input": m.in_features if isinstance(m, QuantLinear) else m.in_channels
+        for n, m in model.named_modules()
+        if isinstance(m, _QuantLayer)
+    }
+    for name, qz in quantized_tensors(model):
+        row = _row(name, qz)
+        if name in channels:
             # what a datapath holds for this input: per channel it would be c (scale, zero
             # point) pairs; CAG holds its groups, per-tensor quantizers one set
-            rows.append({**_row(f"{mod_name}.input", mod.a_quant), "channels": c})
-        if isinstance(mod.a_quant, CAGQuantizer):
-            per_channel += c
-            grouped += mod.a_quant.num_groups
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, (QuantViTAttention, QuantDecoderAttention, QuantLiteMLA)):
-            for attr in ("q_quant", "k_quant", "v_quant", "attn_quant", "ctx_quant"):
-                qz = getattr(mod, attr, None)
-                if qz is not None:
-                    rows.append(_row(f"{mod_name}.{attr.removesuffix('_quant')}", qz))
+            c = row["channels"] = channels[name]
+            if isinstance(qz, CAGQuantizer):
+                per_channel += c
+                grouped += qz.num_groups
+        rows.append(row)
     cfg = model.quant_config
     return {
         "method": cfg.method,
         "bits": cfg.bits,
+        "keep_8bit": list(cfg.keep_8bit),
         "tensors": rows,
         "cag_registers": {
             "per_channel_pairs": per_channel,
