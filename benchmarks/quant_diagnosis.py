@@ -67,7 +67,7 @@ def main() -> None:
         {n: (float(z.tau), float(z.scale)) for n, z in qs.items() if isinstance(z, Log2Quantizer)}
     )
 
-    def score(on) -> float:
+    def score(on) -> dict:
         for n, z in qs.items():
             z.enabled = on(n, z)
         return _miou(evaluate(SamPredictor(q), val, "box", progress=False))
