@@ -55,6 +55,29 @@ def _decoder_feeds(image_embeddings, coords, labels, orig_hw, mask=None):
     }
 
 
+def _anylabeling_client_run(dec, embedding, orig_hw, coords, labels, low_res=False):
+    """X-AnyLabeling's ``efficientvit_sam`` client, call for call (its ``SamDecoder.run`` and
+    ``predict_shapes``): clicks and box corners (labels 2 / 3) in image pixels scaled to the
+    1024 frame, float32 labels, **no padding point**, no mask input; it shows ``masks[0][0]``,
+    the first of the returned masks."""
+    h, w = orig_hw
+    s = 1024 / max(h, w)
+    new_h, new_w = int(h * s + 0.5), int(w * s + 0.5)
+    c = np.array(coords, dtype=float)
+    c[..., 0] *= new_w / w
+    c[..., 1] *= new_h / h
+    feeds = {
+        "image_embeddings": embedding,
+        "point_coords": c.astype(np.float32)[None],
+        "point_labels": np.array(labels, dtype=np.float32)[None],
+        "mask_input": np.zeros((1, 1, 256, 256), np.float32),
+        "has_mask_input": np.zeros(1, np.float32),
+        "orig_im_size": np.array(orig_hw, dtype=np.float32),
+    }
+    masks, _, low = dec.run(None, feeds)
+    return low[0][0] if low_res else masks[0][0]
+
+
 def test_exported_files_and_io_names(sam_tiny):
     _, _, out = sam_tiny
     assert sorted(p.name for p in out.iterdir()) == [
@@ -268,7 +291,8 @@ def test_export_leaves_the_model_in_eval_mode(sam_tiny, tmp_path):
 def test_anylabeling_pair_reproduces_pytorch_masks(name, coco_val, tmp_path):
     """`leansam export anylabeling`: X-AnyLabeling's efficientvit_sam files. The encoder takes the
     raw uint8 H x W x 3 image (any size, preprocessing inside); fed as X-AnyLabeling feeds them,
-    the pair gives SamPredictor's masks (>= 99.9 % of pixels) on real images, both families."""
+    the pair gives SamPredictor's masks (>= 99.9 % of pixels) on real images, both families, for
+    boxes, one click and several clicks (the client sends no padding point; the graph adds it)."""
     import yaml
 
     from leansam.io import load_image
@@ -298,13 +322,20 @@ def test_anylabeling_pair_reproduces_pytorch_masks(name, coco_val, tmp_path):
             assert np.abs(emb - predictor.get_image_embedding().numpy()).max() < 0.05
             box = np.array([w * 0.2, h * 0.25, w * 0.7, h * 0.8])
             point = np.array([[w * 0.45, h * 0.5]])
+            two = np.array([[w * 0.45, h * 0.5], [w * 0.7, h * 0.3]])
             for coords, labels, kw in (
-                (box.reshape(2, 2), np.array([2, 3]), {"box": box}),
-                (np.concatenate([point, [[0, 0]]]), np.array([1, -1]),
+                (box.reshape(2, 2), [2, 3], {"box": box}),
+                (point, [1], {"point_coords": point, "point_labels": np.array([1])}),
+                (two, [1, 0], {"point_coords": two, "point_labels": np.array([1, 0])}),
+                # SAM's web demo (and X-AnyLabeling's segment_anything type) pad themselves
+                (np.concatenate([point, [[0, 0]]]), [1, -1],
                  {"point_coords": point, "point_labels": np.array([1])}),
             ):  # fmt: skip
-                c = predictor.transform.apply_coords(coords, (h, w))[None]
-                feeds = _decoder_feeds(torch.from_numpy(emb), c, labels[None], (h, w))
-                got = dec.run(None, feeds)[0][0]
-                want, _, _ = predictor.predict(multimask_output=True, **kw)
-                assert mask_agreement(got[1:] > 0, want) >= 0.999
+                got = _anylabeling_client_run(dec, emb, (h, w), coords, labels)
+                want, _, _ = predictor.predict(multimask_output=False, **kw)
+                assert mask_agreement(got > 0, want[0]) >= 0.999, (name, labels)
+                # the decoder alone, on leansam's own embedding: the same logits
+                exact = _anylabeling_client_run(dec, predictor.features.numpy(), (h, w), coords,
+                                                labels, low_res=True)  # fmt: skip
+                _, _, logits = predictor.predict(multimask_output=False, **kw)
+                assert np.abs(exact - logits[0]).max() < 1e-3, (name, labels)

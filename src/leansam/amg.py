@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from .errors import InputError, require
 from .modeling.sam import Sam
-from .predictor import SamPredictor
+from .predictor import SamPredictor, check_image
+from .progress import progress_bar
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -209,6 +210,7 @@ class SamAutomaticMaskGenerator:
         output_mode: str = "binary_mask",
         runtime: str = "torch",
         predictor: SamPredictor | None = None,
+        progress: bool = False,
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise InputError("give exactly one of points_per_side and point_grids")
@@ -246,7 +248,10 @@ class SamAutomaticMaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
+        #: a progress bar on stderr per generate() call (crops x point batches); off by default
+        self.progress = progress
         self._embedding: torch.Tensor | None = None  # set per generate() call
+        self._bar = progress_bar(total=0, desc="", enabled=False)
 
     @torch.inference_mode()
     def generate(
@@ -256,7 +261,7 @@ class SamAutomaticMaskGenerator:
         ``embedding``: the whole image's embedding if already computed (``get_image_embedding``
         of a predictor on the same model): the first crop layer then skips the encoder."""
         self._embedding = embedding
-        data = self._generate_masks(image)
+        data = self._generate_masks(check_image(image))
         if self.min_mask_region_area > 0:
             data = self._postprocess_small_regions(
                 data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
@@ -311,12 +316,19 @@ class SamAutomaticMaskGenerator:
         crop_boxes, layer_idxs = generate_crop_boxes(
             orig_size, self.crop_n_layers, self.crop_overlap_ratio
         )
-        data = self._cat(
-            [
-                self._process_crop(image, box, layer, orig_size)
-                for box, layer in zip(crop_boxes, layer_idxs, strict=True)
-            ]
+        batches = sum(-(-len(self.point_grids[k]) // self.points_per_batch) for k in layer_idxs)
+        self._bar = progress_bar(
+            total=batches, desc="segment everything", enabled=self.progress, unit="batch"
         )
+        try:
+            data = self._cat(
+                [
+                    self._process_crop(image, box, layer, orig_size)
+                    for box, layer in zip(crop_boxes, layer_idxs, strict=True)
+                ]
+            )
+        finally:
+            self._bar.close()
         if len(crop_boxes) > 1:  # duplicates between crops: prefer masks from smaller crops
             keep = nms(data["boxes"], 1 / box_area(data["crop_boxes"]), self.crop_nms_thresh)
             data = self._filter(data, keep)
@@ -338,6 +350,7 @@ class SamAutomaticMaskGenerator:
                     points[i : i + self.points_per_batch], size, crop_box, orig_size
                 )
             )
+            self._bar.update(1)
         self.predictor.reset_image()
         data = self._cat(parts)
         keep = nms(data["boxes"], data["iou_preds"], self.box_nms_thresh)
@@ -442,6 +455,7 @@ def everything(
     checkpoint=None,
     device: str | None = None,
     runtime: str = "torch",
+    progress: bool = False,
     **generator_args,
 ) -> dict:
     """Segment everything in one image and write into ``out_dir``: ``NNN.png`` per mask (0/255, by
@@ -468,7 +482,9 @@ def everything(
     out = ensure_dir(out_dir)
     checkpoint = default_checkpoint(model, checkpoint)
     sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
-    gen = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", runtime=runtime, **generator_args)
+    gen = SamAutomaticMaskGenerator(
+        sam, output_mode="coco_rle", runtime=runtime, progress=progress, **generator_args
+    )
     t0 = time.perf_counter()
     records = gen.generate(image)
     seconds = time.perf_counter() - t0

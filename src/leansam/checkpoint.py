@@ -83,6 +83,7 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    obj = strip_wrapper_prefixes(obj)
     bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
         raise CheckpointError(
@@ -90,6 +91,31 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
             f"such as {bad[0]!r}"
         )
     return obj
+
+
+#: key prefixes that wrappers put on every key: DataParallel / DistributedDataParallel
+#: (``module.``) and ``torch.compile`` (``_orig_mod.``)
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """Remove a prefix of :data:`WRAPPER_PREFIXES` that *every* key carries (a state dict saved
+    from ``nn.DataParallel(model)`` or a compiled model), repeatedly; a prefix on only some keys
+    is left for the strict key check to report."""
+    while state_dict:
+        keys = list(state_dict)
+        prefix = next(
+            (
+                p
+                for p in WRAPPER_PREFIXES
+                if all(isinstance(k, str) and k.startswith(p) for k in keys)
+            ),
+            None,
+        )
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:

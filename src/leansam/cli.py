@@ -60,7 +60,15 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         print(
             "warning: no --checkpoint: random weights, the masks are meaningless", file=sys.stderr
         )
+    empty = [i for i, r in enumerate(record["results"]) if r["masks"][r["best"]]["area"] == 0]
     print(f"wrote {n} mask(s), overlay.png and result.json to {args.out}")
+    if empty:
+        which = ", ".join(f"mask_{i:03d}.png" for i in empty)
+        print(
+            f"note: {len(empty)} of {n} masks are empty ({which}): the model found no object at "
+            "that prompt; try a box, more points, or --multimask",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -81,6 +89,7 @@ def _cmd_everything(args: argparse.Namespace) -> int:
         box_nms_thresh=args.box_nms_thresh,
         crop_n_layers=args.crop_n_layers,
         min_mask_region_area=args.min_mask_region_area,
+        progress=not args.no_progress,
     )
     if not record["config"]["checkpoint"]:
         print(
@@ -108,6 +117,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         runs=args.runs,
         calib_images=args.calib_images,
         image=load_image(args.image) if args.image else None,
+        progress=not args.no_progress,
     )
     print(format_bench(result))
     if args.json:
@@ -116,6 +126,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One line (exit 2) for a port that is taken or a host that cannot be listened on, instead
+    of uvicorn's multi-line log and exit 3. Binds the way uvicorn does (SO_REUSEADDR)."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror:
+        raise InputError(f"--host {host!r}: unknown host name or address") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise InputError(
+                    f"port {port} on {host} is already in use (another server?): pick another "
+                    "with --port"
+                ) from None
+            raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -140,6 +173,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.queue,
         timeout_s=args.timeout,
     )
+    _check_port_free(args.host, args.port)  # before loading the model
     checkpoint = default_checkpoint(args.model, args.checkpoint)
     model = create_model(args.model, checkpoint=checkpoint, device=args.device, seed=0)
     engine = Engine(
@@ -312,7 +346,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if getattr(model, "quant_config", None) is not None:
         raise InputError(f"{checkpoint} is already quantized: pass the full-precision weights")
     samples = calibration_samples(
-        model, args.calib_images, args.calib_annotations, count=args.calib_count, seed=args.seed
+        model,
+        args.calib_images,
+        args.calib_annotations,
+        count=args.calib_count,
+        seed=args.seed,
+        progress=not args.no_progress,
     )
     q = quantize(model, config, samples, progress=not args.no_progress)
     active = check_active(q, samples[:1])  # raises unless every quantizer changes real data
@@ -346,7 +385,14 @@ def _export_model(args: argparse.Namespace):
     checkpoint = default_checkpoint(args.model, args.checkpoint)
     if not checkpoint:
         print("warning: no --checkpoint: exporting random weights", file=sys.stderr)
-    return create_model(args.model, checkpoint=checkpoint, seed=0)
+    model = create_model(args.model, checkpoint=checkpoint, seed=0)
+    if getattr(model, "quant_config", None) is not None:
+        raise InputError(
+            f"{checkpoint} is a quantized model (fake quantization in float): its graph would be "
+            "a float graph larger than the fp32 one, so leansam does not write it; export the "
+            "full-precision weights (integer export does not exist yet, README: Quantization)"
+        )
+    return model
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
@@ -423,8 +469,70 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default in ``--help`` unless its help text already speaks of it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and "default" not in text
+            and default not in (None, False, [], argparse.SUPPRESS)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command parser: defaults shown in ``--help``; each command (a parser given a
+    ``func``) takes ``--threads``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("help") is None and kwargs.get("default") not in (None, False, []):
+            kwargs["help"] = "default: %(default)s"  # shown in --help like every other default
+        return super().add_argument(*args, **kwargs)
+
+    def set_defaults(self, **kwargs) -> None:
+        if "func" in kwargs:
+            self.add_argument(
+                "--threads",
+                type=int,
+                help="CPU threads for PyTorch and ONNX Runtime (default: $LEANSAM_THREADS, else "
+                "one per core); on a shared or small machine fewer can be much faster",
+            )
+        super().set_defaults(**kwargs)
+
+
+#: environment variable with the default of --threads
+THREADS_ENV = "LEANSAM_THREADS"
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    """``--threads`` / ``$LEANSAM_THREADS`` -> ``torch.set_num_threads`` (ONNX Runtime sessions
+    take the same count)."""
+    value, source = getattr(args, "threads", None), "--threads"
+    if value is None and os.environ.get(THREADS_ENV):
+        raw, source = os.environ[THREADS_ENV], THREADS_ENV
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InputError(f"{THREADS_ENV}={raw!r}: expected a whole number of threads") from None
+    if value is None:
+        return
+    if value < 1:
+        raise InputError(f"{source} must be at least 1, got {value}")
+    import torch
+
+    torch.set_num_threads(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="leansam", description="Fast, exact Segment Anything.")
+    p = _Parser(prog="leansam", description="Fast, exact Segment Anything.")
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -575,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fill holes / drop islands below this many pixels",
     )
     ev.add_argument("--device", default=None)
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     _runtime_args(ev)
     ev.set_defaults(func=_cmd_everything)
 
@@ -598,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--image", help="image to use (default: random pixels, 640 x 480)")
     b.add_argument("--calib-images", metavar="DIR", help="calibration folder for onnx-int8")
     b.add_argument("--json", metavar="FILE", help="also write the full record here")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_bench)
 
     x = sub.add_parser("export", help="deployment graphs").add_subparsers(
@@ -718,7 +828,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default="../shared/data/coco-mini", help="coco-mini folder")
     d.add_argument("--out", default="out/demo", help="output folder")
     d.add_argument(
-        "--model", default="leansam-efficientvit-s", help="default: leansam's own trained student"
+        "--model",
+        help="model name (default: the model --checkpoint is for, else leansam's own trained "
+        "student leansam-efficientvit-s)",
     )
     d.add_argument(
         "--checkpoint",
@@ -737,9 +849,39 @@ def _version() -> str:
     return f"leansam {__version__}"
 
 
+#: options whose values may start with a minus sign (coordinates left of / above the image)
+_NUMERIC_LIST_OPTIONS = ("--box", "--point")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--box -4,10,50,60`` -> ``--box=-4,10,50,60``: argparse takes a value that starts with
+    ``-`` (other than a plain negative number) for an option and fails with "expected one
+    argument"; the joined form parses, and the value is judged afterwards (here: outside the
+    image)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if (
+            token in _NUMERIC_LIST_OPTIONS
+            and len(nxt) > 1
+            and nxt[0] == "-"
+            and nxt[1] in "0123456789."
+        ):
+            out.append(f"{token}={nxt}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(_join_negative_values(argv))
     try:
+        _apply_threads(args)
         return args.func(args)
     except LeansamError as e:
         print(f"leansam: error: {e}", file=sys.stderr)

@@ -15,6 +15,9 @@ from .eval.predictors import box_masks
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_png, draw_overlay, load_image
 from .provenance import describe_environment
 
+#: the demo's model without --model and --checkpoint: leansam's own trained student
+DEFAULT_MODEL = "leansam-efficientvit-s"
+
 UNTRAINED = (
     "WARNING: no --checkpoint given, so the model has untrained (random) weights and the masks "
     "are meaningless. Pass an official checkpoint, e.g. `make demo DEMO_ARGS='--model "
@@ -32,7 +35,7 @@ def run_demo(
     *,
     data: str | os.PathLike,
     out_dir: str | os.PathLike,
-    model: str = "leansam-efficientvit-s",
+    model: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     num_images: int = 4,
     objects_per_image: int = 5,
@@ -40,10 +43,15 @@ def run_demo(
 ) -> dict:
     """Segment the first ``num_images`` val images (by id) from their largest annotation boxes;
     write ``overlays/*.png``, ``report.md`` and ``report.json`` into ``out_dir``. Without a
-    checkpoint, leansam's own models use their shipped weights (MODEL_CARD.md)."""
+    checkpoint, leansam's own models use their shipped weights (MODEL_CARD.md). ``model``
+    defaults to the variant ``checkpoint`` is for, and without a checkpoint to
+    ``leansam-efficientvit-s``."""
     from .predictor import SamPredictor
     from .pretrained import default_checkpoint
-    from .registry import create_model
+    from .registry import create_model, model_for_checkpoint
+
+    if model is None:
+        model = model_for_checkpoint(checkpoint) if checkpoint else DEFAULT_MODEL
 
     data = Path(data)
     images, anns = load_coco(data / "annotations" / "instances_val2017.json")

@@ -8,8 +8,11 @@ Three graphs (SPEC section 8):
   X-AnyLabeling, anylabeling and samexporter consume: ``image_embeddings`` (1, 256, 64, 64),
   ``point_coords`` (1, N, 2) in the 1024 frame, ``point_labels`` (1, N), ``mask_input``
   (1, 1, 256, 256), ``has_mask_input`` (1), ``orig_im_size`` (2) -> ``masks``, ``iou_predictions``,
-  ``low_res_masks``. A box is two points with labels 2 and 3; without a box the caller appends a
-  padding point (label -1), as for SAM's own graph.
+  ``low_res_masks``. A box is two points with labels 2 and 3. Without a box SAM's prompt encoder
+  appends a padding point ``(0, 0)`` with label -1; SAM's graph leaves that to the caller (its web
+  demo does it, X-AnyLabeling's ``efficientvit_sam`` client does not). leansam's graphs append it
+  themselves when the prompt has neither a box (labels 2 / 3) nor a padding point (-1), so both
+  kinds of caller get :class:`~leansam.SamPredictor`'s mask.
 * ``decoder_batched.onnx``: the same inputs with a dynamic prompt axis P on ``point_coords``,
   ``point_labels`` and ``mask_input``: P boxes (or point sets) on one image in one call; the image
   embedding is broadcast, never copied P times.
@@ -100,6 +103,21 @@ class SamOnnxDecoder(nn.Module):
         rows = torch.arange(masks.shape[0], device=masks.device)
         return masks[rows, best].unsqueeze(1), iou[rows, best].unsqueeze(1)
 
+    @staticmethod
+    def _pad_points(
+        coords: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append SAM's padding point ``(0, 0)`` / -1 unless some prompt already holds a box
+        corner (2, 3) or a padding point (-1): ``PromptEncoder._embed_points(pad=boxes is None)``
+        for callers that do not pad. One decision for the whole batch; the point count stays
+        dynamic in the graph (a Slice, no ``If``)."""
+        special = ((labels == -1) | (labels == 2) | (labels == 3)).any()
+        n = torch.onnx.operators.shape_as_tensor(labels)[1]
+        keep = n + 1 - special.to(torch.int64)
+        coords = torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1)
+        labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)
+        return coords[:, :keep], labels[:, :keep]
+
     @torch.no_grad()
     def forward(
         self,
@@ -110,6 +128,7 @@ class SamOnnxDecoder(nn.Module):
         has_mask_input: torch.Tensor,
         orig_im_size: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        point_coords, point_labels = self._pad_points(point_coords, point_labels)
         sparse = self._embed_points(point_coords, point_labels)
         dense = self._embed_masks(mask_input, has_mask_input)
         masks, iou = self.model.mask_decoder.predict_masks(

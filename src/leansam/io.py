@@ -6,6 +6,8 @@ import io
 import json
 import os
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,18 +34,115 @@ def _existing_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as H x W x 3 uint8 RGB (pixel grid as stored, no EXIF rotation, so that
-    coordinates match COCO-style annotations)."""
-    path = _existing_file(path, "image")
+#: the largest image (pixels) :func:`load_image` decodes by default: Pillow's own
+#: decompression-bomb threshold (89.5 MP; a 12 MP photo is far below it). SAM resizes every image
+#: to a long side of 1024 (512) anyway; larger images only cost memory.
+MAX_IMAGE_PIXELS = 89_478_485
+
+#: Pillow modes with 16 bits per sample (greyscale PNG / TIFF)
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+# serialises the rare size probe of :func:`_declared_size`, which lifts Pillow's global limit
+_PROBE_LOCK = threading.Lock()
+
+
+class ImageTooLargeError(InputError):
+    """The image declares more pixels than the limit; raised before any pixel is decoded."""
+
+    def __init__(self, what: str, width: int | None, height: int | None, limit: int) -> None:
+        size = f"{width} x {height} = {width * height / 1e6:.1f} MP" if width else "too large"
+        super().__init__(f"{what} is {size}; the limit is {limit / 1e6:.1f} MP: downscale it first")
+        self.width, self.height, self.limit = width, height, limit
+
+
+def _declared_size(fp) -> tuple[int, int] | tuple[None, None]:
+    """(W, H) from the header of an image Pillow refused as a decompression bomb (larger than
+    twice ``PIL.Image.MAX_IMAGE_PIXELS``): re-open with Pillow's check lifted, header only."""
+    with _PROBE_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            fp.seek(0)
+            with Image.open(fp) as im:
+                return im.size
+        except Exception:  # the header itself is unreadable: report no size
+            return None, None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(fp, *, what: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image from a binary file object and check its declared size, reading the header
+    only (no pixel is decoded here; :func:`image_to_rgb` decodes).
+
+    Raises :class:`ImageTooLargeError` above ``max_pixels`` (also for files Pillow itself
+    refuses as decompression bombs) and :class:`InputError` for data that is not an image."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return np.array(im.convert("RGB"))
+        with warnings.catch_warnings():
+            # leansam checks the size itself, against its own limit, just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(fp)
+    except Image.DecompressionBombError:
+        w, h = _declared_size(fp)
+        raise ImageTooLargeError(what, w, h, max_pixels) from None
     except UnidentifiedImageError:
-        raise InputError(f"cannot read image {path}: not an image file, or corrupt") from None
+        raise InputError(f"cannot read {what}: not an image file, or corrupt") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"cannot read image {path}: {e} (truncated or corrupt file?)") from None
+        raise InputError(f"cannot read {what}: {e} (truncated or corrupt file?)") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageTooLargeError(what, w, h, max_pixels)
+    return im
+
+
+def image_to_rgb(im: Image.Image, *, what: str = "image") -> np.ndarray:
+    """Decode an opened image to H x W x 3 uint8 RGB, the pixel grid as stored (no EXIF
+    rotation, so that coordinates match COCO-style annotations).
+
+    Conversion by mode: 8-bit modes (1, L, P, RGB, CMYK, YCbCr, LAB, HSV, with or without
+    alpha) through Pillow's ``convert("RGB")`` (alpha dropped, as ``cv2.imread`` drops it);
+    16-bit greyscale (I;16*, and mode I of a PNG, which is 16-bit by the PNG format) scaled to
+    8 bits by ``>> 8``, as ``cv2.imread`` does, then repeated to 3 channels. 32-bit integer and
+    floating-point images (mode I of TIFF etc., mode F) have no standard scale and raise a one-line
+    :class:`InputError` (Pillow's own conversion would clip them to white without a word)."""
+    try:
+        im.load()
+        if im.mode in _MODES_16BIT or (im.mode == "I" and im.format == "PNG"):
+            grey = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
+            return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+        if im.mode in ("I", "F"):
+            kind = "32-bit integer" if im.mode == "I" else "floating-point"
+            raise InputError(
+                f"{what} is a {kind} single-channel {im.format or ''} image (mode {im.mode}), "
+                "which has no standard 0..255 scale: convert it to 8 or 16 bits per channel first"
+            )
+        if im.mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply via RGBA first
+            im = im.convert("RGBA")
+        return np.array(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"cannot read {what}: {e} (truncated or corrupt file?)") from None
+
+
+def decode_image(data: bytes, *, what: str = "image", max_pixels: int = MAX_IMAGE_PIXELS):
+    """Encoded image bytes -> H x W x 3 uint8 RGB (:func:`open_image`, :func:`image_to_rgb`)."""
+    with open_image(io.BytesIO(data), what=what, max_pixels=max_pixels) as im:
+        return image_to_rgb(im, what=what)
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read an image file as H x W x 3 uint8 RGB (pixel grid as stored, no EXIF rotation, so that
+    coordinates match COCO-style annotations). Modes are converted as :func:`image_to_rgb` says;
+    the size is checked against ``max_pixels`` from the header, before decoding.
+
+    Raises :class:`InputError` (one line) for a missing, unreadable or unsupported file and
+    :class:`ImageTooLargeError` for one larger than ``max_pixels``."""
+    path = _existing_file(path, "image")
+    what = f"image {path}"
+    with open(path, "rb") as f, open_image(f, what=what, max_pixels=max_pixels) as im:
+        return image_to_rgb(im, what=what)
 
 
 def read_json(path: str | os.PathLike, what: str) -> object:
@@ -143,9 +242,13 @@ def draw_overlay(
     boxes: list[tuple[float, float, float, float] | None] | None = None,
     points: list[tuple[float, float, int]] | None = None,
     labels: list[str] | None = None,
+    label_points: list[tuple[float, float] | None] | None = None,
     alpha: float = 0.5,
 ) -> Image.Image:
-    """Blend coloured masks over the image, outline them, draw box and point prompts."""
+    """Blend coloured masks over the image, outline them, draw box and point prompts.
+
+    ``labels[i]`` (e.g. a score) is written at the top-left corner of ``boxes[i]``, or, for a
+    prompt without a box, beside ``label_points[i]`` (e.g. its first click)."""
     out = image.astype(np.float32).copy()
     colors = [PALETTE[i % len(PALETTE)] for i in range(len(masks))]
     for m, color in zip(masks, colors, strict=True):
@@ -158,11 +261,14 @@ def draw_overlay(
     draw = ImageDraw.Draw(im)
     for i, color in enumerate(colors):
         box = boxes[i] if boxes and i < len(boxes) else None
-        if box is None:
-            continue
-        draw.rectangle(box, outline=tuple(int(c) for c in color), width=2)
-        if labels and i < len(labels):
-            draw.text((box[0] + 3, box[1] + 2), labels[i], fill=(255, 255, 255))
+        anchor = label_points[i] if label_points and i < len(label_points) else None
+        if box is not None:
+            draw.rectangle(box, outline=tuple(int(c) for c in color), width=2)
+            anchor = (box[0] + 3, box[1] + 2)
+        elif anchor is not None:
+            anchor = (anchor[0] + 8, anchor[1] - 6)  # beside the point's marker
+        if labels and i < len(labels) and anchor is not None:
+            draw.text(anchor, labels[i], fill=(255, 255, 255))
     for x, y, lab in points or []:
         r = 5
         fill = (40, 220, 40) if lab == 1 else (230, 40, 40)

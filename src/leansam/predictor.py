@@ -13,16 +13,29 @@ from .runtime import check_runtime, compile_decoder, make_encoder
 from .transforms import ResizeLongestSide, get_preprocess_shape
 
 
-def _check_image(image: object) -> np.ndarray:
+def check_image(image: object) -> np.ndarray:
+    """Validate an H x W x 3 uint8 image array and return it C-contiguous and writable: any view
+    (negative strides such as ``cv2.imread(p)[:, :, ::-1]``, crops, transposes, read-only arrays)
+    becomes its contiguous copy, so every layout gives the embedding of that copy. Raises a
+    one-line :class:`InputError` naming what is wrong and how to fix it."""
     if not isinstance(image, np.ndarray):
-        raise InputError(f"image must be a numpy array, got {type(image).__name__}")
+        raise InputError(
+            f"image must be a numpy array (H x W x 3 uint8), got {type(image).__name__}: "
+            "load files with leansam.io.load_image"
+        )
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 4)):
+        raise InputError(
+            f"image must be H x W x 3 (RGB), got shape {tuple(image.shape)}: repeat a grey "
+            "channel (np.dstack([g, g, g])) or drop alpha (image[..., :3]) first"
+        )
     if image.ndim != 3 or image.shape[2] != 3:
         raise InputError(f"image must be H x W x 3, got shape {tuple(image.shape)}")
     if image.dtype != np.uint8:
-        raise InputError(f"image must be uint8 (0..255), got {image.dtype}")
+        hint = " (16-bit: (image >> 8).astype(np.uint8))" if image.dtype == np.uint16 else ""
+        raise InputError(f"image must be uint8 (0..255), got {image.dtype}{hint}")
     if min(image.shape[:2]) < 1:
         raise InputError(f"image is empty: shape {tuple(image.shape)}")
-    return image
+    return np.require(image, requirements=("C", "W"))
 
 
 #: prompt sets whose masks are up-sampled together (see SamPredictor.predict_torch)
@@ -83,7 +96,15 @@ class SamPredictor:
     def _prepare(self, image: np.ndarray, image_format: str) -> torch.Tensor:
         if image_format not in ("RGB", "BGR"):
             raise InputError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        image = _check_image(image)
+        image = check_image(image)
+        h, w = image.shape[:2]
+        if min(get_preprocess_shape(h, w, self.model.image_size)) < 1:
+            limit = 2 * self.model.image_size
+            raise InputError(
+                f"image of {w} x {h} is too elongated: resized to a long side of "
+                f"{self.model.image_size} its short side would be 0 pixels (the sides may differ "
+                f"by at most {limit}:1); crop or pad it first"
+            )
         if image_format != self.model.image_format:
             image = np.ascontiguousarray(image[..., ::-1])
         resized = self.image_transform.apply_image(image)

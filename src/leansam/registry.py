@@ -8,7 +8,7 @@ import os
 import torch
 
 from .configs import VARIANTS, SamConfig
-from .errors import InputError, UnknownModelError
+from .errors import CheckpointError, InputError, UnknownModelError
 from .modeling.sam import Sam
 
 
@@ -96,6 +96,25 @@ def create_model(
         load_checkpoint_into(model, checkpoint)
     model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def model_for_checkpoint(path: str | os.PathLike) -> str:
+    """The registered variant a checkpoint file is for: the name stored in a quantized file,
+    else the variant whose state-dict keys and shapes the file matches exactly. Raises a
+    one-line :class:`~leansam.errors.CheckpointError` when no variant matches."""
+    from .checkpoint import identify_variant, load_state_dict
+    from .quant.model import read
+
+    quantized = read(path)
+    if quantized is not None:
+        return str(quantized["model"])
+    name = identify_variant(load_state_dict(path))
+    if name is None:
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)} matches no registered model: pass --model "
+            "(`leansam models` lists them); loading with --model names the mismatched keys"
+        )
+    return name
 
 
 def _quantized_file(path: str | os.PathLike) -> bool:

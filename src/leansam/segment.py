@@ -185,6 +185,7 @@ def segment(
         boxes=[p.box for p in prompts],
         points=[q for p in prompts for q in p.points],
         labels=[f"{i}: {r[1][int(np.argmax(r[1]))]:.2f}" for i, r in enumerate(results)],
+        label_points=[p.points[0][:2] if p.points else None for p in prompts],
     )
     atomic_write_png(out / "overlay.png", overlay)
     record = {

@@ -26,12 +26,15 @@ def quick_bench(
     runs: int = 5,
     calib_images: str | None = None,
     image: np.ndarray | None = None,
+    progress: bool = False,
 ) -> dict:
     """Median seconds per image of the image encoder on each runtime (interleaved, same input),
     each runtime's max abs difference from eager, the set-up time (compilation, export,
-    calibration), and the decoder's milliseconds per box for the given boxes-per-call counts."""
+    calibration), and the decoder's milliseconds per box for the given boxes-per-call counts.
+    ``progress``: a bar on stderr over set-ups and timed calls."""
     from ..predictor import SamPredictor
     from ..pretrained import default_checkpoint
+    from ..progress import progress_bar
     from ..provenance import describe_environment
     from ..registry import create_model
     from ..runtime import calibration_images, check_runtime, make_encoder
@@ -51,6 +54,8 @@ def quick_bench(
     if calib is not None:
         prepared = [pred.encoder_input(im) for im in calib]
     encoders, setup = {}, {}
+    calls = len(runtimes) * (1 + (runs + 1)) + len(boxes) * (runs + 1)
+    bar = progress_bar(total=calls, desc="bench", enabled=progress, unit="call")
     with torch.inference_mode():
         want = model.image_encoder(x)
         for r in runtimes:
@@ -58,9 +63,13 @@ def quick_bench(
             encoders[r] = make_encoder(model, r, calibration=prepared)
             encoders[r](x)  # compile / first run
             setup[r] = time.perf_counter() - t0
+            bar.update(1)
         diffs = {r: (e(x) - want).abs().max().item() for r, e in encoders.items()}
         enc_stats = interleaved_timings(
-            {r: (lambda e=e: e(x)) for r, e in encoders.items()}, runs=runs, warmup=1
+            {r: (lambda e=e: e(x)) for r, e in encoders.items()},
+            runs=runs,
+            warmup=1,
+            after_call=bar.update,
         )
         pred.set_image(image)
         h, w = image.shape[:2]
@@ -72,7 +81,9 @@ def quick_bench(
             {n: (lambda n=n: pred.predict(box=box_arr[:n], multimask_output=True)) for n in boxes},
             runs=runs,
             warmup=1,
+            after_call=bar.update,
         )
+    bar.close()
     return {
         "model": model_name,
         "checkpoint": checkpoint,

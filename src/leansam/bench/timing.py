@@ -35,13 +35,20 @@ class Stats:
 
 
 def interleaved_timings(
-    fns: dict[str, Callable[[], object]], *, runs: int = 10, warmup: int = 2
+    fns: dict[str, Callable[[], object]],
+    *,
+    runs: int = 10,
+    warmup: int = 2,
+    after_call: Callable[[], object] | None = None,
 ) -> dict[str, Stats]:
     """Time each callable ``runs`` times, alternating between them every round so that drift of
-    the machine (clock, other load, cache state) falls on all of them alike."""
+    the machine (clock, other load, cache state) falls on all of them alike. ``after_call`` runs
+    after every call, outside the timed region (a progress bar's update)."""
+    after_call = after_call or (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+            after_call()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(runs):
         # alternate the order too, so no callable always runs right after another
@@ -50,4 +57,5 @@ def interleaved_timings(
             t0 = time.perf_counter()
             fns[name]()
             samples[name].append(time.perf_counter() - t0)
+            after_call()
     return {name: Stats.of(s) for name, s in samples.items()}

@@ -199,7 +199,17 @@ def make_mask_source(
     checkpoint = default_checkpoint(model, checkpoint)
     sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
     predictor = SamPredictor(sam, runtime, calibration_images=calib)
-    return SamMaskSource(predictor, name=model, batch_size=batch_size)
+    return SamMaskSource(predictor, name=model_label(sam, model), batch_size=batch_size)
+
+
+def model_label(sam, name: str) -> str:
+    """The name a result row carries: ``name``, plus method and widths for a quantized model
+    (``leansam-efficientvit-s ahcptq W8A8``), so quantized rows never pass for the plain model."""
+    qc = getattr(sam, "quant_config", None)
+    if qc is None:
+        return name
+    mixed = " mixed" if qc.keep_8bit else ""
+    return f"{name} {qc.method} W{qc.w_bits}A{qc.a_bits}{mixed}"
 
 
 def as_mask_source(obj) -> MaskSource:
@@ -208,9 +218,9 @@ def as_mask_source(obj) -> MaskSource:
     from ..predictor import SamPredictor
 
     if isinstance(obj, Sam):
-        return SamMaskSource(SamPredictor(obj), name=obj.config.name)
+        return SamMaskSource(SamPredictor(obj), name=model_label(obj, obj.config.name))
     if isinstance(obj, SamPredictor):
-        return SamMaskSource(obj, name=obj.model.config.name)
+        return SamMaskSource(obj, name=model_label(obj.model, obj.model.config.name))
     if all(hasattr(obj, a) for a in ("set_image", "predict_boxes", "predict_clicks")):
         return obj
     raise TypeError(f"cannot evaluate a {type(obj).__name__}: pass a Sam model or SamPredictor")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ from ..configs import (
     EfficientViTConfig,
     SamConfig,
 )
+from ..errors import InputError
+from ..transforms import get_preprocess_shape
 from .efficientvit import EfficientViTImageEncoder
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -178,26 +181,115 @@ class Sam(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor,
+        batched_input: torch.Tensor | list[dict[str, Any]],
+        multimask_output: bool = True,
         *,
         point_coords: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
-        multimask_output: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """End-to-end pass for training: one prompt set per image.
+    ) -> tuple[torch.Tensor, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Two forms.
 
-        Arguments:
-          images: B x 3 x R x R, already normalised and padded (:meth:`preprocess`).
-          point_coords / point_labels: B x N x 2 / B x N, 1024 frame.
-          boxes: B x 4 XYXY, 1024 frame.  mask_input: B x 1 x 256 x 256.
+        SAM's (``segment_anything.modeling.Sam.forward``): ``batched_input`` a list of records,
+        one per image, with ``image`` (3 x h x w, pixel values 0..255, already resized to long
+        side R with ``ResizeLongestSide(R)``; R = ``image_size``), ``original_size`` (H, W) and
+        optional ``point_coords`` (B x N x 2) / ``point_labels`` (B x N), ``boxes`` (B x 4 XYXY)
+        and ``mask_inputs`` (B x 1 x 256 x 256), prompts in the 1024 long-side frame. Returns one
+        record per image: ``masks`` (B x C x H x W bool), ``iou_predictions`` (B x C) and
+        ``low_res_logits`` (B x C x 256 x 256); no autograd, as SAM's. See :meth:`forward_batched`.
 
-        Returns low-res logits B x C x 256 x 256 and IoU predictions B x C.
+        Training: ``batched_input`` a B x 3 x R x R tensor already normalised and padded
+        (:meth:`preprocess`), one prompt set per image in the keyword arguments (points B x N x 2
+        / B x N, boxes B x 4, 1024 frame; mask_input B x 1 x 256 x 256). Returns low-res logits
+        B x C x 256 x 256 and IoU predictions B x C, with autograd.
         """
-        emb = self.image_encoder(images)
+        if not isinstance(batched_input, torch.Tensor):
+            return self.forward_batched(batched_input, multimask_output)
+        emb = self.image_encoder(batched_input)
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_input)
         return self.mask_decoder(
             emb, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
         )
+
+    @torch.no_grad()
+    def forward_batched(
+        self, batched_input: list[dict[str, Any]], multimask_output: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        """SAM's batched forward (``segment_anything/modeling/sam.py``), record for record: the
+        images are encoded in one batch, each image's prompts decoded in one call. For the 512-px
+        models the image is resized to long side 512 and the prompts stay in the 1024 frame.
+
+        Raises a one-line :class:`~leansam.errors.InputError` for a record that is not SAM's."""
+        records = _check_batched_input(batched_input, self.image_size)
+        images = torch.cat([self.preprocess(r["image"][None].to(self.device)) for r in records])
+        embeddings = self.image_encoder(images.to(self.dtype))
+        outputs = []
+        for record, embedding in zip(records, embeddings, strict=True):
+            points = None
+            if "point_coords" in record:
+                points = (record["point_coords"], record["point_labels"])
+            sparse, dense = self.prompt_encoder(
+                points=points, boxes=record.get("boxes"), masks=record.get("mask_inputs")
+            )
+            low_res, iou = self.mask_decoder(
+                image_embeddings=embedding[None],
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+            h, w = (int(v) for v in record["original_size"])
+            if self.image_size == self.prompt_frame:  # SAM: the resized image's own size
+                input_size = tuple(record["image"].shape[-2:])
+            else:
+                input_size = get_preprocess_shape(h, w, self.prompt_frame)
+            masks = self.postprocess_masks(low_res, input_size, (h, w))
+            outputs.append(
+                {
+                    "masks": masks > self.mask_threshold,
+                    "iou_predictions": iou,
+                    "low_res_logits": low_res,
+                }
+            )
+        return outputs
+
+
+_RECORD_KEYS = ("image", "original_size", "point_coords", "point_labels", "boxes", "mask_inputs")
+
+
+def _check_batched_input(batched_input: object, image_size: int) -> list[dict[str, Any]]:
+    """SAM's ``batched_input`` contract, checked record by record with one-line errors."""
+    if not isinstance(batched_input, list | tuple) or not batched_input:
+        raise InputError(
+            "batched_input must be a non-empty list of records {'image': 3 x h x w tensor, "
+            f"'original_size': (H, W), ...}}, got {type(batched_input).__name__}"
+        )
+    for i, r in enumerate(batched_input):
+        where = f"batched_input[{i}]"
+        if not isinstance(r, dict):
+            raise InputError(f"{where} must be a dict, got {type(r).__name__}")
+        unknown = sorted(set(r) - set(_RECORD_KEYS))
+        if unknown:
+            raise InputError(f"{where}: unknown keys {unknown}; SAM's keys are {_RECORD_KEYS}")
+        for key in ("image", "original_size"):
+            if key not in r:
+                raise InputError(f"{where} has no {key!r}")
+        image = r["image"]
+        if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise InputError(
+                f"{where}['image'] must be a 3 x h x w tensor (0..255, long side {image_size}), "
+                f"got {shape}"
+            )
+        if max(image.shape[1:]) != image_size:
+            raise InputError(
+                f"{where}['image'] is {tuple(image.shape)}: resize it to long side {image_size} "
+                f"first (ResizeLongestSide({image_size}).apply_image)"
+            )
+        if len(r["original_size"]) != 2:
+            raise InputError(f"{where}['original_size'] must be (H, W)")
+        if ("point_coords" in r) != ("point_labels" in r):
+            raise InputError(f"{where}: point_coords and point_labels go together")
+    return list(batched_input)

@@ -243,12 +243,15 @@ def calibration_samples(
     count: int = 32,
     max_boxes: int = 4,
     seed: int = 0,
+    progress: bool = False,
 ) -> list[CalibSample]:
     """The first ``count`` images (by id) of a COCO instances file that have objects, each with
-    up to ``max_boxes`` of its ground-truth boxes (a seeded random choice) as prompts."""
+    up to ``max_boxes`` of its ground-truth boxes (a seeded random choice) as prompts;
+    ``progress`` shows a bar while they load."""
     from ..eval.dataset import EvalDataset
     from ..io import load_image
     from ..predictor import SamPredictor
+    from ..progress import progress_bar
 
     if count < 1:
         raise InputError(f"--calib-count must be at least 1, got {count}")
@@ -256,6 +259,7 @@ def calibration_samples(
     pred = SamPredictor(model)
     rng = random.Random(seed)
     out: list[CalibSample] = []
+    bar = progress_bar(total=count, desc="load calibration images", enabled=progress, unit="img")
     for info in data.images:
         objs = data.objects(info["id"])
         if not objs:
@@ -271,8 +275,10 @@ def calibration_samples(
                 torch.as_tensor(boxes, dtype=model.dtype, device=model.device),
             )
         )
+        bar.update(1)
         if len(out) == count:
             break
+    bar.close()
     if not out:
         raise InputError(f"{annotations} has no annotated image to calibrate on")
     return out
@@ -284,9 +290,16 @@ def _decode(model: Sam, emb: torch.Tensor, boxes: torch.Tensor):
 
 
 @torch.no_grad()
-def run_samples(model: Sam, samples: list[CalibSample], embeddings=None) -> None:
-    """Encoder and decoder over every sample (calibration and capture passes)."""
-    for i, s in enumerate(samples):
+def run_samples(
+    model: Sam, samples: list[CalibSample], embeddings=None, *, progress: str | None = None
+) -> None:
+    """Encoder and decoder over every sample (calibration and capture passes); ``progress``: the
+    label of a progress bar (none without it)."""
+    from ..progress import progress as bar
+
+    for i, s in bar(
+        list(enumerate(samples)), desc=progress or "", enabled=bool(progress), unit="img"
+    ):
         emb = model.image_encoder(s.image) if embeddings is None else embeddings[i]
         _decode(model, emb, s.boxes)
 
@@ -580,7 +593,7 @@ def quantize(
     folded = _fold_signs(q, samples) if config.reconstruct and config.sign_fold else []
     _init_weights(q)
     _observe(q, True)  # activation ranges seen through the quantized weights
-    run_samples(q, samples)
+    run_samples(q, samples, progress="calibrate" if progress else None)
     _observe(q, False)
     _init_activations(q)
     t_calib = time.perf_counter() - t0

@@ -19,9 +19,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..errors import require
+from ..errors import InputError, LeansamError, require
+from ..io import ImageTooLargeError, image_to_rgb, open_image
+from ..io import decode_image as io_decode_image
 
 fastapi = require("fastapi", "serve")
 from fastapi import Request  # noqa: E402
@@ -67,33 +69,31 @@ class ServiceError(Exception):
 
 # ---------------------------------------------------------------------------------------- images
 def decode_image(data: bytes, limits: Limits) -> np.ndarray:
-    """Upload bytes -> H x W x 3 uint8 RGB, checking format by content, size before decoding, and
-    completeness. The pixel grid is used as stored (no EXIF rotation), like ``leansam segment``."""
+    """Upload bytes -> H x W x 3 uint8 RGB, checking format by content, size from the header
+    before any pixel is decoded (413, also for decompression bombs), and completeness. Modes are
+    converted as :func:`leansam.io.image_to_rgb` says (16-bit scaled, 32-bit / float refused with
+    400); the pixel grid is used as stored (no EXIF rotation), like ``leansam segment``."""
     if not data:
         raise ServiceError(400, "empty upload: send the image as form field 'file'")
     if len(data) > limits.max_upload_bytes:
         raise ServiceError(413, _too_large(len(data), limits))
     try:
-        im = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
+        im = open_image(io.BytesIO(data), max_pixels=limits.max_pixels)
+    except ImageTooLargeError as e:
+        raise ServiceError(413, str(e)) from None
+    except InputError:
         raise ServiceError(
             415, f"not an image: accepted formats are {', '.join(ACCEPTED_FORMATS)}"
         ) from None
-    if im.format not in ACCEPTED_FORMATS:
-        raise ServiceError(
-            415, f"{im.format} images are not accepted: use {', '.join(ACCEPTED_FORMATS)}"
-        )
-    w, h = im.size
-    if w * h > limits.max_pixels:
-        raise ServiceError(
-            413, f"image is {w} x {h} = {w * h / 1e6:.1f} MP; the limit is "
-            f"{limits.max_pixels / 1e6:.1f} MP: downscale it first",
-        )  # fmt: skip
-    try:
-        im.load()
-        return np.array(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ServiceError(400, f"truncated or corrupt {im.format} image: {e}") from None
+    with im:
+        if im.format not in ACCEPTED_FORMATS:
+            raise ServiceError(
+                415, f"{im.format} images are not accepted: use {', '.join(ACCEPTED_FORMATS)}"
+            )
+        try:
+            return image_to_rgb(im, what=f"{im.format} image")
+        except InputError as e:
+            raise ServiceError(400, str(e)) from None
 
 
 def _too_large(n: int, limits: Limits) -> str:
@@ -231,8 +231,8 @@ class Engine:
     def everything(self, item: CachedImage, req: EverythingRequest) -> dict:
         from ..amg import SamAutomaticMaskGenerator
 
-        with Image.open(io.BytesIO(item.data)) as im:  # checked on upload
-            image = np.array(im.convert("RGB"))
+        # checked on upload; decoded the same way again (16-bit scaling included)
+        image = io_decode_image(item.data, max_pixels=item.height * item.width)
 
         def run(p):
             amg = SamAutomaticMaskGenerator(
@@ -430,6 +430,34 @@ async def _send_json(send, status: int, message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- app
+def api_docs_html(schema: dict) -> str:
+    """A self-contained HTML page (no scripts, no CDN) listing the API's endpoints from its
+    OpenAPI ``schema``: method, path, summary and description, with a link to the full schema
+    at ``/openapi.json`` for tools (Swagger UI, Postman, code generators)."""
+    from html import escape
+
+    rows = []
+    for path, ops in schema.get("paths", {}).items():
+        for method, op in ops.items():
+            text = op.get("description") or ""
+            rows.append(
+                f"<h2><code>{escape(method.upper())} {escape(path)}</code></h2>"
+                f"<p><b>{escape(op.get('summary', ''))}</b></p><pre>{escape(text)}</pre>"
+            )
+    info = schema.get("info", {})
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{escape(info.get('title', 'API'))} API</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "pre{white-space:pre-wrap}</style></head><body>"
+        f"<h1>{escape(info.get('title', ''))} API {escape(str(info.get('version', '')))}</h1>"
+        f"<p>{escape(info.get('description', ''))}</p>"
+        "<p>The full machine-readable schema: <a href='/openapi.json'>/openapi.json</a> "
+        "(load it into Swagger UI, Postman or a client generator). The web page: "
+        "<a href='/'>/</a>.</p>" + "".join(rows) + "</body></html>"
+    )
+
+
 def create_app(engine: Engine, limits: Limits | None = None):
     """The FastAPI application serving ``engine`` under ``limits``."""
     limits = limits or Limits()
@@ -441,6 +469,10 @@ def create_app(engine: Engine, limits: Limits | None = None):
         title="leansam",
         version="1",
         description="Segment Anything over HTTP: upload an image once, then prompt it.",
+        # FastAPI's /docs and /redoc load their scripts from a CDN (blank offline); leansam
+        # serves its own self-contained /docs below
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.cache, app.state.gate, app.state.limits = cache, gate, limits
 
@@ -464,6 +496,11 @@ def create_app(engine: Engine, limits: Limits | None = None):
     async def _http(request, exc: HTTPException):
         return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
+    @app.exception_handler(LeansamError)
+    async def _user_error(request, exc: LeansamError):
+        # a bad image or prompt found below the request checks (e.g. by the predictor)
+        return error(400, str(exc))
+
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
@@ -481,6 +518,10 @@ def create_app(engine: Engine, limits: Limits | None = None):
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs():
+        return HTMLResponse(api_docs_html(app.openapi()))
 
     @app.get("/healthz")
     async def healthz():
