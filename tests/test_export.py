@@ -121,7 +121,9 @@ def test_check_graph_rejects_unfriendly_op(tmp_path):
 @pytest.mark.parametrize("orig_hw", [(480, 640), (427, 300)])
 @pytest.mark.parametrize("num_points", [1, 3])
 def test_decoder_matches_segment_anything_onnx_model(sam_tiny, orig_hw, num_points):
-    """Same weights, same inputs: leansam's graph in ONNX Runtime vs SAM's SamOnnxModel."""
+    """Same weights, same inputs: leansam's graph in ONNX Runtime vs SAM's SamOnnxModel. Clicks
+    go to SAM's graph with the padding point its demo appends, to leansam's both with it and
+    without it (leansam's graph appends it itself)."""
     from segment_anything.utils.onnx import SamOnnxModel
 
     ref, ours, out = sam_tiny
@@ -129,17 +131,19 @@ def test_decoder_matches_segment_anything_onnx_model(sam_tiny, orig_hw, num_poin
     emb = torch.randn(1, 256, 64, 64, generator=g)
     coords = (torch.rand(1, num_points, 2, generator=g) * 1000).numpy()
     labels = np.array([[1, 0, 1][:num_points]], np.float32)
-    feeds = _decoder_feeds(emb, coords, labels, orig_hw)
+    padded = _decoder_feeds(emb, np.concatenate([coords, np.zeros((1, 1, 2))], 1),
+                            np.concatenate([labels, [[-1.0]]], 1), orig_hw)  # fmt: skip
     ref_out = SamOnnxModel(ref, return_single_mask=False)(
-        *(torch.from_numpy(feeds[k]) for k in DECODER_INPUTS)
+        *(torch.from_numpy(padded[k]) for k in DECODER_INPUTS)
     )
-    got = _session(out / "decoder.onnx").run(None, feeds)
-    torch_out = SamOnnxDecoder(ours)(*(torch.from_numpy(feeds[k]) for k in DECODER_INPUTS))
-    assert got[0].shape == (1, 4, *orig_hw)
-    for r, o, t in zip(ref_out, got, torch_out, strict=True):
-        assert np.abs(t.numpy() - r.numpy()).max() <= 1e-4
-        assert np.abs(o - r.numpy()).max() <= 1e-3
-    assert mask_agreement(got[0] > 0, ref_out[0].numpy() > 0) >= 0.999
+    for feeds in (padded, _decoder_feeds(emb, coords, labels, orig_hw)):
+        got = _session(out / "decoder.onnx").run(None, feeds)
+        torch_out = SamOnnxDecoder(ours)(*(torch.from_numpy(feeds[k]) for k in DECODER_INPUTS))
+        assert got[0].shape == (1, 4, *orig_hw)
+        for r, o, t in zip(ref_out, got, torch_out, strict=True):
+            assert np.abs(t.numpy() - r.numpy()).max() <= 1e-4
+            assert np.abs(o - r.numpy()).max() <= 1e-3
+        assert mask_agreement(got[0] > 0, ref_out[0].numpy() > 0) >= 0.999
 
 
 def test_decoder_with_mask_input_and_single_mask(sam_tiny, tmp_path):

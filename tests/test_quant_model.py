@@ -359,6 +359,11 @@ def test_cli_quantize_then_segment_and_eval(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     assert ev.returncode == 0, ev.stderr
+    # a quantized file is never exported as a (larger) float graph
+    ex = _cli("export", "onnx", "--model", "sam-vit-tiny", "--checkpoint", out,
+              "--out", tmp_path / "onnx", cwd=tmp_path)  # fmt: skip
+    assert ex.returncode == 2 and ex.stderr.count("\n") == 1, ex.stderr
+    assert "is a quantized model" in ex.stderr and not list((tmp_path / "onnx").glob("*.onnx"))
     # user mistakes: one line, exit 2
     bad = _cli(
         "quantize", "--model", "sam-vit-tiny", "--bits", "w9a9", "--calib-images", TRAIN[0],

@@ -117,8 +117,8 @@ def image_to_rgb(im: Image.Image, *, what: str = "image") -> np.ndarray:
                 f"{what} is a {kind} single-channel {im.format or ''} image (mode {im.mode}), "
                 "which has no standard 0..255 scale: convert it to 8 or 16 bits per channel first"
             )
-        if im.mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply via RGBA first
-            im = im.convert("RGBA")
+        if im.mode == "La":  # premultiplied grey + alpha: Pillow has no direct conversion
+            im = im.convert("LA")
         return np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as e:
         if isinstance(e, InputError):
@@ -141,7 +141,11 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -
     :class:`ImageTooLargeError` for one larger than ``max_pixels``."""
     path = _existing_file(path, "image")
     what = f"image {path}"
-    with open(path, "rb") as f, open_image(f, what=what, max_pixels=max_pixels) as im:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise InputError(f"cannot open {what}: {e.strerror}") from None
+    with f, open_image(f, what=what, max_pixels=max_pixels) as im:
         return image_to_rgb(im, what=what)
 
 
