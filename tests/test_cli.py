@@ -186,7 +186,7 @@ def test_demo_reports_untrained_weights(tmp_path):
         "demo", "--data", str(COCO_MINI), "--out", str(out), "--model", MODEL, "--images", "2"
     )
     assert res.returncode == 0, res.stderr
-    assert "untrained (random) weights" in res.stderr
+    assert "has random weights (no --checkpoint): its masks are meaningless" in res.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["trained"] is False and len(report["images"]) == 2
     assert 0.0 <= report["mIoU"] <= 100.0

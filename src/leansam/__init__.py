@@ -8,14 +8,16 @@ Public API::
 """
 
 from .amg import SamAutomaticMaskGenerator
+from .loading import create_model, load_model
 from .predictor import SamPredictor
-from .registry import create_model, list_models
+from .registry import list_models
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "SamAutomaticMaskGenerator",
     "SamPredictor",
     "__version__",
     "create_model",
     "list_models",
+    "load_model",
 ]

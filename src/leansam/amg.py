@@ -473,15 +473,15 @@ def everything(
         ensure_dir,
         load_image,
     )
-    from .pretrained import default_checkpoint
+    from .loading import load_model
     from .provenance import describe_environment
-    from .registry import create_model, get_config
+    from .registry import get_config
 
     image = load_image(image_path)
     get_config(model)
     out = ensure_dir(out_dir)
-    checkpoint = default_checkpoint(model, checkpoint)
-    sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
+    sam = load_model(model, checkpoint, device=device)
+    checkpoint = sam.checkpoint_path
     gen = SamAutomaticMaskGenerator(
         sam, output_mode="coco_rle", runtime=runtime, progress=progress, **generator_args
     )

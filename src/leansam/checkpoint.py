@@ -75,6 +75,24 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _unwrap(obj, path)
 
 
+#: ``format`` field of a quantized-model file written by ``leansam quantize``
+QUANTIZED_FORMAT = "leansam-quant"
+
+
+def read_quantized(path: str | os.PathLike) -> dict | None:
+    """The contents of a quantized-model file (``leansam quantize``: a dict with ``format``,
+    ``version``, ``model``, ``config``, ``state_dict``), or None when ``path`` is another kind of
+    checkpoint or no file. Loaded weights-only."""
+    path = Path(path)
+    if not path.is_file() or path.suffix in _SAFETENSORS_SUFFIXES:
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return obj if isinstance(obj, dict) and obj.get("format") == QUANTIZED_FORMAT else None
+
+
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         for key in _WRAPPER_KEYS:

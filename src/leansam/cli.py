@@ -10,8 +10,9 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
-from .errors import InputError, LeansamError, require
+from .errors import InputError, LeansamError, RandomWeightsWarning, require
 
 
 def _int_list(text: str, flag: str, example: str) -> tuple[int, ...]:
@@ -56,10 +57,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         calib_images=args.calib_images,
     )
     n = len(record["results"])
-    if not record["config"]["checkpoint"]:
-        print(
-            "warning: no --checkpoint: random weights, the masks are meaningless", file=sys.stderr
-        )
     empty = [i for i, r in enumerate(record["results"]) if r["masks"][r["best"]]["area"] == 0]
     print(f"wrote {n} mask(s), overlay.png and result.json to {args.out}")
     if empty:
@@ -91,10 +88,6 @@ def _cmd_everything(args: argparse.Namespace) -> int:
         min_mask_region_area=args.min_mask_region_area,
         progress=not args.no_progress,
     )
-    if not record["config"]["checkpoint"]:
-        print(
-            "warning: no --checkpoint: random weights, the masks are meaningless", file=sys.stderr
-        )
     n = len(record["masks"])
     print(
         f"wrote {n} mask(s) in {record['seconds']:.1f} s: <i>.png, metadata.csv, masks.json and "
@@ -152,8 +145,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .pretrained import default_checkpoint
-    from .registry import create_model
+    from .loading import load_model
 
     uvicorn = require("uvicorn", "serve")
     from .service import Engine, Limits, create_app
@@ -174,16 +166,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
     )
     _check_port_free(args.host, args.port)  # before loading the model
-    checkpoint = default_checkpoint(args.model, args.checkpoint)
-    model = create_model(args.model, checkpoint=checkpoint, device=args.device, seed=0)
+    model = load_model(args.model, args.checkpoint, device=args.device)
     engine = Engine(
         model, name=args.model, runtime=args.runtime, size=args.concurrency,
-        checkpoint=str(checkpoint) if checkpoint else None,
+        checkpoint=model.checkpoint_path,
     )  # fmt: skip
-    if not checkpoint:
-        print(
-            "warning: no --checkpoint: random weights, the masks are meaningless", file=sys.stderr
-        )
     if args.host not in LOOPBACK_HOSTS:
         print(
             f"warning: listening on {args.host}: anyone who can reach this machine can use the "
@@ -220,14 +207,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .distributed import default_device
     from .eval import EvalDataset, evaluate, make_mask_source, markdown
-    from .pretrained import default_checkpoint
 
     clicks = _int_list(args.clicks, "--clicks", "1,3,5")
     dataset = EvalDataset.load(args.images, args.annotations, limit=args.limit)
-    checkpoint = default_checkpoint(args.model, args.checkpoint)
     source = make_mask_source(
         args.model,
-        checkpoint=checkpoint,
+        checkpoint=args.checkpoint,
         device=args.device or default_device(),
         batch_size=args.batch_size,
         runtime=args.runtime,
@@ -246,7 +231,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             save_per_object=args.save_per_object,
             plot=args.plot,
             progress=not args.no_progress,
-            config={"checkpoint": checkpoint, "limit": args.limit, "runtime": args.runtime},
+            config={
+                "checkpoint": getattr(source, "checkpoint", None),
+                "limit": args.limit,
+                "runtime": args.runtime,
+            },
         )
     except KeyboardInterrupt:
         print(
@@ -321,9 +310,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .io import atomic_write_json, ensure_dir
-    from .pretrained import default_checkpoint
+    from .loading import load_model
     from .quant import QuantConfig, calibration_samples, check_active, quantize, report, save
-    from .registry import create_model
 
     require("sklearn", "quant")
     config = QuantConfig.from_bits(
@@ -339,10 +327,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     ensure_dir(out.parent)
-    checkpoint = default_checkpoint(args.model, args.checkpoint)
-    if not checkpoint:
-        print("warning: no --checkpoint: quantizing random weights", file=sys.stderr)
-    model = create_model(args.model, checkpoint=checkpoint, device=args.device, seed=0)
+    model = load_model(args.model, args.checkpoint, device=args.device)
+    checkpoint = model.checkpoint_path
     if getattr(model, "quant_config", None) is not None:
         raise InputError(f"{checkpoint} is already quantized: pass the full-precision weights")
     samples = calibration_samples(
@@ -377,20 +363,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _export_model(args: argparse.Namespace):
     """The model of an export command (--model / --checkpoint), warning on random weights."""
     from .io import ensure_dir
-    from .pretrained import default_checkpoint
-    from .registry import create_model
+    from .loading import load_model
 
     require("onnx", "export")
     ensure_dir(args.out)
-    checkpoint = default_checkpoint(args.model, args.checkpoint)
-    if not checkpoint:
-        print("warning: no --checkpoint: exporting random weights", file=sys.stderr)
-    model = create_model(args.model, checkpoint=checkpoint, seed=0)
+    model = load_model(args.model, args.checkpoint)
     if getattr(model, "quant_config", None) is not None:
         raise InputError(
-            f"{checkpoint} is a quantized model (fake quantization in float): its graph would be "
-            "a float graph larger than the fp32 one, so leansam does not write it; export the "
-            "full-precision weights (integer export does not exist yet, README: Quantization)"
+            f"{model.checkpoint_path} is a quantized model (fake quantization in float): its "
+            "graph would be a float graph larger than the fp32 one, so leansam does not write "
+            "it; export the full-precision weights (integer export does not exist yet, README: "
+            "Quantization)"
         )
     return model
 
@@ -880,6 +863,20 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(_join_negative_values(argv))
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, *rest, **kw):
+            if issubclass(category, RandomWeightsWarning):  # one plain line, no source line
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *rest, **kw)
+
+        warnings.showwarning = show
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         _apply_threads(args)
         return args.func(args)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from .provenance import describe_environment
 #: the demo's model without --model and --checkpoint: leansam's own trained student
 DEFAULT_MODEL = "leansam-efficientvit-s"
 
+
+#: the report's note for random weights (the command line warns once, from load_model)
 UNTRAINED = (
     "WARNING: no --checkpoint given, so the model has untrained (random) weights and the masks "
     "are meaningless. Pass an official checkpoint, e.g. `make demo DEMO_ARGS='--model "
@@ -46,9 +47,9 @@ def run_demo(
     checkpoint, leansam's own models use their shipped weights (MODEL_CARD.md). ``model``
     defaults to the variant ``checkpoint`` is for, and without a checkpoint to
     ``leansam-efficientvit-s``."""
+    from .loading import load_model
     from .predictor import SamPredictor
-    from .pretrained import default_checkpoint
-    from .registry import create_model, model_for_checkpoint
+    from .registry import model_for_checkpoint
 
     if model is None:
         model = model_for_checkpoint(checkpoint) if checkpoint else DEFAULT_MODEL
@@ -57,10 +58,8 @@ def run_demo(
     images, anns = load_coco(data / "annotations" / "instances_val2017.json")
     if num_images < 1:
         raise InputError("--images must be at least 1")
-    checkpoint = default_checkpoint(model, checkpoint)
-    if checkpoint is None:
-        print(UNTRAINED, file=sys.stderr)
-    sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
+    sam = load_model(model, checkpoint, device=device)  # warns once on random weights
+    checkpoint = sam.checkpoint_path
     predictor = SamPredictor(sam)
     out = Path(out_dir)
 
@@ -122,8 +121,6 @@ def run_demo(
         f"mIoU over {len(all_ious)} objects: {report['mIoU']:.1f} (box-fill baseline "
         f"{report['box_fill_mIoU']:.1f}); report: {out / 'report.md'}"
     )
-    if checkpoint is None:
-        print(UNTRAINED, file=sys.stderr)
     return report
 
 

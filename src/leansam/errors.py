@@ -24,6 +24,11 @@ class MissingDependencyError(LeansamError, ImportError):
     """An optional dependency is needed for this feature."""
 
 
+class RandomWeightsWarning(UserWarning):
+    """A model was built without weights: its masks are meaningless (the CLI prints it as one
+    ``warning:`` line)."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise a one-line hint naming the extra to install."""
     import importlib

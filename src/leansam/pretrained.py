@@ -75,16 +75,16 @@ def publish(
     """Store a trained ``model.pt`` of variant ``name`` as ``<out_dir>/<name>.safetensors`` in
     float16 and record its sha256 and size in ``manifest.json``. Returns the written path."""
     from .checkpoint import check_state_dict, load_state_dict, save_state_dict
+    from .configs import VARIANTS
     from .io import atomic_write_json
     from .modeling.sam import Sam
-    from .registry import get_config
 
     if name not in PRETRAINED:
         raise CheckpointError(
             f"{name} is not one of leansam's own models ({', '.join(PRETRAINED)})"
         )
     state = load_state_dict(checkpoint)
-    check_state_dict(state, Sam(get_config(name), device="meta"), name, f"checkpoint {checkpoint}")
+    check_state_dict(state, Sam(VARIANTS[name], device="meta"), name, f"checkpoint {checkpoint}")
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     folder = Path(out_dir) if out_dir is not None else weights_dir()
     path = save_state_dict(half, folder / PRETRAINED[name])

@@ -22,7 +22,7 @@ def _cpu_model() -> str:
 
 def describe_environment() -> dict:
     """CPU, core count, torch threads and library versions."""
-    from . import __version__
+    from .version import __version__
 
     return {
         "leansam": __version__,

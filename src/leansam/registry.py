@@ -1,4 +1,8 @@
-"""Model registry: ``create_model(name, checkpoint=...)`` and ``list_models()``."""
+"""Model registry (core): ``list_models()``, configs, and ``create_model`` for plain checkpoints.
+
+Quantized files belong to :mod:`leansam.quant`, above the core: :func:`leansam.create_model` and
+:func:`leansam.load_model` (:mod:`leansam.loading`) load those too.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ import os
 
 import torch
 
+from .checkpoint import load_checkpoint_into, read_quantized
 from .configs import VARIANTS, SamConfig
 from .errors import CheckpointError, InputError, UnknownModelError
 from .modeling.sam import Sam
+from .pretrained import pretrained_path
 
 
 def list_models(*, include_tiny: bool = True) -> list[str]:
@@ -62,7 +68,8 @@ def create_model(
       name: a name from :func:`list_models`, e.g. ``"efficientvit-sam-l0"`` or ``"sam-vit-h"``.
       checkpoint: an official ``efficientvit_sam_*.pt`` / ``sam_vit_*.pth`` file or a safetensors
         file; loaded weights-only and strictly. Without it the weights are random. A quantized
-        model written by ``leansam quantize`` loads as such (:func:`leansam.quant.load`).
+        model written by ``leansam quantize`` raises :class:`CheckpointError` here: the public
+        :func:`leansam.create_model` loads it.
       device, dtype: where and in which precision the model lives (default CPU, float32).
       seed: make random weights reproducible (without touching the caller's global RNG).
       pretrained: load leansam's own trained weights shipped in ``weights/`` (only for
@@ -71,8 +78,6 @@ def create_model(
     cfg = get_config(name)
     device = resolve_device(device)
     if pretrained:
-        from .pretrained import pretrained_path
-
         if checkpoint is not None:
             raise InputError("pass either checkpoint or pretrained=True, not both")
         checkpoint = pretrained_path(name)
@@ -82,15 +87,12 @@ def create_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = Sam(cfg, device=device)
-    elif _quantized_file(checkpoint):
-        from .quant.model import load
-
-        if dtype not in (None, torch.float32):
-            raise InputError("a quantized model runs in float32 (fake quantization)")
-        return load(checkpoint, model=name, device=device)
+    elif read_quantized(checkpoint) is not None:
+        raise CheckpointError(
+            f"{os.fspath(checkpoint)} is a quantized model (leansam quantize): load it with "
+            "leansam.create_model or leansam.load_model"
+        )
     else:
-        from .checkpoint import load_checkpoint_into
-
         # Build without allocating or initialising weights, then take the checkpoint's tensors.
         model = Sam(cfg, device="meta")
         load_checkpoint_into(model, checkpoint)
@@ -103,9 +105,8 @@ def model_for_checkpoint(path: str | os.PathLike) -> str:
     else the variant whose state-dict keys and shapes the file matches exactly. Raises a
     one-line :class:`~leansam.errors.CheckpointError` when no variant matches."""
     from .checkpoint import identify_variant, load_state_dict
-    from .quant.model import read
 
-    quantized = read(path)
+    quantized = read_quantized(path)
     if quantized is not None:
         return str(quantized["model"])
     name = identify_variant(load_state_dict(path))
@@ -115,13 +116,6 @@ def model_for_checkpoint(path: str | os.PathLike) -> str:
             "(`leansam models` lists them); loading with --model names the mismatched keys"
         )
     return name
-
-
-def _quantized_file(path: str | os.PathLike) -> bool:
-    """True for a file written by ``leansam quantize`` (see :func:`leansam.quant.load`)."""
-    from .quant.model import read
-
-    return read(path) is not None
 
 
 def model_info(name: str) -> dict:

@@ -134,9 +134,9 @@ def segment(
 
     Returns the JSON record.
     """
+    from .loading import load_model
     from .predictor import SamPredictor
-    from .pretrained import default_checkpoint
-    from .registry import create_model, get_config
+    from .registry import get_config
     from .runtime import calibration_images, check_runtime
 
     image = load_image(image_path)
@@ -147,8 +147,8 @@ def segment(
     check_runtime(runtime)
     calib = calibration_images(calib_images) if runtime == "onnx-int8" else None
 
-    checkpoint = default_checkpoint(model, checkpoint)
-    sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
+    sam = load_model(model, checkpoint, device=device)
+    checkpoint = sam.checkpoint_path
     predictor = SamPredictor(sam, runtime, calibration_images=calib)
     t0 = time.perf_counter()
     predictor.set_image(image)

@@ -32,11 +32,10 @@ def quick_bench(
     each runtime's max abs difference from eager, the set-up time (compilation, export,
     calibration), and the decoder's milliseconds per box for the given boxes-per-call counts.
     ``progress``: a bar on stderr over set-ups and timed calls."""
+    from ..loading import load_model
     from ..predictor import SamPredictor
-    from ..pretrained import default_checkpoint
     from ..progress import progress_bar
     from ..provenance import describe_environment
-    from ..registry import create_model
     from ..runtime import calibration_images, check_runtime, make_encoder
 
     for r in runtimes:
@@ -44,8 +43,8 @@ def quick_bench(
     if batch < 1 or runs < 1 or any(n < 1 for n in boxes):
         raise InputError("--batch, --runs and --boxes must be positive")
     calib = calibration_images(calib_images) if "onnx-int8" in runtimes else None
-    checkpoint = default_checkpoint(model_name, checkpoint)
-    model = create_model(model_name, checkpoint=checkpoint, seed=0)
+    model = load_model(model_name, checkpoint)
+    checkpoint = model.checkpoint_path
     if image is None:
         image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     pred = SamPredictor(model)

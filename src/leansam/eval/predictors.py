@@ -41,6 +41,8 @@ class SamMaskSource:
         self.predictor = predictor
         self.name = name
         self.batch_size = batch_size
+        #: the file the model's weights came from (None: random weights or not known)
+        self.checkpoint = getattr(predictor.model, "checkpoint_path", None)
 
     def set_image(self, image: np.ndarray) -> None:
         self.predictor.set_image(image)
@@ -189,15 +191,13 @@ def make_mask_source(
         return BoxFill()
     if model == "grabcut":
         return GrabCut()
+    from ..loading import load_model
     from ..predictor import SamPredictor
-    from ..pretrained import default_checkpoint
-    from ..registry import create_model
     from ..runtime import calibration_images, check_runtime
 
     check_runtime(runtime)
     calib = calibration_images(calib_images) if runtime == "onnx-int8" else None
-    checkpoint = default_checkpoint(model, checkpoint)
-    sam = create_model(model, checkpoint=checkpoint, device=device, seed=0)
+    sam = load_model(model, checkpoint, device=device)
     predictor = SamPredictor(sam, runtime, calibration_images=calib)
     return SamMaskSource(predictor, name=model_label(sam, model), batch_size=batch_size)
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import QUANTIZED_FORMAT, read_quantized
 from ..errors import CheckpointError, InputError
 from ..modeling import efficientvit, transformer, vit
 from ..modeling.common import MLPBlock
@@ -69,7 +70,7 @@ from .quantizers import (
     sign_fold,
 )
 
-FORMAT = "leansam-quant"
+FORMAT = QUANTIZED_FORMAT
 VERSION = 1
 
 
@@ -799,15 +800,9 @@ def save(model: Sam, path: str | os.PathLike) -> Path:
 
 
 def read(path: str | os.PathLike) -> dict | None:
-    """The contents of a quantized-model file, or None when ``path`` is another checkpoint."""
-    path = Path(path)
-    if not path.is_file() or path.suffix in (".safetensors", ".sft"):
-        return None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
-    return obj if isinstance(obj, dict) and obj.get("format") == FORMAT else None
+    """The contents of a quantized-model file, or None when ``path`` is another checkpoint
+    (:func:`leansam.checkpoint.read_quantized`)."""
+    return read_quantized(path)
 
 
 def load(
