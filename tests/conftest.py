@@ -64,6 +64,20 @@ def coco_image(coco_val):
     return load_image(COCO_MINI / "val2017" / info["file_name"]), anns[info["id"]]
 
 
+def require_extra(module: str):
+    """``pytest.importorskip(module)``, except under ``CI=true``, where an optional extra that is
+    missing fails the test: CI installs every extra, so a skip there would hide a broken set-up."""
+    import importlib
+    import os
+
+    if os.environ.get("CI") == "true":
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            pytest.fail(f"{module} is not installed under CI=true (make test installs it): {e}")
+    return pytest.importorskip(module)
+
+
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

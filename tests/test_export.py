@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import COCO_MINI, mask_agreement, randomize_
+from conftest import COCO_MINI, mask_agreement, randomize_, require_extra
 
 from leansam import SamPredictor, create_model
 from leansam.data.coco import xywh_to_xyxy
@@ -21,8 +21,8 @@ from leansam.export import (
     graph_ops,
 )
 
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
+ort = require_extra("onnxruntime")
+onnx = require_extra("onnx")
 
 
 def _session(path):

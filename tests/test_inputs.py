@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import COCO_MINI, mask_agreement, randomize_
+from conftest import COCO_MINI, mask_agreement, randomize_, require_extra
 from PIL import Image
 
 from leansam import SamAutomaticMaskGenerator, SamPredictor, create_model
@@ -63,7 +63,7 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def client(tiny):
     """The service in-process (FastAPI's TestClient) on the tiny model: 2 MP image limit."""
-    pytest.importorskip("fastapi")
+    require_extra("fastapi")
     from fastapi.testclient import TestClient
 
     from leansam.service import Engine, Limits, create_app
@@ -178,7 +178,7 @@ def test_any_array_layout_gives_the_embedding_of_its_contiguous_copy(name):
 
 
 def test_negative_stride_on_the_onnx_runtime(tiny):
-    pytest.importorskip("onnxruntime")
+    require_extra("onnxruntime")
     base = np.random.default_rng(1).integers(0, 256, (192, 256, 3), dtype=np.uint8)
     pred = SamPredictor(tiny, runtime="onnx")
     pred.set_image(np.ascontiguousarray(base[:, :, ::-1]))
@@ -425,7 +425,7 @@ def test_quantized_rows_are_labelled_as_such():
 
 
 def test_busy_port_is_one_line(capsys):
-    pytest.importorskip("uvicorn")
+    require_extra("uvicorn")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()

@@ -182,9 +182,10 @@ def test_cag_groups_drive_the_forward(tiny):
 
 
 def test_reconstruction_lowers_the_block_error(tiny):
+    """Reconstruction must learn: the first block's activation scales are spoiled (x 4 after
+    calibration, a start that only learning can repair), so keeping the calibrated state would
+    fail the margin below, and so would reconstruction doing nothing."""
     model, samples = tiny
-    # plain log2 softmax: with the calibrated granularity, 60 iterations lowered the first ViT
-    # block's error by only 0.3 %, too little for the 1 % bar below to tell learning from noise
     cfg = QuantConfig(method="qdrop", w_bits=4, a_bits=4, iters=0, lr_scale=1e-3, softmax="log2")
     q = quantize(model, cfg, samples, progress=False)
     fp = prepare(model, cfg)
@@ -204,12 +205,21 @@ def test_reconstruction_lowers_the_block_error(tiny):
         outs = _run_block(block, got)
         return sum(float((o - t).pow(2).mean()) for o, t in zip(outs, targets, strict=True))
 
-    # plain calibration (round to nearest) as the reference, then fresh learnable rounding
     layers = [m for m in block.modules() if isinstance(m, _QuantLayer)]
     for m in layers:
         m.w_quant.init_params(m.weight)
         m.w_quant.finalize()
+    calibrated = err()
+    spoiled = [
+        qz for qz in block.modules()
+        if isinstance(qz, UniformQuantizer) and not isinstance(qz, AdaRoundQuantizer)
+    ]  # fmt: skip
+    assert spoiled
+    with torch.no_grad():
+        for qz in spoiled:
+            qz.scale.mul_(SPOIL)
     before = err()
+    assert before > 1.5 * calibrated  # the spoiled start is clearly worse
     for m in layers:
         m.w_quant.init_params(m.weight)
     for qz in block.modules():
@@ -218,14 +228,15 @@ def test_reconstruction_lowers_the_block_error(tiny):
                 p.requires_grad_(True)
     import random
 
-    cfg = QuantConfig(method="qdrop", iters=60, lr_scale=1e-3, drop_prob=0.0)
+    cfg = QuantConfig(method="qdrop", iters=RECON_ITERS, lr_scale=RECON_LR, drop_prob=0.0)
     _, kept = _reconstruct_block(block, got, targets, cfg, random.Random(0), None)
-    assert kept in ("learned", "nearest", "calibrated")
     after = err()
-    # never worse than plain calibration on the calibration data; the learned scales help
-    assert after <= before
-    if kept != "calibrated":
-        assert after < 0.99 * before
+    assert kept in ("learned", "nearest"), kept  # the learned scales won over the start
+    assert after < RECON_MARGIN * before, (after, before, calibrated)
+
+
+#: the reconstruction test's spoiled start, budget and required gain (measured: see the test)
+SPOIL, RECON_ITERS, RECON_LR, RECON_MARGIN = 4.0, 60, 1e-2, 0.5
 
 
 def test_integer_reference_on_layers_of_a_quantized_model(tiny):

@@ -42,6 +42,25 @@ def test_fold_batchnorm_is_exact_and_removes_every_foldable_norm(tiny):
     assert (got - want).abs().max().item() <= 1e-4
 
 
+#: torch-opt tests fail instead of passing on eager when torch.compile falls back
+NO_COMPILE_FALLBACK = pytest.mark.filterwarnings("error:torch.compile failed")
+
+
+def test_compile_fallback_warns_with_the_text_the_marker_turns_into_an_error(monkeypatch):
+    """A failed compilation falls back to eager with a warning: NO_COMPILE_FALLBACK makes that
+    warning an error, so the torch-opt tests cannot pass on the fallback."""
+    from leansam import runtime
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(runtime.torch, "compile", lambda fn, **kw: broken)
+    run = runtime.compiled_or_eager(lambda x: x + 1, "the test function")
+    with pytest.warns(UserWarning, match="^torch.compile failed"):
+        assert run(1) == 2
+
+
+@NO_COMPILE_FALLBACK
 @pytest.mark.parametrize("runtime", ["torch-opt", "onnx"])
 def test_fp32_runtimes_match_eager(tiny, runtime):
     enc = make_encoder(tiny, runtime)
@@ -125,6 +144,7 @@ def test_cli_bench(tmp_path):
     assert r.stderr.strip() == "leansam: error: --boxes '1,x': expected numbers like 1,16,64"
 
 
+@NO_COMPILE_FALLBACK
 def test_torch_opt_predictor_compiles_the_decoder(tiny, coco_image):
     """torch-opt: compiled encoder and decoder give eager's masks (any number of boxes)."""
     image, _ = coco_image

@@ -9,11 +9,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import COCO_MINI
+from conftest import COCO_MINI, require_extra
 from PIL import Image
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
+httpx = require_extra("httpx")
+require_extra("fastapi")
 
 from leansam.service.process import ServerProcess  # noqa: E402
 

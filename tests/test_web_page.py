@@ -9,7 +9,7 @@ import os
 import shutil
 
 import pytest
-from conftest import COCO_MINI, REPO
+from conftest import COCO_MINI, REPO, require_extra
 
 from leansam.service.process import ServerProcess
 
@@ -29,7 +29,7 @@ def playwright_api():
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    return pytest.importorskip("playwright.sync_api")
+    return require_extra("playwright.sync_api")
 
 
 def test_click_shows_mask_overlay(playwright_api, coco_val):

@@ -469,6 +469,7 @@ def everything(
         atomic_write_bytes,
         atomic_write_json,
         atomic_write_png,
+        coco_rle_to_mask,
         draw_overlay,
         ensure_dir,
         load_image,
@@ -490,7 +491,7 @@ def everything(
     seconds = time.perf_counter() - t0
     records.sort(key=lambda r: r["area"], reverse=True)
 
-    masks = [rle_to_mask_coco(r["segmentation"]) for r in records]
+    masks = [coco_rle_to_mask(r["segmentation"]) for r in records]
     lines = [METADATA_HEADER]
     for i, (r, m) in enumerate(zip(records, masks, strict=True)):
         atomic_write_png(out / f"{i}.png", m.astype(np.uint8) * 255)
@@ -541,7 +542,3 @@ GENERATOR_ARGS = (
     "crop_n_points_downscale_factor",
     "min_mask_region_area",
 )
-
-
-def rle_to_mask_coco(rle: dict) -> np.ndarray:
-    return require("pycocotools.mask", "data").decode(rle).astype(bool)

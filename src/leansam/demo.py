@@ -10,6 +10,7 @@ import numpy as np
 
 from .data.coco import ann_to_mask, load_coco, xywh_to_xyxy
 from .errors import InputError
+from .eval.metrics import mask_iou
 from .eval.predictors import box_masks
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_png, draw_overlay, load_image
 from .provenance import describe_environment
@@ -25,11 +26,6 @@ UNTRAINED = (
     "efficientvit-sam-l0 --checkpoint efficientvit_sam_l0.pt'`, or use leansam's own model "
     "(the default, leansam-efficientvit-s)."
 )
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def run_demo(
@@ -81,8 +77,8 @@ def run_demo(
         t2 = time.perf_counter()
         masks = masks.reshape(len(objs), h, w)  # one mask per box
         gts = [ann_to_mask(a, h, w) for a in objs]
-        ious = [_iou(m, g) for m, g in zip(masks, gts, strict=True)]
-        box_fill = [_iou(b, g) for b, g in zip(box_masks(boxes, h, w), gts, strict=True)]
+        ious = [mask_iou(m, g) for m, g in zip(masks, gts, strict=True)]
+        box_fill = [mask_iou(b, g) for b, g in zip(box_masks(boxes, h, w), gts, strict=True)]
         overlay = draw_overlay(
             image, list(masks), boxes=[tuple(b) for b in boxes], labels=[f"{i:.2f}" for i in ious]
         )

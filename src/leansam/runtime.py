@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import InputError, require
 from .modeling.sam import Sam
@@ -49,30 +50,13 @@ def check_runtime(runtime: str) -> str:
 def fold_batchnorm(module: nn.Module) -> nn.Module:
     """A copy of ``module`` with every eval-mode BatchNorm2d that directly follows a Conv2d (as
     ``conv`` / ``norm`` attributes of one layer, EfficientViT's ``ConvLayer``) folded into the
-    convolution's weight and bias. Same function up to float rounding."""
+    convolution's weight and bias with PyTorch's ``fuse_conv_bn_eval``. Same function up to
+    float rounding."""
     module = copy.deepcopy(module).eval()
     for layer in module.modules():
         conv, bn = getattr(layer, "conv", None), getattr(layer, "norm", None)
-        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
-            continue
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        folded = nn.Conv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            bias=True,
-            padding_mode=conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-        )
-        folded.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        folded.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
-        layer.conv, layer.norm = folded, None
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            layer.conv, layer.norm = fuse_conv_bn_eval(conv, bn), None
     return module
 
 

@@ -34,6 +34,16 @@ class Stats:
         return asdict(self)
 
 
+def device_synchronizer() -> Callable[[], None]:
+    """``torch.cuda.synchronize`` when CUDA is in use in this process (kernels run
+    asynchronously: without it a GPU timing measures the launch, not the work), else a no-op."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.synchronize
+    return lambda: None
+
+
 def interleaved_timings(
     fns: dict[str, Callable[[], object]],
     *,
@@ -42,9 +52,11 @@ def interleaved_timings(
     after_call: Callable[[], object] | None = None,
 ) -> dict[str, Stats]:
     """Time each callable ``runs`` times, alternating between them every round so that drift of
-    the machine (clock, other load, cache state) falls on all of them alike. ``after_call`` runs
-    after every call, outside the timed region (a progress bar's update)."""
+    the machine (clock, other load, cache state) falls on all of them alike; on a GPU every timed
+    call is bracketed by device synchronisation (:func:`device_synchronizer`). ``after_call``
+    runs after every call, outside the timed region (a progress bar's update)."""
     after_call = after_call or (lambda: None)
+    sync = device_synchronizer()
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -54,8 +66,10 @@ def interleaved_timings(
         # alternate the order too, so no callable always runs right after another
         order = list(fns) if i % 2 == 0 else list(reversed(fns))
         for name in order:
+            sync()  # the clock starts when earlier GPU work is done ...
             t0 = time.perf_counter()
             fns[name]()
+            sync()  # ... and stops when this call's kernels are
             samples[name].append(time.perf_counter() - t0)
             after_call()
     return {name: Stats.of(s) for name, s in samples.items()}
