@@ -100,7 +100,7 @@ def compile_decoder(model: Sam) -> Callable:
     up-scaling stays eager (``MaskDecoder._upscale``: tiled matrix products, faster than the
     compiled convolutions). Compiles on the first call (~40 s on 2 cores); falls back to eager
     where compilation fails."""
-    return compiled_or_eager(model.mask_decoder._decode, "the decoder", dynamic=True)
+    return compiled_or_eager(model.mask_decoder.decode_tokens, "the decoder", dynamic=True)
 
 
 def _torch_bf16(model: Sam) -> Encoder:

@@ -84,7 +84,7 @@ def validate_prompts(prompts: list[Prompt], height: int, width: int) -> None:
                 raise InputError(f"point ({x}, {y}) lies outside the {width}x{height} image")
 
 
-def _decode(
+def _predict_prompts(
     predictor, prompts: list[Prompt], multimask: bool
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(masks C x H x W, scores C) per prompt; prompts of the same shape go in one batched call."""
@@ -153,7 +153,7 @@ def segment(
     t0 = time.perf_counter()
     predictor.set_image(image)
     t1 = time.perf_counter()
-    results = _decode(predictor, prompts, multimask)
+    results = _predict_prompts(predictor, prompts, multimask)
     t2 = time.perf_counter()
 
     out = Path(out_dir)

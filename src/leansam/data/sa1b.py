@@ -142,7 +142,7 @@ class SA1BDataset:
             image = load_image(self.root / info.get("file_name", path.with_suffix(".jpg").name))
             h, w = image.shape[:2]
             anns = data["annotations"]
-            masks = [_decode(a["segmentation"], h, w) for a in anns]
+            masks = [_rle_mask(a["segmentation"], h, w) for a in anns]
         except (InputError, KeyError, TypeError, ValueError) as e:
             self.skipped += 1
             log.warning("skipping %s: %s", path.name, e)
@@ -154,7 +154,7 @@ class SA1BDataset:
         return SA1BSample(image, np.stack(masks), [a.get("id", k) for k, a in enumerate(anns)])
 
 
-def _decode(rle: dict, h: int, w: int) -> np.ndarray:
+def _rle_mask(rle: dict, h: int, w: int) -> np.ndarray:
     from ..io import coco_rle_to_mask
 
     if list(rle["size"]) != [h, w]:

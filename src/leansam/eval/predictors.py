@@ -47,7 +47,7 @@ class SamMaskSource:
     def set_image(self, image: np.ndarray) -> None:
         self.predictor.set_image(image)
 
-    def _decode(self, **prompts: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    def _predict_batched(self, **prompts: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
         n = next(len(v) for v in prompts.values() if v is not None)
         masks, scores = [], []
         for i in range(0, n, self.batch_size):
@@ -67,7 +67,7 @@ class SamMaskSource:
         p = self.predictor
         t = torch.as_tensor(np.asarray(boxes, dtype=np.float64), dtype=torch.float, device=p.device)
         t = p.transform.apply_boxes_torch(t, p.original_size)
-        return self._decode(coords=None, labels=None, boxes=t)
+        return self._predict_batched(coords=None, labels=None, boxes=t)
 
     def predict_clicks(
         self, coords: np.ndarray, labels: np.ndarray
@@ -78,7 +78,7 @@ class SamMaskSource:
         )
         c = p.transform.apply_coords_torch(c, p.original_size)
         lab = torch.as_tensor(np.asarray(labels), dtype=torch.int, device=p.device)
-        return self._decode(coords=c, labels=lab, boxes=None)
+        return self._predict_batched(coords=c, labels=lab, boxes=None)
 
 
 def box_masks(boxes: np.ndarray, h: int, w: int) -> np.ndarray:

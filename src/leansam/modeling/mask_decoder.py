@@ -71,7 +71,7 @@ class MaskDecoder(nn.Module):
           dense_prompt_embeddings: B x 256 x 64 x 64.
           multimask_output: return the 3 disambiguating masks instead of the single one.
           impl: a replacement for the per-chunk inference pass up to the up-scaling
-            (:meth:`_decode`), e.g. a compiled one (``leansam.runtime.compile_decoder``); used
+            (:meth:`decode_tokens`), e.g. a compiled one (``leansam.runtime.compile_decoder``); used
             only without autograd.
 
         Returns:
@@ -120,7 +120,7 @@ class MaskDecoder(nn.Module):
         src = image_embeddings + dense_prompt_embeddings
         if torch.is_grad_enabled():
             return self._predict(src, image_pe, tokens)
-        impl = impl or self._decode
+        impl = impl or self.decode_tokens
         if b > PROMPT_CHUNK:
             # Inference on many prompt sets: chunks keep the per-prompt image-sized tensors in
             # cache (64 prompts at once run ~30 % slower per prompt than 16 on a CPU); each
@@ -160,7 +160,7 @@ class MaskDecoder(nn.Module):
         impl: Callable,
         out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inference pass: ``impl`` (:meth:`_decode` or a compiled one), then the tiled
+        """The inference pass: ``impl`` (:meth:`decode_tokens` or a compiled one), then the tiled
         up-scaling (into ``out`` if given)."""
         _, _, h, w = src.shape
         src, hyper_in, iou_pred = impl(src, image_pe, tokens)
@@ -175,7 +175,7 @@ class MaskDecoder(nn.Module):
         )
         return hyper_in, self.iou_prediction_head(hs[:, 0, :])
 
-    def _decode(
+    def decode_tokens(
         self, src: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The inference pass up to the up-scaling: image tokens (B x hw x C), hypernetwork inputs

@@ -285,7 +285,7 @@ def calibration_samples(
     return out
 
 
-def _decode(model: Sam, emb: torch.Tensor, boxes: torch.Tensor):
+def _decode_boxes(model: Sam, emb: torch.Tensor, boxes: torch.Tensor):
     sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
     return model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
 
@@ -302,7 +302,7 @@ def run_samples(
         list(enumerate(samples)), desc=progress or "", enabled=bool(progress), unit="img"
     ):
         emb = model.image_encoder(s.image) if embeddings is None else embeddings[i]
-        _decode(model, emb, s.boxes)
+        _decode_boxes(model, emb, s.boxes)
 
 
 # ---------------------------------------------------------------------------- reconstruction
@@ -385,7 +385,7 @@ def _one_prompt(x, n: int, j: int):
 
 def _reconstruct_block(
     block: nn.Module, inputs, targets, cfg: QuantConfig, rng, prompts: list[int] | None
-) -> float:
+) -> tuple[float, str]:
     """QDrop-style reconstruction of one block, batch 1 (one image; for decoder blocks one
     prompt of it: ``prompts`` gives each sample's count); returns the last iteration's loss and
     which result was kept (see :func:`_keep_best`)."""
