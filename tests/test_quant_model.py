@@ -235,7 +235,9 @@ def test_reconstruction_lowers_the_block_error(tiny):
     assert after < RECON_MARGIN * before, (after, before, calibrated)
 
 
-#: the reconstruction test's spoiled start, budget and required gain (measured: see the test)
+#: the reconstruction test's spoiled start, budget and required gain. Measured (block error):
+#: tiny ViT calibrated 0.0043, spoiled 0.046, after 0.019 (0.42x); tiny EfficientViT 0.00027,
+#: 0.0026, 0.00036 (0.14x); "learned" kept on both
 SPOIL, RECON_ITERS, RECON_LR, RECON_MARGIN = 4.0, 60, 1e-2, 0.5
 
 
