@@ -88,17 +88,46 @@ def import_graph(src: Path = SRC) -> dict[str, set[str]]:
     return graph
 
 
+def find_cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Every import cycle a depth-first search meets, as ``a -> b -> a`` strings."""
+    cycles, state = [], {}
+
+    def visit(m: str, path: list[str]) -> None:  # grey: on the current path
+        state[m] = "grey"
+        for t in sorted(graph[m]):
+            if state.get(t) == "grey":
+                cycles.append(" -> ".join([*path[path.index(t) :], t]))
+            elif t not in state:
+                visit(t, [*path, t])
+        state[m] = "black"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    return cycles
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a layer above the importer's."""
+    return sorted(
+        f"{m} ({NAMES[layer(m)]}) imports {t} ({NAMES[layer(t)]})"
+        for m, targets in graph.items()
+        for t in targets
+        if layer(t) > layer(m)
+    )
+
+
 def _unit(module: str) -> str:
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "leansam"
 
 
 def mermaid(graph: dict[str, set[str]]) -> str:
-    """Top-level modules / packages grouped by layer, an arrow per import between them."""
+    """Top-level modules / packages grouped by layer, an arrow per import between them (imports
+    of ``errors``, which nearly every module makes, left out)."""
     units = {_unit(m): layer(m) for m in graph}
-    edges = sorted(
-        {(_unit(m), _unit(t)) for m, ts in graph.items() for t in ts} - {(u, u) for u in units}
-    )
+    pairs = {(_unit(m), _unit(t)) for m, ts in graph.items() for t in ts}
+    edges = sorted((a, b) for a, b in pairs if a != b and b != "errors")
     lines = ["```mermaid", "flowchart TB"]
     for lay in sorted(NAMES, reverse=True):
         members = sorted(u for u, v in units.items() if v == lay)

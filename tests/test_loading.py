@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import COCO_MINI, randomize_, require_extra
 
 import leansam
 from leansam.errors import CheckpointError, InputError, RandomWeightsWarning
@@ -45,8 +45,7 @@ def test_checkpoints_and_shipped_weights(tmp_path):
 
 
 def test_quantized_files_load_through_the_public_functions_only(tmp_path):
-    pytest.importorskip("sklearn")
-    from conftest import COCO_MINI
+    require_extra("sklearn")
 
     from leansam.quant import QuantConfig, calibration_samples, quantize, save
 

@@ -63,7 +63,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         which = ", ".join(f"mask_{i:03d}.png" for i in empty)
         print(
             f"note: {len(empty)} of {n} masks are empty ({which}): the model found no object at "
-            "that prompt; try a box, more points, or --multimask",
+            "that prompt; try a box or more points"
+            + ("" if args.multimask else ", or --multimask"),
             file=sys.stderr,
         )
     return 0
@@ -127,14 +128,13 @@ def _check_port_free(host: str, port: int) -> None:
     import errno
     import socket
 
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror:
-        raise InputError(f"--host {host!r}: unknown host name or address") from None
-    with socket.socket(family, kind, proto) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # uvicorn's rule
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(address)
+            sock.bind((host, port))
+        except socket.gaierror:
+            raise InputError(f"--host {host!r}: unknown host name or address") from None
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise InputError(
@@ -461,7 +461,8 @@ class _HelpFormatter(argparse.HelpFormatter):
         if (
             action.option_strings
             and "default" not in text
-            and default not in (None, False, [], argparse.SUPPRESS)
+            and not (default is None or default is False or default == [])
+            and default is not argparse.SUPPRESS
         ):
             text += " (default: %(default)s)"
         return text
@@ -476,7 +477,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs):
-        if kwargs.get("help") is None and kwargs.get("default") not in (None, False, []):
+        default = kwargs.get("default")
+        if kwargs.get("help") is None and not (
+            default is None or default is False or default == []
+        ):
             kwargs["help"] = "default: %(default)s"  # shown in --help like every other default
         return super().add_argument(*args, **kwargs)
 

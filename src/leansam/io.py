@@ -42,8 +42,8 @@ MAX_IMAGE_PIXELS = 89_478_485
 #: Pillow modes with 16 bits per sample (greyscale PNG / TIFF)
 _MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
-# serialises the rare size probe of :func:`_declared_size`, which lifts Pillow's global limit
-_PROBE_LOCK = threading.Lock()
+# serialises leansam's header reads: Pillow's limit and the warning filters are process-wide
+_PROBE_LOCK = threading.RLock()
 
 
 class ImageTooLargeError(InputError):
@@ -55,20 +55,26 @@ class ImageTooLargeError(InputError):
         self.width, self.height, self.limit = width, height, limit
 
 
-def _declared_size(fp) -> tuple[int, int] | tuple[None, None]:
-    """(W, H) from the header of an image Pillow refused as a decompression bomb (larger than
-    twice ``PIL.Image.MAX_IMAGE_PIXELS``): re-open with Pillow's check lifted, header only."""
+def _open_unchecked(fp, max_pixels: int) -> tuple[Image.Image | None, int | None, int | None]:
+    """Re-open an image Pillow refused as a decompression bomb (more than twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``) with Pillow's check lifted, header only: (image, W, H), the
+    image only when it fits ``max_pixels`` (a caller's limit above Pillow's). Pillow's limit is
+    a process-wide setting: it is lifted under a lock, for the header read only."""
     with _PROBE_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
             fp.seek(0)
-            with Image.open(fp) as im:
-                return im.size
+            im = Image.open(fp)
         except Exception:  # the header itself is unreadable: report no size
-            return None, None
+            return None, None, None
         finally:
             Image.MAX_IMAGE_PIXELS = saved
+    w, h = im.size
+    if w * h <= max_pixels:
+        return im, w, h
+    im.close()
+    return None, w, h
 
 
 def open_image(fp, *, what: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -78,13 +84,15 @@ def open_image(fp, *, what: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -
     Raises :class:`ImageTooLargeError` above ``max_pixels`` (also for files Pillow itself
     refuses as decompression bombs) and :class:`InputError` for data that is not an image."""
     try:
-        with warnings.catch_warnings():
-            # leansam checks the size itself, against its own limit, just below
+        # leansam checks the size itself, against its own limit, just below; the lock keeps
+        # leansam's own threads from interleaving the (process-wide) warning filters
+        with _PROBE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(fp)
     except Image.DecompressionBombError:
-        w, h = _declared_size(fp)
-        raise ImageTooLargeError(what, w, h, max_pixels) from None
+        im, w, h = _open_unchecked(fp, max_pixels)
+        if im is None:
+            raise ImageTooLargeError(what, w, h, max_pixels) from None
     except UnidentifiedImageError:
         raise InputError(f"cannot read {what}: not an image file, or corrupt") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -112,10 +120,11 @@ def image_to_rgb(im: Image.Image, *, what: str = "image") -> np.ndarray:
             grey = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
             return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
         if im.mode in ("I", "F"):
-            kind = "32-bit integer" if im.mode == "I" else "floating-point"
+            kind = "an integer" if im.mode == "I" else "a floating-point"
+            source = f" {im.format}" if im.format else ""
             raise InputError(
-                f"{what} is a {kind} single-channel {im.format or ''} image (mode {im.mode}), "
-                "which has no standard 0..255 scale: convert it to 8 or 16 bits per channel first"
+                f"{what} is {kind} single-channel{source} image (mode {im.mode}), which has no "
+                "standard 0..255 scale: convert it to 8 or 16 bits per channel first"
             )
         if im.mode == "La":  # premultiplied grey + alpha: Pillow has no direct conversion
             im = im.convert("LA")

@@ -63,10 +63,11 @@ def load_model(
     """The model an application runs for ``--model name [--checkpoint FILE]``.
 
     ``pretrained=None`` (the default) means: leansam's shipped weights for its own models when no
-    checkpoint is given (:func:`leansam.pretrained.default_checkpoint`); ``False`` keeps random
-    weights. Without weights the model is seeded with ``seed`` (every process of a run builds the
-    same one) and a :class:`~leansam.errors.RandomWeightsWarning` is issued. The returned model
-    carries ``checkpoint_path``: the file its weights came from, or None.
+    checkpoint is given (:func:`leansam.pretrained.default_checkpoint`); ``False`` never takes
+    them (random weights unless ``checkpoint`` is given); ``True`` requires them. Without weights
+    the model is seeded with ``seed`` (every process of a run builds the same one) and a
+    :class:`~leansam.errors.RandomWeightsWarning` is issued. The returned model carries
+    ``checkpoint_path``: the file its weights came from, or None.
     """
     get_config(name)  # unknown names fail before any file is read
     if pretrained is None:

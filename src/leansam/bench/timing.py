@@ -35,13 +35,16 @@ class Stats:
 
 
 def device_synchronizer() -> Callable[[], None]:
-    """``torch.cuda.synchronize`` when CUDA is in use in this process (kernels run
-    asynchronously: without it a GPU timing measures the launch, not the work), else a no-op."""
+    """A function that waits for the GPU (``torch.cuda.synchronize``) whenever CUDA is in use in
+    this process, checked at each call (CUDA may start during warm-up); kernels run
+    asynchronously, so without it a GPU timing measures the launch, not the work."""
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.synchronize
-    return lambda: None
+    def sync() -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    return sync
 
 
 def interleaved_timings(

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import InputError, LeansamError, require
+from ..errors import InputError, require
 from ..io import ImageTooLargeError, image_to_rgb, open_image
 from ..io import decode_image as io_decode_image
 
@@ -496,8 +496,8 @@ def create_app(engine: Engine, limits: Limits | None = None):
     async def _http(request, exc: HTTPException):
         return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
-    @app.exception_handler(LeansamError)
-    async def _user_error(request, exc: LeansamError):
+    @app.exception_handler(InputError)
+    async def _user_error(request, exc: InputError):
         # a bad image or prompt found below the request checks (e.g. by the predictor)
         return error(400, str(exc))
 
