@@ -187,6 +187,25 @@ def test_batched_decoder_matches_predictor(sam_tiny, coco_image):
     assert mask_agreement(got[0][:, 1:] > 0, masks) >= 0.999
 
 
+def test_batched_decoder_pads_point_sets_like_the_predictor(sam_tiny, coco_image):
+    """P click sets (2 clicks each) without padding points in one call of the batched graph ==
+    SamPredictor.predict(point_coords=P x 2 x 2), which pads every set as SAM does."""
+    _, ours, out = sam_tiny
+    image, _ = coco_image
+    h, w = image.shape[:2]
+    pred = SamPredictor(ours)
+    pred.set_image(image)
+    g = np.random.default_rng(0)
+    points = g.uniform(0, [w, h], size=(4, 2, 2))
+    labels = np.array([[1, 0], [1, 1], [0, 1], [1, 0]])
+    _, iou, low = pred.predict(points, labels, multimask_output=True)
+    coords = pred.transform.apply_coords(points, (h, w))
+    feeds = _decoder_feeds(pred.get_image_embedding(), coords, labels, (h, w))
+    got = _session(out / "decoder_batched.onnx").run(None, feeds)
+    np.testing.assert_allclose(got[1][:, 1:], iou, atol=1e-4)
+    np.testing.assert_allclose(got[2][:, 1:], low, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", ["efficientvit-sam-tiny-l", "efficientvit-sam-l0"])
 def test_encoder_matches_pytorch(name, tmp_path):
     """Dynamic batch; embedding max abs diff <= 1e-3 (issue 6), full-size L0 included."""
