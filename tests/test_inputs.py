@@ -382,6 +382,23 @@ def test_progress_bars_go_to_stderr_and_no_progress_silences_them(tmp_path, caps
     assert rc == 0 and "bench" in err and "call" in err
 
 
+def test_everything_says_when_no_mask_passes_and_writes_strict_json(tmp_path, capsys):
+    image = VAL / "000000000139.jpg"
+    args = ["everything", image, "--model", TINY, "--points-per-side", "4", "--no-progress"]
+    rc, out, err = _cli(capsys, *args, "--out", tmp_path / "a")  # SAM's thresholds, random weights
+    assert rc == 0 and out.startswith("wrote 0 mask(s)") and "<i>.png" not in out
+    assert "note: no mask passed --pred-iou-thresh 0.88 and --stability-score-thresh 0.95" in err
+    rc, out, _ = _cli(capsys, *args, "--out", tmp_path / "b", "--pred-iou-thresh", "0",
+                      "--stability-score-thresh", "0")  # fmt: skip
+    assert rc == 0 and not out.startswith("wrote 0 ")
+
+    def no_constants(name):
+        raise AssertionError(f"masks.json holds {name}, which strict JSON parsers reject")
+
+    record = json.loads((tmp_path / "b" / "masks.json").read_text(), parse_constant=no_constants)
+    assert record["config"]["points_per_side"] == 4 and record["masks"]
+
+
 def test_threads_option_and_environment(capsys, monkeypatch):
     rc, _, err = _cli(capsys, "models", "--threads", "0")
     assert rc == 2 and "--threads must be at least 1" in _one_error_line(err)

@@ -235,6 +235,7 @@ class SamAutomaticMaskGenerator:
         if min_mask_region_area > 0:
             require("cv2", "data")
         self.point_grids = point_grids
+        self.points_per_side = points_per_side  # None when point_grids were given
         #: ``predictor`` shares an existing one (its runtime, compiled graphs) instead
         self.predictor = predictor if predictor is not None else SamPredictor(model, runtime)
         self.points_per_batch = points_per_batch
@@ -525,12 +526,15 @@ def everything(
         "environment": describe_environment(),
         "masks": records,
     }
-    atomic_write_json(out / "masks.json", record)
+    # strict JSON: an empty mask's stability score is 0 / 0 (NaN, as in SAM), written as null
+    safe = [{k: _finite_or_none(v) for k, v in r.items()} for r in records]
+    atomic_write_json(out / "masks.json", {**record, "masks": safe})
     return record
 
 
 #: the generator arguments `leansam everything` exposes (and records)
 GENERATOR_ARGS = (
+    "points_per_side",
     "points_per_batch",
     "pred_iou_thresh",
     "stability_score_thresh",
@@ -542,3 +546,8 @@ GENERATOR_ARGS = (
     "crop_n_points_downscale_factor",
     "min_mask_region_area",
 )
+
+
+def _finite_or_none(value):
+    """NaN / infinity -> None (JSON has no such numbers); anything else unchanged."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -90,10 +90,19 @@ def _cmd_everything(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     n = len(record["masks"])
+    files = "<i>.png, " if n else ""
     print(
-        f"wrote {n} mask(s) in {record['seconds']:.1f} s: <i>.png, metadata.csv, masks.json and "
+        f"wrote {n} mask(s) in {record['seconds']:.1f} s: {files}metadata.csv, masks.json and "
         f"overlay.png in {args.out}"
     )
+    if n == 0:
+        print(
+            f"note: no mask passed --pred-iou-thresh {args.pred_iou_thresh} and "
+            f"--stability-score-thresh {args.stability_score_thresh} (SAM's defaults assume "
+            "SAM's confidence; a weaker model, such as leansam's shipped ones, MODEL_CARD.md, may "
+            "need lower thresholds)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -583,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", action="store_true", help="write iou_by_size.png (box, click)")
     e.add_argument("--batch-size", type=int, default=16, help="prompts per decoder call")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
-    e.add_argument("--device", default=None)
+    e.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     _runtime_args(e)
     e.set_defaults(func=_cmd_eval)
 
@@ -669,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="fill holes / drop islands below this many pixels",
     )
-    ev.add_argument("--device", default=None)
+    ev.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     _runtime_args(ev)
     ev.set_defaults(func=_cmd_everything)
@@ -784,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lists them) at 8 bits; repeatable. See QUANTIZATION.md for the two that matter at W4A4",
     )
     qz.add_argument("--seed", type=int, default=0)
-    qz.add_argument("--device", default=None)
+    qz.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     qz.add_argument("--out", required=True, help="the quantized model file, e.g. q.pt")
     qz.add_argument("--report", help="per-tensor report JSON (default: OUT.report.json)")
     qz.add_argument("--no-progress", action="store_true")
@@ -798,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_args(sv)
     sv.add_argument("--runtime", default="torch", choices=RUNTIMES, help="image-encoder runtime")
-    sv.add_argument("--device", default=None)
+    sv.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-upload-mb", type=float, default=16, help="largest upload (MiB)")
@@ -825,7 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
         "else random weights)",
     )
     d.add_argument("--images", type=int, default=4, help="number of val images")
-    d.add_argument("--device", default=None)
+    d.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     d.set_defaults(func=_cmd_demo)
     return p
 
