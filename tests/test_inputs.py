@@ -135,7 +135,8 @@ def test_16bit_png_through_cli_and_service(tmp_path, capsys, client, tiny):
     item = client.app.state.cache.get(r.json()["id"])
     pred = SamPredictor(tiny)
     pred.set_image(np.repeat((_ramp16() >> 8).astype(np.uint8)[..., None], 3, axis=2))
-    assert torch.equal(item.features, pred.get_image_embedding())
+    # float rounding only (the service's worker thread may run another thread count)
+    assert (item.features - pred.get_image_embedding()).abs().max() < 1e-4
     ev = client.post(f"/v1/images/{r.json()['id']}/everything", json={"points_per_side": 2})
     assert ev.status_code == 200, ev.text
 
@@ -537,7 +538,8 @@ def test_every_pillow_mode_loads_or_is_refused_with_one_line(tmp_path, capsys, c
         if r.status_code == 200:  # the service decodes exactly as load_image does
             item = client.app.state.cache.get(r.json()["id"])
             pred.set_image(image)
-            assert torch.equal(item.features, pred.get_image_embedding()), what
+            diff = (item.features - pred.get_image_embedding()).abs().max()
+            assert diff < 1e-4, what  # float rounding only (worker thread's own thread count)
     assert decoded > 30 and refused >= 2
     # the CLI on a sample of them (each call loads the model): exit 0, or 2 with one line
     for mode, fmt, data in MODE_FILES[::5]:
