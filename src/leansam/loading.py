@@ -3,9 +3,9 @@
 
 The CLI, the service, evaluation, the demo, ``bench`` and ``quantize`` all call
 :func:`load_model`: leansam's shipped weights for its own models, official checkpoints, quantized
-files, and one :class:`~leansam.errors.RandomWeightsWarning` when the weights are random. It
-sits above the core
-(:mod:`leansam.registry` builds plain models) because quantized files need :mod:`leansam.quant`.
+files, and one :class:`~leansam.errors.RandomWeightsWarning` when the weights are random. It sits
+above the core (:mod:`leansam.registry` builds plain models) because quantized files need
+:mod:`leansam.quant`.
 """
 
 from __future__ import annotations
