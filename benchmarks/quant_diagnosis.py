@@ -19,8 +19,7 @@ from quantization import DATA, _miou
 
 from leansam import SamPredictor, create_model
 from leansam.eval import EvalDataset, evaluate
-from leansam.quant import QuantConfig, calibration_samples, quantize
-from leansam.quant.model import quantized_tensors, quantizers
+from leansam.quant import QuantConfig, calibration_samples, quantize, quantized_tensors, quantizers
 from leansam.quant.quantizers import HLUQ, CAGQuantizer, Log2Quantizer
 
 OFF = {

@@ -27,6 +27,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "coco-mini"
 
 
+def _server_process() -> type:
+    """tests/service_process.py's ServerProcess, loaded by path (test infrastructure, not shipped
+    in the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "service_process", ROOT / "tests" / "service_process.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ServerProcess
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
@@ -110,7 +123,6 @@ def main() -> int:
     from leansam.data.coco import load_coco, xywh_to_xyxy
     from leansam.io import atomic_write_json
     from leansam.provenance import describe_environment
-    from leansam.service.process import ServerProcess
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="leansam-efficientvit-s")
@@ -120,6 +132,7 @@ def main() -> int:
     p.add_argument("--runtime", default="torch")
     p.add_argument("--out", help="write the record here (JSON)")
     args = p.parse_args()
+    ServerProcess = _server_process()
 
     images, anns = load_coco(DATA / "annotations" / "instances_val2017.json")
     chosen = [im for im in images if anns[im["id"]]][: args.images]

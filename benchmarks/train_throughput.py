@@ -21,7 +21,8 @@ from leansam.data.sa1b import coco_to_sa1b
 from leansam.io import atomic_write_json
 from leansam.provenance import describe_environment
 from leansam.train.config import TrainConfig
-from leansam.train.trainer import distill, finetune
+from leansam.train.distill import distill
+from leansam.train.finetune import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 COCO = REPO.parent / "shared" / "data" / "coco-mini"

@@ -4,7 +4,7 @@
     python scripts/import_graph.py --check    # exit 1 if ARCHITECTURE.md's diagram is stale
 
 Every import counts, function-level ones included; modules are collapsed to their top-level
-module or package (``leansam.quant.model`` -> ``quant``). ``tests/test_architecture.py`` uses
+module or package (``leansam.quant.wrap`` -> ``quant``). ``tests/test_architecture.py`` uses
 :func:`import_graph` and :data:`LAYERS` to forbid cycles and upward imports.
 """
 
@@ -26,6 +26,7 @@ LAYERS = {
     "leansam.configs": 0,
     "leansam.transforms": 0,
     "leansam.io": 0,
+    "leansam.prompts": 0,
     "leansam.progress": 0,
     "leansam.provenance": 0,
     "leansam.distributed": 0,

@@ -19,7 +19,7 @@ if importlib.util.find_spec("torchvision") is None:  # the references import it 
 
 from efficientsam.models.efficientvit import sam as evit_sam  # noqa: E402
 from efficientsam.models.efficientvit.backbone import EfficientViTLargeBackbone  # noqa: E402
-from efficientsam.models.nn.norm import set_norm_eps  # noqa: E402
+from efficientsam.models.nn.norm import build_norm, set_norm_eps  # noqa: E402
 from efficientsam.sam_model_zoo import create_efficientvit_sam_model  # noqa: E402
 from segment_anything import SamPredictor as RefSamPredictor  # noqa: E402
 from segment_anything import sam_model_registry  # noqa: E402
@@ -31,7 +31,7 @@ from segment_anything.modeling import (  # noqa: E402
     TwoWayTransformer,
 )
 
-from leansam.configs import VARIANTS, EfficientViTConfig  # noqa: E402
+from leansam.configs import VARIANTS, DecoderConfig, EfficientViTConfig  # noqa: E402
 
 EfficientViTSamPredictor = evit_sam.EfficientViTSamPredictor
 
@@ -48,6 +48,7 @@ def _assembled_evit(cfg) -> torch.nn.Module:
         fewer_norm_list=list(enc.fewer_norm),
         qkv_dim=enc.qkv_dim,
     )
+    dec = cfg.decoder
     neck = evit_sam.SamNeck(
         fid_list=[f"stage{s}" for s in enc.neck_stages],
         in_channel_list=[enc.widths[s] for s in enc.neck_stages],
@@ -55,16 +56,41 @@ def _assembled_evit(cfg) -> torch.nn.Module:
         head_depth=enc.neck_depth,
         expand_ratio=enc.neck_expand,
         middle_op="fmb",
+        out_dim=dec.embed_dim,
     )
-    model = evit_sam.build_efficientvit_sam(
-        evit_sam.EfficientViTSamImageEncoder(backbone, neck), cfg.image_size
-    )
+    encoder = evit_sam.EfficientViTSamImageEncoder(backbone, neck)
+    if dec == DecoderConfig():  # the reference's own builder
+        model = evit_sam.build_efficientvit_sam(encoder, cfg.image_size)
+    else:  # build_efficientvit_sam with the config's decoder sizes
+        encoder.norm = build_norm("ln2d", dec.embed_dim)
+        model = evit_sam.EfficientViTSam(
+            image_encoder=encoder,
+            prompt_encoder=evit_sam.PromptEncoder(
+                embed_dim=dec.embed_dim,
+                image_embedding_size=(64, 64),
+                input_image_size=(1024, 1024),
+                mask_in_chans=16,
+            ),
+            mask_decoder=evit_sam.MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=evit_sam.TwoWayTransformer(
+                    depth=dec.depth,
+                    embedding_dim=dec.embed_dim,
+                    mlp_dim=dec.mlp_dim,
+                    num_heads=dec.num_heads,
+                ),
+                transformer_dim=dec.embed_dim,
+                iou_head_depth=3,
+                iou_head_hidden_dim=dec.iou_head_hidden_dim,
+            ),
+            image_size=(1024, cfg.image_size),
+        )
     set_norm_eps(model, 1e-6)  # as the reference model zoo does for every variant
     return model
 
 
 def _assembled_sam(cfg) -> torch.nn.Module:
-    enc = cfg.encoder
+    enc, dec = cfg.encoder, cfg.decoder
     return Sam(
         image_encoder=ImageEncoderViT(
             depth=enc.depth,
@@ -78,20 +104,25 @@ def _assembled_sam(cfg) -> torch.nn.Module:
             use_rel_pos=True,
             global_attn_indexes=list(enc.global_attn_indexes),
             window_size=enc.window_size,
-            out_chans=256,
+            out_chans=dec.embed_dim,
         ),
         prompt_encoder=PromptEncoder(
-            embed_dim=256,
+            embed_dim=dec.embed_dim,
             image_embedding_size=(64, 64),
             input_image_size=(1024, 1024),
             mask_in_chans=16,
         ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256,
+            transformer=TwoWayTransformer(
+                depth=dec.depth,
+                embedding_dim=dec.embed_dim,
+                mlp_dim=dec.mlp_dim,
+                num_heads=dec.num_heads,
+            ),
+            transformer_dim=dec.embed_dim,
             iou_head_depth=3,
-            iou_head_hidden_dim=256,
+            iou_head_hidden_dim=dec.iou_head_hidden_dim,
         ),
     )
 

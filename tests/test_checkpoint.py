@@ -79,7 +79,7 @@ def test_wrong_shape_is_named(tmp_path, tiny_l_state):
     with pytest.raises(
         CheckpointError,
         match=r"does not match efficientvit-sam-tiny-l: 1 keys with the wrong shape such as "
-        r"image_encoder\.norm\.weight \(checkpoint \[8\], model \[256\]\)",
+        r"image_encoder\.norm\.weight \(checkpoint \[8\], model \[32\]\)",
     ):
         create_model("efficientvit-sam-tiny-l", checkpoint=path)
 

@@ -194,3 +194,50 @@ def test_demo_reports_untrained_weights(tmp_path):
     md = (out / "report.md").read_text()
     assert "untrained (random)" in md and "| image | objects | mIoU |" in md
     assert len(list((out / "overlays").glob("*.png"))) == 2
+
+
+def test_flag_defaults_are_the_library_defaults():
+    """Flags that set a library dataclass field or function argument take its default from there
+    (issue 20), so the command line and the library cannot drift apart."""
+    import inspect
+
+    from leansam.amg import SamAutomaticMaskGenerator
+    from leansam.cli import build_parser
+    from leansam.cli.parsing import default_of
+    from leansam.configs import SamConfig
+    from leansam.eval import evaluate, make_mask_source
+    from leansam.quant import QuantConfig, quantize_to_file
+    from leansam.service import Limits
+
+    def parse(*argv: str) -> dict:
+        return vars(build_parser().parse_args(argv))
+
+    ev = parse("everything", "x.jpg", "--model", MODEL, "--out", "o")
+    generator = inspect.signature(SamAutomaticMaskGenerator).parameters
+    for name in ("points_per_side", "points_per_batch", "pred_iou_thresh", "box_nms_thresh",
+                 "stability_score_thresh", "crop_n_layers", "min_mask_region_area"):  # fmt: skip
+        assert ev[name] == generator[name].default, name
+    qz = parse("quantize", "--model", MODEL, "--calib-images", "d", "--calib-annotations", "a.json",
+               "--out", "q.pt")  # fmt: skip
+    config = QuantConfig.from_bits(
+        qz["method"], qz["bits"], iters=qz["iters"], kernel_bug=qz["kernel_bug"],
+        sign_fold=not qz["no_sign_fold"], cag_merge=qz["cag_merge"], softmax=qz["softmax"],
+        seed=qz["seed"], keep_8bit=tuple(qz["keep_8bit"]),
+    )  # fmt: skip
+    assert config == QuantConfig()
+    assert qz["calib_count"] == default_of(quantize_to_file, "calib_count") == 32
+    e = parse("eval", "--images", "i", "--annotations", "a.json", "--model", MODEL,
+              "--protocol", "box", "--out", "o")  # fmt: skip
+    assert tuple(int(k) for k in e["clicks"].split(",")) == default_of(evaluate, "clicks")
+    assert e["score"] == default_of(evaluate, "score")
+    assert e["batch_size"] == default_of(make_mask_source, "batch_size")
+    sv = parse("serve", "--model", MODEL)
+    assert Limits() == Limits(
+        max_upload_bytes=int(sv["max_upload_mb"] * 2**20),
+        max_pixels=int(sv["max_megapixels"] * 1e6), cache_images=sv["cache_images"],
+        max_concurrency=sv["concurrency"], max_queue=sv["queue"], timeout_s=sv["timeout"],
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="'calib_images' has no default"):
+        default_of(quantize_to_file, "calib_images")
+    with pytest.raises(TypeError, match="'name' has no default"):
+        default_of(SamConfig, "name")

@@ -128,7 +128,7 @@ def test_decoder_matches_segment_anything_onnx_model(sam_tiny, orig_hw, num_poin
 
     ref, ours, out = sam_tiny
     g = torch.Generator().manual_seed(num_points)
-    emb = torch.randn(1, 256, 64, 64, generator=g)
+    emb = torch.randn(1, ours.config.decoder.embed_dim, 64, 64, generator=g)
     coords = (torch.rand(1, num_points, 2, generator=g) * 1000).numpy()
     labels = np.array([[1, 0, 1][:num_points]], np.float32)
     padded = _decoder_feeds(emb, np.concatenate([coords, np.zeros((1, 1, 2))], 1),
@@ -154,7 +154,7 @@ def test_decoder_with_mask_input_and_single_mask(sam_tiny, tmp_path):
     ref, ours, _ = sam_tiny
     export_decoder(ours, tmp_path / "single.onnx", return_single_mask=True)
     g = torch.Generator().manual_seed(7)
-    emb = torch.randn(1, 256, 64, 64, generator=g)
+    emb = torch.randn(1, ours.config.decoder.embed_dim, 64, 64, generator=g)
     mask = torch.randn(1, 1, 256, 256, generator=g).numpy()
     for coords in (np.array([[[100.0, 200.0], [0, 0]]]), np.array([[[10.0, 20], [300, 400]]])):
         labels = np.array([[1, -1]] if coords[0, 1, 0] == 0 else [[2, 3]], np.float32)
@@ -219,7 +219,7 @@ def test_encoder_matches_pytorch(name, tmp_path):
     with torch.no_grad():
         want = model.image_encoder(x).numpy()
     got = _session(tmp_path / "enc.onnx").run(None, {"images": x.numpy()})[0]
-    assert got.shape == (2, 256, 64, 64)
+    assert got.shape == (2, model.config.decoder.embed_dim, 64, 64)
     assert np.abs(got - want).max() <= 1e-3
 
 

@@ -70,7 +70,7 @@ def test_tiny_model_forward_shapes(name):
     assert (x[..., r * 3 // 4 :] == 0).all()  # zero padding on the right, after normalising
     with torch.inference_mode():
         emb = model.image_encoder(x)
-        assert emb.shape == (2, 256, 64, 64)
+        assert emb.shape == (2, model.config.decoder.embed_dim, 64, 64) == (2, 32, 64, 64)
         boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0], [0.0, 0.0, 1023.0, 700.0]])
         low, iou = model(x, boxes=boxes, multimask_output=True)
     assert low.shape == (2, 3, 256, 256) and iou.shape == (2, 3)
@@ -104,7 +104,7 @@ def test_box_corners_as_labelled_points_equal_box_prompt():
     with torch.inference_mode():
         from_box, _ = pe(None, box, None)
         from_points, _ = pe(corners, None, None)
-    assert from_points.shape == (1, 3, 256)  # plus the "not a point" padding
+    assert from_points.shape == (1, 3, 32)  # plus the "not a point" padding (32: tiny decoder)
     torch.testing.assert_close(from_points[:, :2], from_box)
     torch.testing.assert_close(from_points[0, 2], pe.not_a_point_embed.weight[0])
 
@@ -185,7 +185,7 @@ def test_efficientvit_uses_tanh_gelu_and_eps_1e6():
 def test_decoder_broadcasts_one_embedding_over_prompts():
     torch.manual_seed(0)
     model = create_model("sam-vit-tiny")
-    emb = torch.randn(1, 256, 64, 64)
+    emb = torch.randn(1, 32, 64, 64)
     boxes = torch.tensor([[10.0, 10.0, 500.0, 600.0], [100.0, 50.0, 900.0, 1000.0]])
     pe = model.prompt_encoder.get_dense_pe()
     with torch.inference_mode():
@@ -213,7 +213,8 @@ def test_decoder_inference_path_equals_sam_as_written():
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(20, 2, generator=g) * 800
     boxes = torch.cat([xy, xy + 20 + torch.rand(20, 2, generator=g) * 200], 1)
-    for emb in (torch.randn(1, 256, 64, 64), torch.randn(20, 256, 64, 64)):
+    d = model.config.decoder.embed_dim
+    for emb in (torch.randn(1, d, 64, 64), torch.randn(20, d, 64, 64)):
         with torch.inference_mode():
             sparse, dense = model.prompt_encoder(None, boxes, None)
             fast, fast_iou = dec(emb, pe, sparse, dense, multimask_output=True)
@@ -223,8 +224,8 @@ def test_decoder_inference_path_equals_sam_as_written():
         torch.testing.assert_close(fast, plain.detach(), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(fast_iou, plain_iou.detach(), rtol=1e-4, atol=1e-4)
     with torch.inference_mode():
-        src = torch.randn(3, 64 * 64, 256)
-        hyper = torch.randn(3, 4, 32)
+        src = torch.randn(3, 64 * 64, d)
+        hyper = torch.randn(3, 4, d // 8)
         tiled = dec._upscale(src, hyper, 64, 64)
         loop_free = dec._upscale_channels_last(src, hyper, 64, 64)
     torch.testing.assert_close(tiled, loop_free, rtol=1e-5, atol=1e-5)

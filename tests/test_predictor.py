@@ -71,7 +71,8 @@ def test_set_image_sizes_and_embedding(predictor, coco_image):
     h, w = image.shape[:2]
     assert predictor.original_size == (h, w)
     assert predictor.input_size == get_preprocess_shape(h, w, 1024)  # 1024 frame, not 256
-    assert predictor.get_image_embedding().shape == (1, 256, 64, 64)
+    dim = predictor.model.config.decoder.embed_dim
+    assert predictor.get_image_embedding().shape == (1, dim, 64, 64)
 
 
 def test_bgr_input_equals_rgb(l_model, predictor, coco_image):
@@ -148,7 +149,7 @@ def test_set_images_equals_set_image(l_model, coco_val):
     images = [load_image(COCO_MINI / "val2017" / im["file_name"]) for im in coco_val[0][:2]]
     batched = SamPredictor(l_model)
     batched.set_images(images)
-    assert batched.get_image_embedding().shape == (2, 256, 64, 64)
+    assert batched.get_image_embedding().shape == (2, l_model.config.decoder.embed_dim, 64, 64)
     with pytest.raises(InputError, match="pass image_index"):
         batched.predict(box=np.array([1, 1, 50, 50]))
     for i, image in enumerate(images):

@@ -110,6 +110,7 @@ def _box_miou(model: str, n_images: int) -> tuple[float, float]:
 RECORDED = {"leansam-vit-s": 32.427, "leansam-efficientvit-s": 33.711}
 
 
+@pytest.mark.slow  # a golden number: test_shipped_weights_follow_prompts checks the behaviour
 @pytest.mark.skipif(not SHIPPED, reason="weights/ not in this checkout")
 @pytest.mark.parametrize("model", sorted(PRETRAINED))
 def test_shipped_weights_reproduce_their_recorded_accuracy(model):
@@ -143,19 +144,19 @@ def test_shipped_weights_follow_prompts(model):
 def test_shipped_student_imitates_the_teacher_on_unseen_images():
     """Stage 1 worked: on val images (never trained on) the student's embedding is far closer to
     the teacher's than a random student's."""
-    from leansam.train.trainer import _embed
+    from leansam.train.distill import encoder_input
 
     teacher = create_model("leansam-vit-s", pretrained=True)
     student = create_model(STUDENT, pretrained=True)
     untrained = create_model(STUDENT, seed=0)
 
     def rel_error(model, target, path) -> float:
-        out = model.image_encoder(_embed(model, path, "cpu"))
+        out = model.image_encoder(encoder_input(model, path, "cpu"))
         return float((out - target).pow(2).mean() / target.var())
 
     errors = []
     with torch.no_grad():
         for f in sorted((COCO_MINI / "val2017").iterdir())[:3]:
-            target = teacher.image_encoder(_embed(teacher, f, "cpu"))
+            target = teacher.image_encoder(encoder_input(teacher, f, "cpu"))
             errors.append((rel_error(student, target, f), rel_error(untrained, target, f)))
     assert all(s < 0.5 and s < 0.5 * u for s, u in errors), errors

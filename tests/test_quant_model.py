@@ -29,13 +29,15 @@ from leansam.quant import (
     load,
     prepare,
     quantize,
+    quantizers,
     report,
+    run_samples,
     save,
     sqnr_db,
 )
 from leansam.quant.integer import IntegerLinearCAG, IntegerLinearHLUQ
-from leansam.quant.model import _reconstruct_block, _run_block, blocks, quantizers, run_samples
-from leansam.quant.modules import QuantConv2d, QuantLinear, _QuantLayer
+from leansam.quant.modules import QuantConv2d, QuantLayer, QuantLinear
+from leansam.quant.reconstruct import blocks, reconstruct_block, run_block
 
 TRAIN = (COCO_MINI / "train2017", COCO_MINI / "annotations" / "instances_train2017.json")
 TINY = ("sam-vit-tiny", "efficientvit-sam-tiny-l")
@@ -82,13 +84,13 @@ def test_mapping_follows_the_spec(tiny):
         q.mask_decoder.output_hypernetworks_mlps,
         q.mask_decoder.iou_prediction_head,
     ):
-        assert not any(isinstance(m, _QuantLayer) for m in part.modules())
+        assert not any(isinstance(m, QuantLayer) for m in part.modules())
     enc = q.image_encoder
     stem = enc.patch_embed.proj if hasattr(enc, "patch_embed") else None
     if stem is None:
         stem = enc.backbone.stages[0].op_list[0].conv
     assert isinstance(stem, torch.nn.Conv2d)
-    roles = {n: m for n, m in q.named_modules() if isinstance(m, _QuantLayer)}
+    roles = {n: m for n, m in q.named_modules() if isinstance(m, QuantLayer)}
     for name, layer in roles.items():
         kind = type(layer.a_quant)
         expected = {"cag": CAGQuantizer, "hluq": HLUQ, "plain": UniformQuantizer}[layer.role]
@@ -122,7 +124,7 @@ def test_every_method_quantizes_and_every_quantizer_is_active(tiny, method):
     assert {r["bits"] for r in rep["tensors"]} == {4}
     assert all(r["enabled"] and r["calibrated"] for r in rep["tensors"])
     # every quantized tensor in the report: weight + input per layer, matmul points
-    layers = sum(isinstance(m, _QuantLayer) for m in q.modules())
+    layers = sum(isinstance(m, QuantLayer) for m in q.modules())
     assert len(rep["tensors"]) >= 2 * layers
     kinds = {type(qz) for _, qz in quantizers(q)}
     assert (CAGQuantizer in kinds) == (method in ("ahcptq", "ahcptq-no-hluq"))
@@ -199,13 +201,13 @@ def test_reconstruction_lowers_the_block_error(tiny):
     hook = block.register_forward_hook(lambda m, a, k, o: got.append((a, k)), with_kwargs=True)
     run_samples(q, samples)
     hook.remove()
-    targets = _run_block(fp_block, got)
+    targets = run_block(fp_block, got)
 
     def err():
-        outs = _run_block(block, got)
+        outs = run_block(block, got)
         return sum(float((o - t).pow(2).mean()) for o, t in zip(outs, targets, strict=True))
 
-    layers = [m for m in block.modules() if isinstance(m, _QuantLayer)]
+    layers = [m for m in block.modules() if isinstance(m, QuantLayer)]
     for m in layers:
         m.w_quant.init_params(m.weight)
         m.w_quant.finalize()
@@ -229,7 +231,7 @@ def test_reconstruction_lowers_the_block_error(tiny):
     import random
 
     cfg = QuantConfig(method="qdrop", iters=RECON_ITERS, lr_scale=RECON_LR, drop_prob=0.0)
-    _, kept = _reconstruct_block(block, got, targets, cfg, random.Random(0), None)
+    _, kept = reconstruct_block(block, got, targets, cfg, random.Random(0), None)
     after = err()
     assert kept in ("learned", "nearest"), kept  # the learned scales won over the start
     assert after < RECON_MARGIN * before, (after, before, calibrated)
@@ -405,7 +407,7 @@ def _full_size_w8a8(name: str) -> tuple[dict, float, int]:
     q = quantize(model, QuantConfig(method="minmax", w_bits=8, a_bits=8), samples, progress=False)
     per_layer = layer_sqnr(q, samples)
     emb = sqnr_db(_outputs(model, samples)[0], _outputs(q, samples)[0])
-    return per_layer, emb, sum(isinstance(m, _QuantLayer) for m in q.modules())
+    return per_layer, emb, sum(isinstance(m, QuantLayer) for m in q.modules())
 
 
 def _check_w8a8(name: str, min_embedding_db: float) -> None:

@@ -69,7 +69,7 @@ def test_fp32_runtimes_match_eager(tiny, runtime):
         with torch.no_grad():
             want = tiny.image_encoder(x)
         got = enc(x)
-        assert got.shape == want.shape == (n, 256, 64, 64)
+        assert got.shape == want.shape == (n, tiny.config.decoder.embed_dim, 64, 64)
         assert got.dtype == torch.float32
         assert (got - want).abs().max().item() <= 1e-4
 

@@ -17,15 +17,9 @@ from conftest import COCO_MINI
 from leansam.data.sa1b import SA1BDataset, coco_to_sa1b
 from leansam.errors import InputError
 from leansam.train.config import TrainConfig
-from leansam.train.trainer import (
-    _FinetuneStep,
-    distill,
-    finetune,
-    load_prompt_decoder,
-    lr_factor,
-    prepare_sample,
-    zoom,
-)
+from leansam.train.distill import distill
+from leansam.train.finetune import FinetuneStep, finetune, load_prompt_decoder, prepare_sample, zoom
+from leansam.train.loop import lr_factor
 
 STUDENT = "efficientvit-sam-tiny-l"
 
@@ -58,7 +52,7 @@ def images_small(sa1b_small, tmp_path_factory):
 def _ft_cfg(data, out, **kw) -> TrainConfig:
     base = dict(
         stage="finetune", model=STUDENT, data=[str(data)], out=str(out), epochs=4,
-        batch_size=2, masks_per_image=4, lr=2e-4, num_points=1024, save_every=1,
+        batch_size=2, masks_per_image=4, lr=2e-3, num_points=1024, save_every=1,
     )  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
@@ -67,7 +61,7 @@ def _ft_cfg(data, out, **kw) -> TrainConfig:
 def _fixed_batch_loss(model, data, cfg) -> float:
     """Stage-2 loss of a fixed set of samples and prompts (seeded), for before / after checks."""
     ds = SA1BDataset(data)
-    step = _FinetuneStep(model, cfg).eval()
+    step = FinetuneStep(model, cfg).eval()
     samples = [
         prepare_sample(ds[i], model.image_size, cfg, np.random.default_rng([99, i]), "cpu")
         for i in range(len(ds))
@@ -95,7 +89,7 @@ def test_finetune_learns(sa1b_small, tmp_path):
 def test_distill_learns_and_takes_teacher_decoder(images_small, tmp_path):
     from leansam import create_model
     from leansam.checkpoint import load_state_dict
-    from leansam.train.trainer import _embed
+    from leansam.train.distill import encoder_input
 
     cfg = TrainConfig(
         stage="distill", model=STUDENT, teacher="sam-vit-tiny", data=[str(images_small)],
@@ -109,8 +103,8 @@ def test_distill_learns_and_takes_teacher_decoder(images_small, tmp_path):
             return float(
                 sum(
                     torch.nn.functional.mse_loss(
-                        student.image_encoder(_embed(student, f, "cpu")),
-                        teacher.image_encoder(_embed(teacher, f, "cpu")),
+                        student.image_encoder(encoder_input(student, f, "cpu")),
+                        teacher.image_encoder(encoder_input(teacher, f, "cpu")),
                     )
                     for f in files
                 )
@@ -128,12 +122,13 @@ def test_distill_learns_and_takes_teacher_decoder(images_small, tmp_path):
             assert torch.equal(state[k], v), k
     assert len(list((tmp_path / "ds" / "teacher_cache").glob("shard_*.pt"))) == 1
     cached = torch.load(tmp_path / "ds" / "teacher_cache" / "shard_00000.pt", weights_only=True)
-    assert cached["emb"].dtype == torch.float16 and cached["emb"].shape == (4, 256, 64, 64)
+    dim = teacher.config.decoder.embed_dim
+    assert cached["emb"].dtype == torch.float16 and cached["emb"].shape == (4, dim, 64, 64)
 
 
 def test_distill_flips_cache_the_mirrored_images(images_small, tmp_path):
     from leansam import create_model
-    from leansam.train.trainer import _embed
+    from leansam.train.distill import encoder_input
 
     cfg = TrainConfig(
         stage="distill", model=STUDENT, teacher="sam-vit-tiny", data=[str(images_small)],
@@ -147,8 +142,8 @@ def test_distill_flips_cache_the_mirrored_images(images_small, tmp_path):
     assert cache["files"] == [f.name for f in files] + [f"{f.name} (mirrored)" for f in files]
     teacher = create_model("sam-vit-tiny", seed=0)
     with torch.no_grad():
-        mirrored = teacher.image_encoder(_embed(teacher, files[0], "cpu", flip=True))
-        plain = teacher.image_encoder(_embed(teacher, files[0], "cpu"))
+        mirrored = teacher.image_encoder(encoder_input(teacher, files[0], "cpu", flip=True))
+        plain = teacher.image_encoder(encoder_input(teacher, files[0], "cpu"))
     torch.testing.assert_close(cache["emb"][len(files)].float(), mirrored[0], atol=2e-3, rtol=2e-3)
     assert not torch.allclose(mirrored, plain, atol=1e-2)
 
@@ -372,7 +367,7 @@ def test_data_repeat_lists_folders_several_times(sa1b_small, tmp_path):
 
 
 def test_synthetic_boxes_and_their_masks():
-    from leansam.train.trainer import box_target, synthetic_box
+    from leansam.train.warmup import box_target, synthetic_box
 
     boxes = np.stack([synthetic_box(np.random.default_rng([0, i])) for i in range(200)])
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -386,11 +381,11 @@ def test_synthetic_boxes_and_their_masks():
 def test_prompt_warmup_learns_boxes_and_keeps_the_encoder(tmp_path):
     """`leansam train prompt`: the decoder learns box -> box mask; the encoder is untouched."""
     from leansam import create_model
-    from leansam.train.trainer import _PromptStep, box_target, prompt_warmup, synthetic_box
+    from leansam.train.warmup import PromptStep, box_target, prompt_warmup, synthetic_box
 
     cfg = TrainConfig(
         stage="prompt", model="sam-vit-tiny", data=[], out=str(tmp_path / "pw"), grid=4,
-        items_per_epoch=64, epochs=5, batch_size=16, lr=2e-3, warmup_steps=2, bce_weight=1.0,
+        items_per_epoch=64, epochs=5, batch_size=16, lr=1e-2, warmup_steps=2, bce_weight=1.0,
         save_every=100,
     )  # fmt: skip
     boxes = torch.as_tensor(
@@ -399,7 +394,7 @@ def test_prompt_warmup_learns_boxes_and_keeps_the_encoder(tmp_path):
 
     def fixed_loss(model) -> float:
         with torch.no_grad():
-            return float(_PromptStep(model, cfg)(boxes, False))
+            return float(PromptStep(model, cfg)(boxes, False))
 
     before_model = create_model("sam-vit-tiny", seed=0)
     result = prompt_warmup(cfg)
@@ -415,4 +410,4 @@ def test_prompt_warmup_learns_boxes_and_keeps_the_encoder(tmp_path):
         assert torch.equal(a, b)
     assert box_target(boxes, 16).shape == (32, 16, 16)
     with pytest.raises(InputError, match="exceeds the model's 64 x 64"):
-        _PromptStep(after_model, TrainConfig(**{**cfg.as_dict(), "grid": 65}))
+        PromptStep(after_model, TrainConfig(**{**cfg.as_dict(), "grid": 65}))

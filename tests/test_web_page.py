@@ -10,8 +10,7 @@ import shutil
 
 import pytest
 from conftest import COCO_MINI, REPO, require_extra
-
-from leansam.service.process import ServerProcess
+from service_process import ServerProcess
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Flags for a closed network and a root user (see the project's machine notes).

@@ -1,8 +1,10 @@
 """Model variants as data: one frozen config per architecture, one table of named variants.
 
 Every number here comes from SPEC section 2. The prompt encoder and mask decoder are SAM's and are
-the same for all variants (embedding 256 x 64 x 64, prompts in the 1024 long-side frame); only the
-image encoder and a few numerics (norm eps, pixel normalisation) differ between families.
+the same for all published variants (embedding 256 x 64 x 64, prompts in the 1024 long-side frame);
+only the image encoder and a few numerics (norm eps, pixel normalisation) differ between families.
+The test-size variants also shrink the decoder's width (:data:`TINY_DECODER`; the grid stays 64 x
+64 and the prompt frame 1024), so tests of every code path run in milliseconds.
 """
 
 from __future__ import annotations
@@ -86,6 +88,30 @@ class ViTConfig:
 
 
 @dataclass(frozen=True)
+class DecoderConfig:
+    """SAM's prompt encoder and mask decoder sizes (SPEC section 2; ``segment_anything``'s
+    ``build_sam.py``): the defaults are SAM's, shared by every published variant. The image
+    encoder's neck outputs ``embed_dim`` channels on the 64 x 64 grid. Smaller values exist for
+    the test-size variants only (no published checkpoint has them)."""
+
+    embed_dim: int = EMBED_DIM
+    depth: int = 2
+    mlp_dim: int = 2048
+    num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % 8 or (self.embed_dim // 2) % self.num_heads:
+            raise ValueError(
+                "DecoderConfig.embed_dim must be a multiple of 8 with num_heads dividing half of it"
+            )
+
+
+#: the decoder of the test-size variants: SAM's structure at 1/8 of its width
+TINY_DECODER = DecoderConfig(embed_dim=32, mlp_dim=64, num_heads=2, iou_head_hidden_dim=32)
+
+
+@dataclass(frozen=True)
 class SamConfig:
     """A complete SAM-family model: image encoder + SAM prompt encoder + SAM mask decoder."""
 
@@ -102,6 +128,8 @@ class SamConfig:
     description: str = ""
     #: test-size variants are listed but marked, so users do not pick them by accident
     tiny: bool = False
+    #: prompt encoder and mask decoder sizes (SAM's unless a test-size variant)
+    decoder: DecoderConfig = DecoderConfig()
 
     @property
     def family(self) -> str:
@@ -222,6 +250,7 @@ VARIANTS: dict[str, SamConfig] = {
             256,
             description="test-size L-family model (random weights only)",
             tiny=True,
+            decoder=TINY_DECODER,
         ),
         _evit(
             "efficientvit-sam-tiny-xl",
@@ -231,12 +260,14 @@ VARIANTS: dict[str, SamConfig] = {
             512,
             description="test-size XL-family model (random weights only)",
             tiny=True,
+            decoder=TINY_DECODER,
         ),
         _sam(
             "sam-vit-tiny",
             ViTConfig(32, 2, 2, (1,)),
             description="test-size SAM ViT (random weights only)",
             tiny=True,
+            decoder=TINY_DECODER,
         ),
     )
 }

@@ -45,7 +45,7 @@ def create_model(
             raise InputError("pass either checkpoint or pretrained=True, not both")
         if dtype not in (None, torch.float32):
             raise InputError("a quantized model runs in float32 (fake quantization)")
-        from .quant.model import load
+        from .quant.io import load
 
         return load(checkpoint, model=name, device=device)
     return _create_plain(name, checkpoint, device, dtype, seed=seed, pretrained=pretrained)

@@ -308,16 +308,15 @@ class SamPredictor:
         B x C x 256 x 256.
         """
         idx = self._index(image_index)
-        points = (point_coords, point_labels) if point_coords is not None else None
         if mask_input is not None:
             mask_input = mask_input.to(self.model.dtype)
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low_res, iou = self.model.mask_decoder(
-            image_embeddings=self.features[idx : idx + 1],
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
+        low_res, iou = self.model.decode(
+            self.features[idx : idx + 1],
+            point_coords,
+            point_labels,
+            boxes,
+            mask_input,
+            multimask_output,
             impl=self.decode_impl,
         )
         # Up-sample a few prompt sets at a time: the 1024 x 1024 intermediate of 64 prompt sets

@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import InputError
 from .io import atomic_write_json, atomic_write_png, draw_overlay, load_image, mask_to_coco_rle
+from .prompts import check_prompts
 from .provenance import describe_environment
 
 
@@ -71,17 +72,16 @@ def build_prompts(
 
 
 def validate_prompts(prompts: list[Prompt], height: int, width: int) -> None:
-    """Boxes must be non-empty and inside the image; points inside the image."""
+    """Each prompt checked by :func:`leansam.prompts.check_prompts` (the service's rules):
+    boxes non-empty and inside the image, points inside the image."""
     for p in prompts:
-        if p.box is not None:
-            x0, y0, x1, y1 = p.box
-            if not (x0 < x1 and y0 < y1):
-                raise InputError(f"box {p.box} is empty or inverted: need x0 < x1 and y0 < y1")
-            if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-                raise InputError(f"box {p.box} lies outside the {width}x{height} image")
-        for x, y, _ in p.points:
-            if not (0 <= x <= width and 0 <= y <= height):
-                raise InputError(f"point ({x}, {y}) lies outside the {width}x{height} image")
+        check_prompts(
+            [q[:2] for q in p.points],
+            [q[2] for q in p.points],
+            [p.box] if p.box is not None else None,
+            width,
+            height,
+        )
 
 
 def _predict_prompts(

@@ -90,3 +90,37 @@ def softmax_ftz(x: torch.Tensor, dim: int) -> torch.Tensor:
     if torch.is_grad_enabled() or y.dtype == torch.float16 or torch.jit.is_tracing():
         return y
     return F.threshold_(y, torch.finfo(y.dtype).tiny, 0.0)
+
+
+class QuantPoints:
+    """Mixin for the attention modules: the named places between their matrix products where
+    ``leansam.quant`` attaches activation quantizers (SPEC section 7: q, k, v and the softmax
+    output or LiteMLA's context). Each point is ``None`` in a full-precision model, so the
+    forward computes exactly what it computes without the mixin and the state dict is
+    unchanged; :meth:`add_quantizers` fills them (the quantizers become submodules, so their
+    state is saved under ``<module>.<point>.*``)."""
+
+    #: the attribute names of the points, in the order :meth:`add_quantizers` takes them
+    QUANT_POINTS: tuple[str, ...] = ()
+
+    def _init_quant_points(self) -> None:
+        for name in self.QUANT_POINTS:
+            setattr(self, name, None)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether quantizers sit at the points (then fused fast paths that would skip them are
+        not taken)."""
+        return getattr(self, self.QUANT_POINTS[0]) is not None
+
+    def add_quantizers(self, *quantizers: nn.Module) -> None:
+        """One quantizer per point, in :attr:`QUANT_POINTS` order."""
+        if len(quantizers) != len(self.QUANT_POINTS):
+            raise ValueError(f"{type(self).__name__} takes {len(self.QUANT_POINTS)} quantizers")
+        for name, q in zip(self.QUANT_POINTS, quantizers, strict=True):
+            setattr(self, name, q)
+
+
+def quant_point(q: nn.Module | None, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``x`` through the quantizer at a point, or ``x`` itself when the point is empty."""
+    return x if q is None else q(x, **kwargs)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import EMBED_DIM, EMBED_SIZE, BlockType, EfficientViTConfig
-from .common import LayerNorm2d
+from .common import LayerNorm2d, QuantPoints, quant_point
 
 #: EfficientViT uses the tanh approximation of GELU everywhere.
 TanhGELU = partial(nn.GELU, approximate="tanh")
@@ -206,12 +206,17 @@ _LOCAL_BLOCKS: dict[BlockType, type[nn.Module]] = {
 }
 
 
-class LiteMLA(nn.Module):
+class LiteMLA(QuantPoints, nn.Module):
     """ReLU linear attention with one multi-scale aggregation branch.
 
     ``out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps)``, per head of ``dim`` channels; the
-    aggregated q/k/v (depthwise s x s then grouped 1x1) form extra heads.
+    aggregated q/k/v (depthwise s x s then grouped 1x1) form extra heads. Quantization points
+    (:class:`~leansam.modeling.common.QuantPoints`): q and k after the ReLU, v, and the head
+    context ``v k^T`` (the second matrix product's input; its normaliser row, the sum of the
+    keys, and the division stay in fp32 like the rest of this island).
     """
+
+    QUANT_POINTS = ("q_quant", "k_quant", "v_quant", "ctx_quant")
 
     def __init__(
         self,
@@ -242,6 +247,7 @@ class LiteMLA(nn.Module):
             ]
         )
         self.proj = ConvLayer(2 * heads * dim, channels, 1, norm_layer=norm_layer, **kw)
+        self._init_quant_points()
 
     def attention(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv: B x (heads * 3 * dim) x H x W, each head laid out as [q | k | v]."""
@@ -250,9 +256,13 @@ class LiteMLA(nn.Module):
         with torch.autocast(device_type=qkv.device.type, enabled=False):
             qkv = qkv.float().reshape(b, -1, 3 * self.dim, h * w)
             q, k, v = qkv.split(self.dim, dim=2)
-            q, k = torch.relu(q), torch.relu(k)
-            v = F.pad(v, (0, 0, 0, 1), value=1.0)  # a row of ones yields the normaliser
-            out = (v @ k.transpose(-1, -2)) @ q
+            q = quant_point(self.q_quant, torch.relu(q))
+            k = quant_point(self.k_quant, torch.relu(k))
+            v = F.pad(quant_point(self.v_quant, v), (0, 0, 0, 1), value=1.0)  # ones: normaliser
+            ctx = v @ k.transpose(-1, -2)  # (dim + 1) x dim per head; last row: sum of keys
+            if self.ctx_quant is not None:
+                ctx = torch.cat([self.ctx_quant(ctx[:, :, :-1]), ctx[:, :, -1:]], dim=2)
+            out = ctx @ q
             out = out[:, :, :-1] / (out[:, :, -1:] + self.eps)
         return out.reshape(b, -1, h, w)
 
@@ -386,7 +396,9 @@ class ResizeTo(nn.Module):
 class SamNeck(nn.Module):
     """Last three stages -> 1x1 conv + BN -> resize to 64 x 64 -> sum -> FusedMBConvs -> 1x1."""
 
-    def __init__(self, cfg: EfficientViTConfig, *, device=None, dtype=None) -> None:
+    def __init__(
+        self, cfg: EfficientViTConfig, *, out_chans: int = EMBED_DIM, device=None, dtype=None
+    ) -> None:
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         norm = partial(nn.BatchNorm2d, eps=cfg.norm_eps)
@@ -417,7 +429,7 @@ class SamNeck(nn.Module):
             ]
         )
         self.output_ops = nn.ModuleList(
-            [OpSequential([ConvLayer(w, EMBED_DIM, 1, bias=True, **kw)])]
+            [OpSequential([ConvLayer(w, out_chans, 1, bias=True, **kw)])]
         )
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
@@ -430,14 +442,22 @@ class SamNeck(nn.Module):
 
 
 class EfficientViTImageEncoder(nn.Module):
-    """B x 3 x R x R normalised image -> B x 256 x 64 x 64 embedding."""
+    """B x 3 x R x R normalised image -> B x ``out_chans`` (256) x 64 x 64 embedding."""
 
-    def __init__(self, cfg: EfficientViTConfig, img_size: int, *, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        cfg: EfficientViTConfig,
+        img_size: int,
+        *,
+        out_chans: int = EMBED_DIM,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         self.img_size = img_size
         self.backbone = EfficientViTBackbone(cfg, device=device, dtype=dtype)
-        self.neck = SamNeck(cfg, device=device, dtype=dtype)
-        self.norm = LayerNorm2d(EMBED_DIM, eps=cfg.norm_eps, device=device, dtype=dtype)
+        self.neck = SamNeck(cfg, out_chans=out_chans, device=device, dtype=dtype)
+        self.norm = LayerNorm2d(out_chans, eps=cfg.norm_eps, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.neck(self.backbone(x)))

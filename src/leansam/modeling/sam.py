@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -10,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import (
-    EMBED_DIM,
     EMBED_SIZE,
     PIXEL_MEAN,
     PIXEL_STD,
@@ -79,32 +79,33 @@ class Sam(nn.Module):
         self.config = config
         self.image_size = config.image_size
         self.prompt_frame = PROMPT_FRAME
+        dec = config.decoder
         if isinstance(config.encoder, EfficientViTConfig):
             self.image_encoder: nn.Module = EfficientViTImageEncoder(
-                config.encoder, config.image_size, **kw
+                config.encoder, config.image_size, out_chans=dec.embed_dim, **kw
             )
         else:
-            self.image_encoder = ViTImageEncoder(config.encoder, **kw)
+            self.image_encoder = ViTImageEncoder(config.encoder, out_chans=dec.embed_dim, **kw)
         self.prompt_encoder = PromptEncoder(
-            embed_dim=EMBED_DIM,
+            embed_dim=dec.embed_dim,
             image_embedding_size=(EMBED_SIZE, EMBED_SIZE),
             input_image_size=(PROMPT_FRAME, PROMPT_FRAME),
             mask_in_chans=16,
             **kw,
         )
         self.mask_decoder = MaskDecoder(
-            transformer_dim=EMBED_DIM,
+            transformer_dim=dec.embed_dim,
             transformer=TwoWayTransformer(
-                depth=2,
-                embedding_dim=EMBED_DIM,
-                mlp_dim=2048,
-                num_heads=8,
+                depth=dec.depth,
+                embedding_dim=dec.embed_dim,
+                mlp_dim=dec.mlp_dim,
+                num_heads=dec.num_heads,
                 norm_eps=config.decoder_norm_eps,
                 **kw,
             ),
             num_multimask_outputs=3,
             iou_head_depth=3,
-            iou_head_hidden_dim=256,
+            iou_head_hidden_dim=dec.iou_head_hidden_dim,
             **kw,
         )
         self.init_pixel_stats(device)
@@ -207,10 +208,41 @@ class Sam(nn.Module):
         if not isinstance(batched_input, torch.Tensor):
             return self.forward_batched(batched_input, multimask_output)
         emb = self.image_encoder(batched_input)
+        return self.decode(emb, point_coords, point_labels, boxes, mask_input, multimask_output)
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        *,
+        impl: Callable | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts to masks on image embeddings: the prompt encoder then the mask decoder (the
+        step every caller shares: predictor, segment everything, training, quantization).
+
+        Arguments:
+          image_embeddings: 1 x 256 x 64 x 64 (shared by every prompt set) or B x 256 x 64 x 64.
+          point_coords / point_labels: B x N x 2 / B x N, 1024 long-side frame (labels as SAM's:
+            1 foreground, 0 background, -1 padding, 2 / 3 box corners).
+          boxes: B x 4 XYXY, 1024 frame. mask_input: B x 1 x 256 x 256 logits.
+          impl: see :meth:`MaskDecoder.forward`.
+
+        Returns low-res mask logits B x C x 256 x 256 (C = 3 with ``multimask_output``, else 1)
+        and IoU predictions B x C.
+        """
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_input)
         return self.mask_decoder(
-            emb, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+            image_embeddings,
+            self.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+            multimask_output,
+            impl=impl,
         )
 
     @torch.no_grad()
@@ -227,18 +259,13 @@ class Sam(nn.Module):
         embeddings = self.image_encoder(images.to(self.dtype))
         outputs = []
         for record, embedding in zip(records, embeddings, strict=True):
-            points = None
-            if "point_coords" in record:
-                points = (record["point_coords"], record["point_labels"])
-            sparse, dense = self.prompt_encoder(
-                points=points, boxes=record.get("boxes"), masks=record.get("mask_inputs")
-            )
-            low_res, iou = self.mask_decoder(
-                image_embeddings=embedding[None],
-                image_pe=self.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
+            low_res, iou = self.decode(
+                embedding[None],
+                record.get("point_coords"),
+                record.get("point_labels"),
+                record.get("boxes"),
+                record.get("mask_inputs"),
+                multimask_output,
             )
             h, w = (int(v) for v in record["original_size"])
             if self.image_size == self.prompt_frame:  # SAM: the resized image's own size

@@ -8,11 +8,16 @@ from functools import partial
 import torch
 from torch import nn
 
-from .common import MLPBlock, softmax_ftz
+from .common import MLPBlock, QuantPoints, quant_point, softmax_ftz
 
 
-class Attention(nn.Module):
-    """Multi-head attention whose projections may shrink the width by ``downsample_rate``."""
+class Attention(QuantPoints, nn.Module):
+    """Multi-head attention whose projections may shrink the width by ``downsample_rate``;
+    quantization points (:class:`~leansam.modeling.common.QuantPoints`) at the projected q, k,
+    v and the softmax output. With quantizers in place the fused inference paths
+    (``attend_*``) run the plain :meth:`forward`, which has the points."""
+
+    QUANT_POINTS = ("q_quant", "k_quant", "v_quant", "attn_quant")
 
     def __init__(
         self,
@@ -34,6 +39,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim, **kw)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim, **kw)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim, **kw)
+        self._init_quant_points()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -59,6 +65,8 @@ class Attention(nn.Module):
         """:meth:`forward` for B x T x C queries over one image (1 x N x C keys and values)
         shared by all B prompt sets: the image side is projected once and the B x T queries of
         each head form one matrix (no per-prompt copies of the image)."""
+        if self.quantized:
+            return self(q, k, v)
         b, t, _ = q.shape
         h = self.num_heads
         qh = self._heads(self.q_proj(q))  # B x h x T x d
@@ -77,6 +85,8 @@ class Attention(nn.Module):
         attn @ (Wv x + bv) = (attn @ x) Wv^T + bv. 2 x N x C x heads x T multiply-adds instead
         of 2 x N x C x internal_dim; the same function as :meth:`forward` up to float rounding.
         For inference (used without autograd)."""
+        if self.quantized:
+            return self(q, k, v)
         b, t, _ = q.shape
         h = self.num_heads
         wk, _ = self._head_weights(self.k_proj)
@@ -104,6 +114,8 @@ class Attention(nn.Module):
         shared by all prompt sets: computed once); otherwise the keys are mapped into the input
         space instead, (Wq x + bq).k = x.(Wq^T k) + bq.k. Same function as ``residual +
         forward(q, k, v)`` up to float rounding; for inference."""
+        if self.quantized:
+            return residual + self(q, k, v)
         b, t, _ = k.shape
         h = self.num_heads
         kh = self._heads(self.k_proj(k))  # B x h x T x d
@@ -131,12 +143,12 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: B x Nq x C, k and v: B x Nk x C (a batch of 1 broadcasts) -> B x Nq x C."""
-        q = self._heads(self.q_proj(q))
-        k = self._heads(self.k_proj(k))
-        v = self._heads(self.v_proj(v))
+        q = quant_point(self.q_quant, self._heads(self.q_proj(q)))
+        k = quant_point(self.k_quant, self._heads(self.k_proj(k)))
+        v = quant_point(self.v_quant, self._heads(self.v_proj(v)))
         attn = q @ k.transpose(-1, -2)
         attn = torch.softmax(attn / math.sqrt(q.shape[-1]), dim=-1)
-        out = attn @ v
+        out = quant_point(self.attn_quant, attn, value=v) @ v
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import EMBED_DIM, ViTConfig
-from .common import LayerNorm2d, MLPBlock, softmax_ftz
+from .common import LayerNorm2d, MLPBlock, QuantPoints, quant_point, softmax_ftz
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -52,8 +52,11 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     return rel_pos[rel.long()]
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with decomposed relative position terms (MViTv2)."""
+class Attention(QuantPoints, nn.Module):
+    """Multi-head self-attention with decomposed relative position terms (MViTv2); quantization
+    points (:class:`~leansam.modeling.common.QuantPoints`) at q, k, v and the softmax output."""
+
+    QUANT_POINTS = ("q_quant", "k_quant", "v_quant", "attn_quant")
 
     def __init__(
         self,
@@ -73,13 +76,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, **kw)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim, **kw))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim, **kw))
+        self._init_quant_points()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         n = self.num_heads
         qkv = self.qkv(x).reshape(b, h * w, 3, n, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * n, h * w, -1).unbind(0)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
+        # the relative-position terms use the full-precision q (positional terms stay FP)
+        qq, kq = quant_point(self.q_quant, q), quant_point(self.k_quant, k)
+        attn = (qq * self.scale) @ kq.transpose(-2, -1)
         rh = get_rel_pos(h, h, self.rel_pos_h)
         rw = get_rel_pos(w, w, self.rel_pos_w)
         r_q = q.reshape(b * n, h, w, -1)
@@ -88,7 +94,9 @@ class Attention(nn.Module):
         attn = (attn.view(b * n, h, w, h, w) + rel_h[..., None] + rel_w[..., None, :]).view(
             b * n, h * w, h * w
         )
+        v = quant_point(self.v_quant, v)
         attn = softmax_ftz(attn, dim=-1)  # at inference: subnormal weights flushed
+        attn = quant_point(self.attn_quant, attn, value=v)
         out = (attn @ v).view(b, n, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
 
@@ -140,9 +148,11 @@ class PatchEmbed(nn.Module):
 
 
 class ViTImageEncoder(nn.Module):
-    """B x 3 x 1024 x 1024 normalised image -> B x 256 x 64 x 64 embedding."""
+    """B x 3 x 1024 x 1024 normalised image -> B x ``out_chans`` (256) x 64 x 64 embedding."""
 
-    def __init__(self, cfg: ViTConfig, *, device=None, dtype=None) -> None:
+    def __init__(
+        self, cfg: ViTConfig, *, out_chans: int = EMBED_DIM, device=None, dtype=None
+    ) -> None:
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.img_size = cfg.img_size
@@ -161,10 +171,10 @@ class ViTImageEncoder(nn.Module):
             for i in range(cfg.depth)
         )
         self.neck = nn.Sequential(
-            nn.Conv2d(cfg.embed_dim, EMBED_DIM, 1, bias=False, **kw),
-            LayerNorm2d(EMBED_DIM, **kw),
-            nn.Conv2d(EMBED_DIM, EMBED_DIM, 3, padding=1, bias=False, **kw),
-            LayerNorm2d(EMBED_DIM, **kw),
+            nn.Conv2d(cfg.embed_dim, out_chans, 1, bias=False, **kw),
+            LayerNorm2d(out_chans, **kw),
+            nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False, **kw),
+            LayerNorm2d(out_chans, **kw),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

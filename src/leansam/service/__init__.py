@@ -7,10 +7,29 @@ embedding is kept in a bounded LRU cache under an id derived from the file's byt
 decoder. Every input is validated and answered with a JSON error (``{"error": "..."}``, 4xx) when
 wrong; inference runs in worker threads behind a bounded queue (429 when full, 503 on timeout).
 
-FastAPI, uvicorn and python-multipart come with ``pip install 'leansam[serve]'``; ``import leansam``
-does not import this package.
+One job per module: ``engine`` (upload checks, embedding cache, inference, prompt checks),
+``limits`` (limits, request-body bounds, the inference gate), ``errors`` (:class:`ServiceError`),
+``schemas`` (the pydantic request bodies), ``docs`` (the ``/docs`` page) and ``app`` (routes, error
+handlers, middleware). Only ``schemas`` and ``app`` need FastAPI / pydantic, which come with
+``pip install 'leansam[serve]'``: ``leansam.service.engine`` imports without them, and
+``create_app`` is imported from ``app`` when first asked for. ``import leansam`` does not import
+this package.
 """
 
-from .app import Engine, Limits, create_app
+from __future__ import annotations
+
+from typing import Any
+
+from .engine import Engine
+from .limits import Limits
 
 __all__ = ["Engine", "Limits", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # FastAPI loads only with the app: the engine and the limits work without the `serve` extra
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ from ..errors import InputError, require
 class TrainConfig:
     """One training run. ``stage`` is ``distill`` (stage 1), ``finetune`` (stage 2) or ``prompt``
     (a warm start of the prompt encoder and mask decoder on synthetic geometry, for decoders
-    trained from scratch; see ``leansam.train.trainer.prompt_warmup``)."""
+    trained from scratch; see ``leansam.train.warmup.prompt_warmup``)."""
 
     stage: str
     model: str  # the model trained (the student in stage 1)

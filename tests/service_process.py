@@ -1,4 +1,6 @@
-"""``leansam serve`` in a child process, for tests and the load benchmark."""
+"""``leansam serve`` in a child process, for the service tests and the load benchmark
+(``benchmarks/service_load.py`` loads this file by path). Standard library only: importing it
+needs neither FastAPI nor leansam."""
 
 from __future__ import annotations
 

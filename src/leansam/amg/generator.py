@@ -17,169 +17,31 @@ Records: ``segmentation`` (H x W bool array, uncompressed RLE or COCO RLE by ``o
 
 from __future__ import annotations
 
-import math
-from itertools import product
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError, require
-from .modeling.sam import Sam
-from .predictor import SamPredictor, check_image
-from .progress import progress_bar
+from ..errors import InputError, require
+from ..modeling.sam import Sam
+from ..predictor import SamPredictor, check_image
+from ..progress import progress_bar
+from .masks import (
+    area_from_rle,
+    box_area,
+    build_all_layer_point_grids,
+    coco_encode_rle,
+    generate_crop_boxes,
+    mask_to_rle,
+    masks_to_boxes,
+    nms,
+    remove_small_regions,
+    rle_to_mask,
+    stability_score,
+)
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-
-
-# ---------------------------------------------------------------------------- grids and crops
-def build_point_grid(n_per_side: int) -> np.ndarray:
-    """n x n points evenly spaced in [0, 1]^2 (cell centres), x fastest: (n*n) x 2."""
-    offset = 1 / (2 * n_per_side)
-    side = np.linspace(offset, 1 - offset, n_per_side)
-    xs = np.tile(side[None, :], (n_per_side, 1))
-    ys = np.tile(side[:, None], (1, n_per_side))
-    return np.stack([xs, ys], axis=-1).reshape(-1, 2)
-
-
-def build_all_layer_point_grids(
-    n_per_side: int, n_layers: int, scale_per_layer: int
-) -> list[np.ndarray]:
-    return [build_point_grid(int(n_per_side / (scale_per_layer**i))) for i in range(n_layers + 1)]
-
-
-def generate_crop_boxes(
-    im_size: tuple[int, int], n_layers: int, overlap_ratio: float
-) -> tuple[list[list[int]], list[int]]:
-    """XYXY crop boxes: the whole image, then (2^i)^2 overlapping crops in layer i."""
-    im_h, im_w = im_size
-    short_side = min(im_h, im_w)
-    boxes, layers = [[0, 0, im_w, im_h]], [0]
-
-    def crop_len(orig_len: int, n_crops: int, overlap: int) -> int:
-        return math.ceil((overlap * (n_crops - 1) + orig_len) / n_crops)
-
-    for i in range(n_layers):
-        n = 2 ** (i + 1)
-        overlap = int(overlap_ratio * short_side * (2 / n))
-        cw, ch = crop_len(im_w, n, overlap), crop_len(im_h, n, overlap)
-        x0s = [int((cw - overlap) * k) for k in range(n)]
-        y0s = [int((ch - overlap) * k) for k in range(n)]
-        for x0, y0 in product(x0s, y0s):
-            boxes.append([x0, y0, min(x0 + cw, im_w), min(y0 + ch, im_h)])
-            layers.append(i + 1)
-    return boxes, layers
-
-
-# ---------------------------------------------------------------------------- mask utilities
-def stability_score(masks: torch.Tensor, threshold: float, offset: float) -> torch.Tensor:
-    """IoU of the masks binarised at ``threshold + offset`` and ``threshold - offset`` (the first
-    is a subset of the second, so it is their area ratio). masks: N x H x W logits."""
-    inter = (masks > threshold + offset).flatten(1).sum(1, dtype=torch.int32)
-    union = (masks > threshold - offset).flatten(1).sum(1, dtype=torch.int32)
-    return inter / union
-
-
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """N x H x W bool -> N x 4 XYXY (inclusive pixel indices); [0, 0, 0, 0] for an empty mask."""
-    n, h, w = masks.shape
-    if n == 0:
-        return torch.zeros(0, 4, dtype=torch.long, device=masks.device)
-    rows, cols = masks.any(2), masks.any(1)
-    ar_h = torch.arange(h, device=masks.device)
-    ar_w = torch.arange(w, device=masks.device)
-    bottom = (rows * ar_h).amax(1)
-    top = torch.where(rows, ar_h, h).amin(1)
-    right = (cols * ar_w).amax(1)
-    left = torch.where(cols, ar_w, w).amin(1)
-    out = torch.stack([left, top, right, bottom], 1)
-    empty = (right < left) | (bottom < top)
-    return out * ~empty[:, None]
-
-
-def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-
-
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy box NMS (torchvision's semantics: a box is dropped when its IoU with a kept,
-    higher-scoring box exceeds the threshold; ties keep the earlier box). Returns the kept
-    indices by decreasing score."""
-    if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.long)
-    boxes = boxes.float()
-    order = torch.sort(scores, descending=True, stable=True).indices
-    b = boxes[order]
-    area = box_area(b)
-    lt = torch.maximum(b[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(b[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(2)
-    iou = inter / (area[:, None] + area[None, :] - inter)
-    over = (iou > iou_threshold).cpu().numpy()
-    removed = np.zeros(len(b), dtype=bool)
-    keep = []
-    for i in range(len(b)):
-        if removed[i]:
-            continue
-        keep.append(i)
-        removed |= over[i]
-    return order[torch.as_tensor(keep, dtype=torch.long)]
-
-
-def mask_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
-    """N x H x W bool -> uncompressed RLEs (column-major counts, starting with background), the
-    format pycocotools' ``frPyObjects`` takes."""
-    n, h, w = masks.shape
-    flat = masks.permute(0, 2, 1).flatten(1)
-    change = (flat[:, 1:] ^ flat[:, :-1]).nonzero()
-    starts = flat[:, 0].cpu().numpy()
-    idx = change[:, 1].cpu().numpy() + 1
-    bounds = np.searchsorted(change[:, 0].cpu().numpy(), np.arange(n + 1))
-    out = []
-    for i in range(n):
-        cuts = np.concatenate([[0], idx[bounds[i] : bounds[i + 1]], [h * w]])
-        counts = np.diff(cuts).tolist()
-        out.append({"size": [h, w], "counts": [0, *counts] if starts[i] else counts})
-    return out
-
-
-def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
-    h, w = rle["size"]
-    values = np.zeros(len(rle["counts"]), dtype=bool)
-    values[1::2] = True
-    return np.repeat(values, rle["counts"]).reshape(w, h).T
-
-
-def area_from_rle(rle: dict[str, Any]) -> int:
-    return int(sum(rle["counts"][1::2]))
-
-
-def coco_encode_rle(rle: dict[str, Any]) -> dict[str, Any]:
-    mask_utils = require("pycocotools.mask", "data")
-    h, w = rle["size"]
-    out = mask_utils.frPyObjects(rle, h, w)
-    out["counts"] = out["counts"].decode("utf-8")
-    return out
-
-
-def remove_small_regions(
-    mask: np.ndarray, area_thresh: float, mode: str
-) -> tuple[np.ndarray, bool]:
-    """Fill holes (``mode="holes"``) or drop islands (``"islands"``) smaller than
-    ``area_thresh`` pixels; returns the mask and whether it changed (SAM's post-processing)."""
-    cv2 = require("cv2", "data")
-    holes = mode == "holes"
-    work = (holes ^ mask).astype(np.uint8)
-    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(work, 8)
-    sizes = stats[:, -1][1:]
-    small = [i + 1 for i, s in enumerate(sizes) if s < area_thresh]
-    if not small:
-        return mask, False
-    fill = [0, *small]
-    if not holes:
-        fill = [i for i in range(n_labels) if i not in fill] or [int(np.argmax(sizes)) + 1]
-    return np.isin(regions, fill), True
 
 
 def _xywh(box) -> list:
@@ -369,14 +231,8 @@ class SamAutomaticMaskGenerator:
         # the normalisation then round the same way)
         coords = torch.as_tensor(pred.transform.apply_coords(points, im_size), device=pred.device)
         labels = torch.ones(len(coords), dtype=torch.int, device=pred.device)
-        sparse, dense = model.prompt_encoder((coords[:, None, :], labels[:, None]), None, None)
-        low_res, iou = model.mask_decoder(
-            image_embeddings=pred.features[:1],
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=True,
-            impl=pred.decode_impl,
+        low_res, iou = model.decode(
+            pred.features[:1], coords[:, None, :], labels[:, None], impl=pred.decode_impl
         )
         c = low_res.shape[1]
         low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1).float()
@@ -439,115 +295,3 @@ def _near_crop_edge(boxes: torch.Tensor, crop_box, orig_box, atol: float = 20.0)
     near_crop = torch.isclose(b, crop[None], atol=atol, rtol=0)
     near_image = torch.isclose(b, orig[None], atol=atol, rtol=0)
     return (near_crop & ~near_image).any(1)
-
-
-# ---------------------------------------------------------------------------- `leansam everything`
-METADATA_HEADER = (
-    "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
-    "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h"
-)
-
-
-def everything(
-    image_path,
-    *,
-    model: str,
-    out_dir,
-    checkpoint=None,
-    device: str | None = None,
-    runtime: str = "torch",
-    progress: bool = False,
-    **generator_args,
-) -> dict:
-    """Segment everything in one image and write into ``out_dir``: ``NNN.png`` per mask (0/255, by
-    decreasing area, as SAM's ``amg.py``), ``metadata.csv`` (SAM's columns), ``masks.json`` (the
-    records with COCO RLE, the configuration and timings) and ``overlay.png``. Returns the JSON
-    record."""
-    import os
-    import time
-
-    from .io import (
-        atomic_write_bytes,
-        atomic_write_json,
-        atomic_write_png,
-        coco_rle_to_mask,
-        draw_overlay,
-        ensure_dir,
-        load_image,
-    )
-    from .loading import load_model
-    from .provenance import describe_environment
-    from .registry import get_config
-
-    image = load_image(image_path)
-    get_config(model)
-    out = ensure_dir(out_dir)
-    sam = load_model(model, checkpoint, device=device)
-    checkpoint = sam.checkpoint_path
-    gen = SamAutomaticMaskGenerator(
-        sam, output_mode="coco_rle", runtime=runtime, progress=progress, **generator_args
-    )
-    t0 = time.perf_counter()
-    records = gen.generate(image)
-    seconds = time.perf_counter() - t0
-    records.sort(key=lambda r: r["area"], reverse=True)
-
-    masks = [coco_rle_to_mask(r["segmentation"]) for r in records]
-    lines = [METADATA_HEADER]
-    for i, (r, m) in enumerate(zip(records, masks, strict=True)):
-        atomic_write_png(out / f"{i}.png", m.astype(np.uint8) * 255)
-        lines.append(
-            ",".join(
-                str(v)
-                for v in (
-                    i,
-                    r["area"],
-                    *r["bbox"],
-                    *r["point_coords"][0],
-                    r["predicted_iou"],
-                    r["stability_score"],
-                    *r["crop_box"],
-                )
-            )
-        )
-    atomic_write_bytes(out / "metadata.csv", ("\n".join(lines) + "\n").encode())
-    atomic_write_png(out / "overlay.png", draw_overlay(image, masks))
-    h, w = image.shape[:2]
-    record = {
-        "image": {"path": os.fspath(image_path), "height": h, "width": w},
-        "config": {
-            "model": model,
-            "checkpoint": os.fspath(checkpoint) if checkpoint else None,
-            "runtime": runtime,
-            "device": str(sam.device),
-            **{k: getattr(gen, k) for k in GENERATOR_ARGS},
-        },
-        "seconds": seconds,
-        "environment": describe_environment(),
-        "masks": records,
-    }
-    # strict JSON: an empty mask's stability score is 0 / 0 (NaN, as in SAM), written as null
-    safe = [{k: _finite_or_none(v) for k, v in r.items()} for r in records]
-    atomic_write_json(out / "masks.json", {**record, "masks": safe})
-    return record
-
-
-#: the generator arguments `leansam everything` exposes (and records)
-GENERATOR_ARGS = (
-    "points_per_side",
-    "points_per_batch",
-    "pred_iou_thresh",
-    "stability_score_thresh",
-    "stability_score_offset",
-    "box_nms_thresh",
-    "crop_n_layers",
-    "crop_nms_thresh",
-    "crop_overlap_ratio",
-    "crop_n_points_downscale_factor",
-    "min_mask_region_area",
-)
-
-
-def _finite_or_none(value):
-    """NaN / infinity -> None (JSON has no such numbers); anything else unchanged."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value

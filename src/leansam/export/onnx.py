@@ -33,9 +33,9 @@ import torch.nn.functional as F
 import torch.onnx.operators
 from torch import nn
 
-from .errors import require
-from .io import atomic_replace, atomic_write_bytes, ensure_dir
-from .modeling.sam import Sam
+from ..errors import require
+from ..io import atomic_replace, ensure_dir
+from ..modeling.sam import Sam
 
 #: ONNX operators the graphs must not contain: TensorRT rejects them or falls back to slow plugins
 #: (``repeat_interleave`` exports as a data-dependent ``Tile``/``Expand`` chain with ``NonZero``).
@@ -64,13 +64,13 @@ class SamOnnxDecoder(nn.Module):
         if return_single_mask and multimask_only:
             raise ValueError("return_single_mask and multimask_only exclude each other")
         self.model = model
-        self.img_size = model.prompt_frame
+        self.prompt_frame = model.prompt_frame
         self.return_single_mask = return_single_mask
         self.multimask_only = multimask_only
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         pe = self.model.prompt_encoder
-        coords = (coords + 0.5) / self.img_size
+        coords = (coords + 0.5) / self.prompt_frame
         emb = pe.pe_layer._pe_encoding(coords)
         labels = labels.unsqueeze(-1).expand_as(emb)
         emb = emb * (labels != -1)
@@ -86,10 +86,10 @@ class SamOnnxDecoder(nn.Module):
 
     def _postprocess(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
         masks = F.interpolate(
-            masks, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False
+            masks, size=(self.prompt_frame, self.prompt_frame), mode="bilinear", align_corners=False
         )
         size = orig_im_size.to(torch.float32)
-        prepadded = torch.floor(size * (self.img_size / torch.max(size)) + 0.5).to(torch.int64)
+        prepadded = torch.floor(size * (self.prompt_frame / torch.max(size)) + 0.5).to(torch.int64)
         # Tensor bounds (not int()): the traced graph keeps the crop dynamic in orig_im_size.
         masks = masks[..., : prepadded[0], : prepadded[1]]
         orig = orig_im_size.to(torch.int64)
@@ -161,7 +161,7 @@ def decoder_example_inputs(
     """Dummy inputs of the decoder contract (also the shapes a caller must feed)."""
     g = torch.Generator().manual_seed(0)
     return (
-        torch.randn(1, 256, 64, 64, generator=g),
+        torch.randn(1, model.config.decoder.embed_dim, 64, 64, generator=g),
         torch.randint(0, model.prompt_frame, (num_prompts, num_points, 2), generator=g).float(),
         torch.randint(-1, 4, (num_prompts, num_points), generator=g).float(),
         torch.randn(num_prompts, 1, 256, 256, generator=g),
@@ -170,7 +170,8 @@ def decoder_example_inputs(
     )
 
 
-def _export(module: nn.Module, args: tuple, f, **kw) -> None:
+def export_module(module: nn.Module, args: tuple, f, **kw) -> None:
+    """``torch.onnx.export`` of ``module`` in eval mode, at :data:`OPSET`, without warnings."""
     # The TorchScript-based exporter: SAM's own export path, whose graphs SAM's tooling expects
     # (opset 17, dynamic_axes); its deprecation and tracer warnings are about the exporter.
     # eval() first: the exporter restores the wrapper's own mode afterwards, recursively, and a
@@ -185,7 +186,7 @@ def export_encoder(model: Sam, f: str | os.PathLike | io.BytesIO) -> None:
     """Image encoder graph with a dynamic batch axis (fp32)."""
     model = model.float().eval()
     x = torch.zeros(1, 3, model.image_size, model.image_size)
-    _export(
+    export_module(
         model.image_encoder,
         (x,),
         f,
@@ -220,7 +221,7 @@ def export_decoder(
         }
     else:
         axes["masks"] = {2: "height", 3: "width"}
-    _export(
+    export_module(
         module,
         decoder_example_inputs(model, 2 if batched else 1),
         f,
@@ -251,10 +252,10 @@ def export_onnx(
             model, f, batched=True, return_single_mask=return_single_mask
         ),
     }
-    return {name: _write_graph(out / f"{name}.onnx", job, check) for name, job in jobs.items()}
+    return {name: write_graph(out / f"{name}.onnx", job, check) for name, job in jobs.items()}
 
 
-def _write_graph(path: Path, job, check: bool = True) -> Path:
+def write_graph(path: Path, job, check: bool = True) -> Path:
     """``job(temp_path)`` exports a graph; checked (``check_graph``), then renamed into place."""
 
     def write(tmp):
@@ -263,104 +264,6 @@ def _write_graph(path: Path, job, check: bool = True) -> Path:
             check_graph(tmp)
 
     return atomic_replace(path, write)
-
-
-# ------------------------------------------------------------------------- labeling tools
-def resize_weights(n_in: torch.Tensor, n_out: torch.Tensor, rows: int) -> torch.Tensor:
-    """``rows`` x ``n_in`` matrix of PIL's antialiased bilinear resize from ``n_in`` to ``n_out``
-    samples (triangle filter widened by the shrink factor, normalised per output sample), with
-    zero rows from ``n_out`` on: multiplying pads to ``rows``. Sizes are 0-d tensors so that an
-    exported graph keeps them dynamic."""
-    n_in, n_out = n_in.float(), n_out.float()
-    scale = n_in / n_out
-    support = torch.clamp(scale, min=1.0)
-    i = torch.arange(rows, dtype=torch.float32)[:, None]
-    j = torch.arange(n_in.long(), dtype=torch.float32)[None, :]
-    centre = (i + 0.5) * scale
-    w = torch.clamp(1.0 - torch.abs(j + 0.5 - centre) / support, min=0.0)
-    w = w / torch.clamp(w.sum(1, keepdim=True), min=1e-12)
-    return torch.where(i < n_out, w, torch.zeros_like(w))
-
-
-class SamOnnxImageEncoder(nn.Module):
-    """The image encoder with SAM's preprocessing inside: ``image`` H x W x 3 uint8 RGB of any
-    size -> ``image_embeddings`` 1 x 256 x 64 x 64. Resizes the long side to R (new side
-    ``floor(old * R / long + 0.5)``) with PIL's antialiased bilinear filter as two matrix
-    products, rounding to 0..255 after each pass as PIL does, then normalises and zero-pads: what
-    :class:`SamPredictor` does, up to PIL's fixed-point filter weights (a pixel here and there
-    off by one level). The input X-AnyLabeling's ``efficientvit_sam`` model type feeds its
-    encoder.
-
-    The resize is two dense products, O(H x W x R): about 1 GFLOP for a 640 x 480 photo, 40 for a
-    12 MP one."""
-
-    def __init__(self, model: Sam) -> None:
-        super().__init__()
-        self.model = model
-        self.size = model.image_size
-        # in 0..255 units for both families (EfficientViT-SAM's are in [0, 1] units)
-        unit = 255.0 if model.config.unit_range_normalize else 1.0
-        self.register_buffer("mean", model.pixel_mean.reshape(3, 1, 1).float() * unit)
-        self.register_buffer("std", model.pixel_std.reshape(3, 1, 1).float() * unit)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        shape = torch.onnx.operators.shape_as_tensor(image)
-        h, w = shape[0].float(), shape[1].float()
-        scale = self.size / torch.maximum(h, w)
-        new_h, new_w = torch.floor(h * scale + 0.5), torch.floor(w * scale + 0.5)
-        rows = resize_weights(shape[0], new_h, self.size)  # R x H, zero rows past new_h
-        cols = resize_weights(shape[1], new_w, self.size)  # R x W
-        # PIL's order and rounding: the horizontal pass, to uint8, then the vertical one
-        x = image.permute(2, 0, 1).float()
-        x = torch.clamp(torch.round(torch.matmul(x, cols.transpose(0, 1))), 0.0, 255.0)
-        x = torch.clamp(torch.round(torch.matmul(rows, x)), 0.0, 255.0)
-        inside = (rows.sum(1) > 0)[:, None] & (cols.sum(1) > 0)[None, :]
-        x = torch.where(inside, (x - self.mean) / self.std, torch.zeros_like(x))  # SAM's padding
-        return self.model.image_encoder(x[None])
-
-
-def export_anylabeling(
-    model: Sam, name: str, out_dir: str | os.PathLike, *, display_name: str | None = None
-) -> dict[str, Path]:
-    """The files X-AnyLabeling's ``efficientvit_sam`` model type loads: ``<name>.encoder.onnx``
-    (:class:`SamOnnxImageEncoder`), ``<name>.decoder.onnx`` (SAM's decoder contract, prompts in
-    the 1024 frame) and ``<name>.yaml`` (``target_size: 1024``, paths relative to the YAML).
-    Written atomically; returns the three paths."""
-    import json
-
-    out = ensure_dir(out_dir)
-    model = model.float().eval()
-    encoder = out / f"{name}.encoder.onnx"
-    decoder = out / f"{name}.decoder.onnx"
-    config = out / f"{name}.yaml"
-    example = torch.zeros(480, 640, 3, dtype=torch.uint8)
-
-    def write_encoder(f):
-        _export(
-            SamOnnxImageEncoder(model).eval(),
-            (example,),
-            f,
-            input_names=["image"],
-            output_names=["image_embeddings"],
-            dynamic_axes={"image": {0: "height", 1: "width"}},
-        )
-
-    _write_graph(encoder, write_encoder)
-    _write_graph(decoder, lambda f: export_decoder(model, f))
-    # YAML by hand (every value a plain string or number; JSON strings are valid YAML scalars)
-    fields = {
-        "type": "efficientvit_sam",
-        "name": f"{name}-leansam",
-        "display_name": display_name or f"{name} (leansam)",
-        "provider": "leansam",
-        "encoder_model_path": encoder.name,
-        "decoder_model_path": decoder.name,
-        "target_size": model.prompt_frame,
-    }
-    atomic_write_bytes(
-        config, "".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items()).encode()
-    )
-    return {"encoder": encoder, "decoder": decoder, "config": config}
 
 
 def graph_ops(path_or_bytes: str | os.PathLike | bytes) -> set[str]:
@@ -388,89 +291,3 @@ def check_graph(path: str | os.PathLike) -> None:
     bad = graph_ops(path) & TENSORRT_UNFRIENDLY
     if bad:
         raise ValueError(f"{path}: operators TensorRT rejects: {sorted(bad)}")
-
-
-# ---------------------------------------------------------------------------- TensorRT
-#: operator types TensorRT must run in fp32 in an fp16 engine: normalisation statistics overflow
-#: or lose precision in fp16 (SPEC section 8), and the neck's bicubic resize overshoots
-FP32_OPS = frozenset({"LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Resize"})
-#: module scopes kept in fp32: EfficientViT's LiteMLA (ReLU linear attention divides by a sum
-#: over all tokens, as the reference does in fp32)
-FP32_SCOPES = ("/context_module/main/",)
-
-
-def fp32_nodes(path_or_model) -> set[str]:
-    """Names of the graph nodes an fp16 TensorRT engine keeps in fp32: every node of the
-    operator types :data:`FP32_OPS`, every node of a LiteMLA, and every node of a scope that
-    computes a mean (LayerNorm2d decomposes into ReduceMean / Sub / Pow / Sqrt / Div / Mul / Add
-    under its module's scope)."""
-    onnx = require("onnx", "export")
-    m = path_or_model if hasattr(path_or_model, "graph") else onnx.load(os.fspath(path_or_model))
-    nodes = list(m.graph.node)
-    norm_scopes = {n.name.rsplit("/", 1)[0] + "/" for n in nodes if n.op_type == "ReduceMean"}
-    return {
-        n.name
-        for n in nodes
-        if n.op_type in FP32_OPS
-        or any(s in n.name for s in FP32_SCOPES)
-        or n.name.rsplit("/", 1)[0] + "/" in norm_scopes
-    }
-
-
-def build_tensorrt_engine(
-    onnx_path: str | os.PathLike,
-    engine_path: str | os.PathLike,
-    *,
-    fp16: bool = True,
-    max_batch: int = 8,
-    max_prompts: int = 64,
-    workspace_gib: float = 4.0,
-) -> Path:
-    """Build a serialized TensorRT engine from one of the exported graphs (GPU machine with the
-    ``tensorrt`` package). fp16 keeps :func:`fp32_nodes` in fp32 (OBEY_PRECISION_CONSTRAINTS);
-    dynamic axes get an optimisation profile: batch 1..``max_batch`` for the encoder, prompt sets
-    1..``max_prompts`` and points 1..10 for the decoders."""
-    trt = require("tensorrt", "tensorrt")
-    onnx = require("onnx", "export")
-    onnx_path = Path(onnx_path)
-    model = onnx.load(os.fspath(onnx_path))
-    keep = fp32_nodes(model) if fp16 else set()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ValueError(f"TensorRT cannot parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if any(layer.name == n or layer.name.startswith(n + "_") for n in keep):
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, trt.float32)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        shape = list(t.shape)
-        if all(d >= 0 for d in shape):
-            continue
-        lo, opt, hi = list(shape), list(shape), list(shape)
-        for axis, d in enumerate(shape):
-            if d >= 0:
-                continue
-            first = t.name in ("images", "point_coords", "point_labels", "mask_input") and axis == 0
-            top = max_batch if t.name == "images" else (max_prompts if first else 10)
-            lo[axis], opt[axis], hi[axis] = 1, max(1, top // 2), top
-        profile.set_shape(t.name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
-        raise ValueError(f"TensorRT failed to build an engine from {onnx_path}")
-    from .io import atomic_write_bytes
-
-    return atomic_write_bytes(engine_path, bytes(engine))

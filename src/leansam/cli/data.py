@@ -1,0 +1,60 @@
+"""``leansam data``: dataset tools (COCO to SA-1B layout, synthetic scenes)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import InputError
+from .parsing import default_of
+
+
+def _cmd_coco_to_sa1b(args: argparse.Namespace) -> int:
+    from ..data.sa1b import coco_to_sa1b
+
+    counts = coco_to_sa1b(
+        args.images,
+        args.annotations,
+        args.out,
+        include_crowd=args.include_crowd,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {counts['images']} images with {counts['masks']} masks to {args.out} "
+        f"({counts['existing']} already there, {counts['skipped_images']} unreadable skipped)"
+    )
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from ..data.synth import write_scenes
+
+    if args.count < 1:
+        raise InputError("--count must be at least 1")
+    n = write_scenes(args.out, args.count, seed=args.seed, size=args.size)
+    print(f"wrote {n} scenes to {args.out} ({args.count - n} already there)")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..data.synth import write_scenes
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(
+        dest="data_command", required=True, metavar="TOOL"
+    )
+    c2s = data.add_parser("coco-to-sa1b", help="convert COCO instances to SA-1B layout")
+    c2s.add_argument("--images", required=True, help="COCO image folder")
+    c2s.add_argument("--annotations", required=True, help="COCO instances JSON")
+    c2s.add_argument("--out", required=True, help="output folder for sa_<id>.jpg / .json")
+    c2s.add_argument("--include-crowd", action="store_true", help="keep iscrowd regions")
+    c2s.add_argument("--no-progress", action="store_true")
+    c2s.set_defaults(func=_cmd_coco_to_sa1b)
+    syn = data.add_parser(
+        "synth", help="procedurally generated multi-object scenes in SA-1B layout"
+    )
+    syn.add_argument("--out", required=True, help="output folder for sa_<i>.jpg / .json")
+    syn.add_argument("--count", type=int, default=400, help="number of scenes")
+    syn.add_argument("--seed", type=int, default=default_of(write_scenes, "seed"))
+    syn.add_argument(
+        "--size", type=int, default=default_of(write_scenes, "size"), help="long side in pixels"
+    )
+    syn.set_defaults(func=_cmd_synth)

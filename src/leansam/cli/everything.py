@@ -1,0 +1,92 @@
+"""``leansam everything``: SAM's automatic mask generator on one image
+(:func:`leansam.amg.everything`); the generator's defaults are
+:class:`~leansam.amg.SamAutomaticMaskGenerator`'s."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .parsing import default_of, model_args, runtime_args
+
+
+def _cmd_everything(args: argparse.Namespace) -> int:
+    from ..amg import everything
+
+    record = everything(
+        args.image,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        out_dir=args.out,
+        device=args.device,
+        runtime=args.runtime,
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers,
+        min_mask_region_area=args.min_mask_region_area,
+        progress=not args.no_progress,
+    )
+    n = len(record["masks"])
+    files = "<i>.png, " if n else ""
+    print(
+        f"wrote {n} mask(s) in {record['seconds']:.1f} s: {files}metadata.csv, masks.json and "
+        f"overlay.png in {args.out}"
+    )
+    if n == 0:
+        print(
+            f"note: no mask passed --pred-iou-thresh {args.pred_iou_thresh} and "
+            f"--stability-score-thresh {args.stability_score_thresh} (SAM's defaults assume "
+            "SAM's confidence; a weaker model, such as leansam's shipped ones, MODEL_CARD.md, may "
+            "need lower thresholds)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..amg import SamAutomaticMaskGenerator  # imported by `import leansam` anyway
+
+    def default(name: str):
+        return default_of(SamAutomaticMaskGenerator, name)
+
+    ev = sub.add_parser(
+        "everything",
+        help="segment everything in an image (SAM's automatic mask generator)",
+        description="A grid of point prompts, filtered by predicted IoU and stability, box NMS; "
+        "writes <i>.png per mask (by decreasing area), metadata.csv, masks.json (COCO RLE) and "
+        "overlay.png.",
+    )
+    ev.add_argument("image", help="image file (JPEG, PNG, ...)")
+    model_args(ev)
+    ev.add_argument("--out", required=True, help="output folder")
+    ev.add_argument("--points-per-side", type=int, default=default("points_per_side"))
+    ev.add_argument(
+        "--points-per-batch",
+        type=int,
+        default=default("points_per_batch"),
+        help="prompts per decoder call (memory)",
+    )
+    ev.add_argument("--pred-iou-thresh", type=float, default=default("pred_iou_thresh"))
+    ev.add_argument(
+        "--stability-score-thresh", type=float, default=default("stability_score_thresh")
+    )
+    ev.add_argument("--box-nms-thresh", type=float, default=default("box_nms_thresh"))
+    ev.add_argument(
+        "--crop-n-layers",
+        type=int,
+        default=default("crop_n_layers"),
+        help="also segment 4^i crops in layer i",
+    )
+    ev.add_argument(
+        "--min-mask-region-area",
+        type=int,
+        default=default("min_mask_region_area"),
+        help="fill holes / drop islands below this many pixels",
+    )
+    ev.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    runtime_args(ev)
+    ev.set_defaults(func=_cmd_everything)

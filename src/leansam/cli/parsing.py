@@ -1,0 +1,154 @@
+"""The parser pieces every subcommand shares: the parser class, the help formatter, common
+options, ``--threads``, argument-list fix-ups and defaults read from the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+from typing import Any
+
+from ..errors import InputError
+
+
+def default_of(obj: Any, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``obj``, or of parameter ``name`` of function
+    (or class) ``obj``: a flag's default taken from the library instead of restated."""
+    if dataclasses.is_dataclass(obj):
+        default = obj.__dataclass_fields__[name].default
+        missing = dataclasses.MISSING
+    else:
+        default = inspect.signature(obj).parameters[name].default
+        missing = inspect.Parameter.empty
+    if default is missing:
+        raise TypeError(f"{obj.__qualname__}: {name!r} has no default")
+    return default
+
+
+def int_list(text: str, flag: str, example: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: expected numbers like {example}") from None
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    """--model and --checkpoint as every command that runs one model takes them."""
+    p.add_argument("--model", required=True, help="model name, see `leansam models`")
+    p.add_argument(
+        "--checkpoint",
+        help="official .pt/.pth or .safetensors weights, or a quantized model from `leansam "
+        "quantize` (default for leansam-* models: the shipped weights)",
+    )
+
+
+def runtime_args(p: argparse.ArgumentParser) -> None:
+    from ..runtime import RUNTIMES
+
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        choices=RUNTIMES,
+        help="image-encoder runtime (README: Runtimes); default torch (eager)",
+    )
+    p.add_argument(
+        "--calib-images",
+        metavar="DIR",
+        help="--runtime onnx-int8: calibrate on the first 8 images of DIR (e.g. coco-mini "
+        "train2017)",
+    )
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default in ``--help`` unless its help text already speaks of it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and "default" not in text
+            and not (default is None or default is False or default == [])
+            and default is not argparse.SUPPRESS
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """Every (sub)command parser: defaults shown in ``--help``; each command (a parser given a
+    ``func``) takes ``--threads``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        default = kwargs.get("default")
+        if kwargs.get("help") is None and not (
+            default is None or default is False or default == []
+        ):
+            kwargs["help"] = "default: %(default)s"  # shown in --help like every other default
+        return super().add_argument(*args, **kwargs)
+
+    def set_defaults(self, **kwargs) -> None:
+        if "func" in kwargs:
+            self.add_argument(
+                "--threads",
+                type=int,
+                help="CPU threads for PyTorch and ONNX Runtime (default: $LEANSAM_THREADS, else "
+                "one per core); on a shared or small machine fewer can be much faster",
+            )
+        super().set_defaults(**kwargs)
+
+
+#: environment variable with the default of --threads
+THREADS_ENV = "LEANSAM_THREADS"
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """``--threads`` / ``$LEANSAM_THREADS`` -> ``torch.set_num_threads`` (ONNX Runtime sessions
+    take the same count)."""
+    value, source = getattr(args, "threads", None), "--threads"
+    if value is None and os.environ.get(THREADS_ENV):
+        raw, source = os.environ[THREADS_ENV], THREADS_ENV
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InputError(f"{THREADS_ENV}={raw!r}: expected a whole number of threads") from None
+    if value is None:
+        return
+    if value < 1:
+        raise InputError(f"{source} must be at least 1, got {value}")
+    import torch
+
+    torch.set_num_threads(value)
+
+
+#: options whose values may start with a minus sign (coordinates left of / above the image)
+_NUMERIC_LIST_OPTIONS = ("--box", "--point")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--box -4,10,50,60`` -> ``--box=-4,10,50,60``: argparse takes a value that starts with
+    ``-`` (other than a plain negative number) for an option and fails with "expected one
+    argument"; the joined form parses, and the value is judged afterwards (here: outside the
+    image)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if (
+            token in _NUMERIC_LIST_OPTIONS
+            and len(nxt) > 1
+            and nxt[0] == "-"
+            and nxt[1] in "0123456789."
+        ):
+            out.append(f"{token}={nxt}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out

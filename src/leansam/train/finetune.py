@@ -1,0 +1,166 @@
+"""Stage 2: end-to-end training on SA-1B folders (augmentation, prompts, the loss of a batch)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import load_state_dict
+from ..configs import PIXEL_MEAN
+from ..errors import InputError
+from ..registry import create_model
+from ..transforms import ResizeLongestSide
+from .config import TrainConfig
+from .loop import Run, finish_run, train_autocast, train_device
+from .losses import iou_loss, mask_loss
+from .prompts import sample_prompts
+
+
+class FinetuneStep(nn.Module):
+    """Loss of a batch of prepared samples; wrapped by DDP so that its forward syncs gradients."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def forward(self, samples: list[dict], seeds: list[int]) -> torch.Tensor:
+        model = self.model
+        x = torch.cat([model.preprocess(s["image"][None]) for s in samples])
+        emb = model.image_encoder(x)
+        losses = []
+        for i, s in enumerate(samples):
+            low, iou_pred = model.decode(
+                emb[i : i + 1], s["points"], s["labels"], s["boxes"], None, s["multimask"]
+            )
+            g = torch.Generator(device=low.device).manual_seed(seeds[i])
+            loss = mask_loss(
+                low.float(), s["gt"], num_points=self.cfg.num_points, focal=self.cfg.focal,
+                bce_weight=self.cfg.bce_weight, generator=g,
+            )  # fmt: skip
+            if self.cfg.iou_loss_weight:
+                loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), s["gt"], iou_pred)
+            losses.append(loss)
+        return torch.cat(losses).mean()
+
+
+def zoom(
+    image: np.ndarray, masks: np.ndarray, scale: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale jitter that keeps the image size: zoom out (``scale`` < 1: the shrunk image sits at a
+    random place on a canvas of the pixel mean, which normalises to ~0 like the padding) or zoom in
+    (``scale`` > 1: a random crop of the enlarged image). Masks follow with nearest sampling."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) == (h, w):
+        return image, masks
+    image = np.array(Image.fromarray(np.ascontiguousarray(image)).resize((nw, nh), Image.BILINEAR))
+    masks_t = torch.from_numpy(np.ascontiguousarray(masks))[:, None].float()
+    masks = F.interpolate(masks_t, (nh, nw), mode="nearest")[:, 0].numpy() > 0.5
+    # offsets of the scaled image in the canvas (zoom out) or of the crop window (zoom in)
+    dy, dx = (int(rng.integers(abs(a - b) + 1)) for a, b in ((h, nh), (w, nw)))
+    if scale < 1:
+        canvas = np.empty((h, w, 3), np.uint8)
+        canvas[:] = np.round(PIXEL_MEAN).astype(np.uint8)
+        canvas[dy : dy + nh, dx : dx + nw] = image
+        out_masks = np.zeros((len(masks), h, w), bool)
+        out_masks[:, dy : dy + nh, dx : dx + nw] = masks
+        return canvas, out_masks
+    return image[dy : dy + h, dx : dx + w], masks[:, dy : dy + h, dx : dx + w]
+
+
+def prepare_sample(sample, image_size: int, cfg: TrainConfig, rng: np.random.Generator, device):
+    """Augment one SA-1B sample and draw its prompts (SPEC section 5): flip, optional scale
+    jitter, ``masks_per_image`` masks (resampled if fewer), box or 1-10 points, multimask."""
+    image, masks = sample.image, sample.masks
+    if rng.random() < cfg.flip_prob:
+        image, masks = image[:, ::-1], masks[:, :, ::-1]
+    if cfg.scale_jitter:
+        zoomed = zoom(image, masks, float(rng.uniform(*cfg.scale_jitter)), rng)
+        if zoomed[1].any():  # a zoom-in that crops every object away is not used
+            image, masks = zoomed
+    keep = masks.reshape(len(masks), -1).any(1)
+    masks = masks[keep] if keep.any() else masks
+    n = len(masks)
+    idx = rng.choice(n, cfg.masks_per_image, replace=n < cfg.masks_per_image)
+    masks = np.ascontiguousarray(masks[idx])
+    prompts = sample_prompts(masks, rng, box_prob=cfg.box_prob, multimask_prob=cfg.multimask_prob)
+    size = image.shape[:2]
+    frame = ResizeLongestSide(1024)
+    to_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float, device=device)  # noqa: E731
+    boxes = to_t(frame.apply_boxes(prompts.boxes, size) if prompts.boxes is not None else None)
+    points = to_t(frame.apply_coords(prompts.points, size) if prompts.points is not None else None)
+    labels = None if prompts.labels is None else torch.as_tensor(prompts.labels, device=device)
+    resized = ResizeLongestSide(image_size).apply_image(np.ascontiguousarray(image))
+    rh, rw = resized.shape[:2]
+    gt = F.interpolate(torch.from_numpy(masks)[:, None].float(), (rh, rw))[:, 0]
+    gt = F.pad(gt, (0, image_size - rw, 0, image_size - rh)).to(device)
+    return {
+        "image": torch.as_tensor(resized, device=device).permute(2, 0, 1),
+        "boxes": boxes,
+        "points": points,
+        "labels": labels,
+        "multimask": prompts.multimask,
+        "gt": gt,
+    }
+
+
+def load_prompt_decoder(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Copy the prompt encoder and mask decoder of ``checkpoint`` (any variant: they are the same
+    for all) into ``model``, strictly."""
+    state = load_state_dict(checkpoint)
+    for part in ("prompt_encoder", "mask_decoder"):
+        prefix = part + "."
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not sub:
+            raise InputError(f"{checkpoint} holds no {part} weights")
+        getattr(model, part).load_state_dict(sub, strict=True)
+
+
+def finetune(
+    cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
+) -> dict:
+    """Stage 2: end-to-end training on SA-1B folders. Writes ``checkpoint.pt`` (resumable),
+    ``metrics.jsonl`` and, at the end, ``model.pt`` (a plain state dict for ``create_model``)."""
+    from ..data.sa1b import SA1BDataset
+
+    device = train_device()
+    datasets = [SA1BDataset(d) for d in cfg.data]
+    repeat = cfg.data_repeat or [1] * len(datasets)
+    items = [
+        (k, i) for k, ds in enumerate(datasets) for _ in range(repeat[k]) for i in range(len(ds))
+    ]
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
+    if cfg.decoder_checkpoint:
+        load_prompt_decoder(model, cfg.decoder_checkpoint)
+    step_module = FinetuneStep(model, cfg)
+    run = Run(cfg, len(items), model, step_module)
+    resumed = run.resume(resume)
+
+    def compute(step: int, indices: list[int]) -> torch.Tensor:
+        samples, seeds = [], []
+        for i in indices:
+            k, j = items[i]
+            raw = datasets[k][j]
+            if raw is None:
+                continue
+            rng = np.random.default_rng([cfg.seed, step, i])
+            samples.append(prepare_sample(raw, model.image_size, cfg, rng, device))
+            seeds.append(int(rng.integers(2**62)))
+        if on_step is not None:
+            on_step(step)
+        with train_autocast(cfg, device):
+            if not samples:  # keep every process in step: a zero loss that touches all weights
+                return sum(p.sum() for p in model.parameters()) * 0.0
+            return run.step_module(samples, seeds)
+
+    records = run.loop(compute)
+    return finish_run(run, model, records, resumed, datasets)

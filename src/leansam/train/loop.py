@@ -1,0 +1,249 @@
+"""The training loop both stages share: the image order, AdamW with its cosine schedule,
+resumable checkpoints, logs, mixed precision and the end-of-run ``model.pt``.
+
+Determinism is by construction: the image order of epoch e is a permutation seeded by (seed, e);
+every augmentation, prompt and loss point of an image is drawn from generators seeded by (seed,
+step, image index). A run therefore does not depend on how the global batch is split over processes,
+and a resumed run replays exactly the steps an uninterrupted one would have taken.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import save_state_dict
+from ..distributed import barrier, default_device, init_from_env
+from ..errors import InputError, require
+from ..io import atomic_replace, atomic_write_bytes, atomic_write_json
+from ..provenance import describe_environment
+from .config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms and biases (1-D tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary name, renamed into place when complete."""
+    # straight to the temp file: no second in-memory copy of model + optimizer state
+    atomic_replace(path, lambda tmp: torch.save(obj, tmp))
+
+
+def lr_factor(step: int, *, total: int, warmup: int = 0) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up to 1, then cosine decay to 0 at
+    ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+class Run:
+    """Order, optimisation, checkpoints and logs common to both stages."""
+
+    def __init__(
+        self, cfg: TrainConfig, n_items: int, trainable: nn.Module, step_module: nn.Module
+    ):
+        self.cfg = cfg
+        self.rank, self.world = init_from_env()
+        self.out = Path(cfg.out)
+        self.n = n_items
+        self.global_batch = cfg.batch_size * self.world
+        self.steps_per_epoch = n_items // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise InputError(
+                f"{n_items} training items are fewer than one global batch of {self.global_batch}"
+            )
+        self.total_steps = math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
+        self.trainable = trainable
+        self.optimizer = torch.optim.AdamW(
+            param_groups(trainable, cfg.weight_decay), lr=cfg.lr * self.world
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            functools.partial(lr_factor, total=self.total_steps, warmup=cfg.warmup_steps),
+        )
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if not cfg.freeze_bn and torch.cuda.is_available():
+                step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
+            # prompt-encoder parts unused by a given prompt kind (mask input, padding point)
+            step_module = DistributedDataParallel(step_module, find_unused_parameters=True)
+        self.step_module = step_module
+        self.step = 0
+
+    def indices(self, step: int) -> list[int]:
+        """This process's items of global step ``step``."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n)
+        start = pos * self.global_batch + self.rank * self.cfg.batch_size
+        return [int(i) for i in perm[start : start + self.cfg.batch_size]]
+
+    def resume(self, allowed: bool) -> bool:
+        """Continue from ``checkpoint.pt`` if asked; refuse to overwrite one otherwise."""
+        path = self.out / "checkpoint.pt"
+        if not path.exists():
+            return False
+        if not allowed:
+            raise InputError(
+                f"{self.out} holds a run: pass --resume to continue it, or a new --out"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["config"] != _comparable(self.cfg):
+            raise InputError(
+                f"{path} was written by another configuration: use a new --out, or the same recipe"
+            )
+        self.trainable.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        return True
+
+    def save(self) -> None:
+        if self.rank == 0:
+            atomic_torch_save(
+                {
+                    "model": self.trainable.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "step": self.step,
+                    "config": _comparable(self.cfg),
+                    "torch_rng": torch.get_rng_state(),
+                },
+                self.out / "checkpoint.pt",
+            )
+        barrier()
+
+    def optimise(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_value_(self.trainable.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        value = loss.detach().float()
+        if self.world > 1:
+            torch.distributed.all_reduce(value)
+            value /= self.world
+        return float(value)
+
+    def loop(self, compute_loss: Callable[[int, list[int]], torch.Tensor]) -> list[dict]:
+        """Run steps from the current one to the last; returns this run's log records."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / "metrics.jsonl"
+        if self.rank == 0:
+            kept = []
+            if self.step and log_path.exists():  # drop records past the resumed checkpoint
+                kept = [
+                    line
+                    for line in log_path.read_text().splitlines()
+                    if json.loads(line)["step"] <= self.step
+                ]
+            atomic_write_bytes(log_path, "".join(x + "\n" for x in kept).encode())
+            atomic_write_json(
+                self.out / "run.json",
+                {
+                    "config": self.cfg.as_dict(),
+                    "world_size": self.world,
+                    "steps": self.total_steps,
+                    "environment": describe_environment(),
+                },
+            )
+        bar = None
+        if self.rank == 0:
+            tqdm = require("tqdm", "data").tqdm
+            bar = tqdm(
+                total=self.last_step, initial=self.step, desc=f"train {self.cfg.stage}", unit="step"
+            )
+        records = []
+        self.trainable.train()
+        if self.cfg.freeze_bn:
+            for m in self.trainable.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        while self.step < self.last_step:
+            t0 = time.perf_counter()
+            loss = self.optimise(compute_loss(self.step, self.indices(self.step)))
+            self.step += 1
+            dt = time.perf_counter() - t0
+            rec = {
+                "step": self.step,
+                "epoch": self.step / self.steps_per_epoch,
+                "loss": loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "seconds": dt,
+                "images_per_s": self.global_batch / dt,
+            }
+            records.append(rec)
+            if self.rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update()
+            if self.step % self.cfg.save_every == 0 or self.step == self.last_step:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.trainable.eval()
+        return records
+
+
+def _comparable(cfg: TrainConfig) -> dict:
+    """The configuration fields that must match for a checkpoint to be resumed."""
+    d = cfg.as_dict()
+    d.pop("max_steps", None)
+    d.pop("save_every", None)
+    return d
+
+
+def train_autocast(cfg: TrainConfig, device: torch.device):
+    """The autocast context of ``cfg.amp`` on ``device`` (fp16 only on CUDA; off otherwise)."""
+    if cfg.amp == "none" or (cfg.amp == "fp16" and device.type != "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train_device() -> torch.device:
+    """This process's device: its GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
+    return torch.device(default_device() or "cpu")
+
+
+def finish_run(run: Run, model: nn.Module, records: list[dict], resumed: bool, datasets=()) -> dict:
+    """Write ``model.pt`` once the last step is done; returns the run's summary."""
+    skipped = sum(getattr(d, "skipped", 0) for d in datasets)
+    if skipped:
+        import logging
+
+        logging.getLogger(__name__).warning("%d unreadable samples were skipped", skipped)
+    if run.rank == 0 and run.step >= run.last_step:
+        save_state_dict(model.state_dict(), Path(run.cfg.out) / "model.pt")
+    barrier()
+    return {
+        "steps": run.step,
+        "total_steps": run.total_steps,
+        "resumed": resumed,
+        "records": records,
+        "skipped_samples": skipped,
+        "world_size": run.world,
+    }

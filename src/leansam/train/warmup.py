@@ -1,0 +1,97 @@
+"""Prompt warm start: a mask decoder trained from scratch learns where a box is, on synthetic boxes
+over a content-free image embedding, before stage 2."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..registry import create_model
+from .config import TrainConfig
+from .finetune import load_prompt_decoder
+from .loop import Run, finish_run, train_autocast, train_device
+from .losses import iou_loss, mask_loss
+
+
+def synthetic_box(rng: np.random.Generator, frame: int = 1024) -> np.ndarray:
+    """A random XYXY box in the ``frame`` x ``frame`` prompt frame: width and height uniform in 3 %
+    to 60 % of the frame, top-left corner uniform in the first 88 %, clipped to the frame. (Many
+    tiny boxes make "all background" the easy answer the decoder does not leave.)"""
+    x0, y0 = rng.uniform(0, 0.88 * frame, size=2)
+    w, h = rng.uniform(0.03 * frame, 0.6 * frame, size=2)
+    return np.array([x0, y0, min(x0 + w, frame), min(y0 + h, frame)], np.float32)
+
+
+def box_target(boxes: torch.Tensor, size: int, frame: int = 1024) -> torch.Tensor:
+    """N x size x size masks of ``boxes`` (XYXY in the frame) sampled at pixel centres."""
+    c = (torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5) * (frame / size)
+    inside_x = (c >= boxes[:, 0, None]) & (c <= boxes[:, 2, None])  # N x size
+    inside_y = (c >= boxes[:, 1, None]) & (c <= boxes[:, 3, None])
+    return inside_y[:, :, None] & inside_x[:, None, :]
+
+
+class PromptStep(nn.Module):
+    """Decoder loss on synthetic boxes over a content-free (zero) image embedding: the only thing
+    to learn is where the box is, i.e. how the prompt's and the grid's positional encodings relate.
+    Trains the prompt encoder and mask decoder; the image encoder is untouched."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
+        self.cfg = cfg
+        full = max(model.prompt_encoder.image_embedding_size)
+        if cfg.grid > full:
+            raise InputError(f"grid {cfg.grid} exceeds the model's {full} x {full} embedding grid")
+
+    def forward(self, boxes: torch.Tensor, multimask: bool) -> torch.Tensor:
+        pe, g = self.prompt_encoder, self.cfg.grid
+        sparse, dense = pe(None, boxes, None)
+        dense = dense[..., :g, :g]  # the "no mask" embedding is the same at every cell
+        image_pe = pe.pe_layer((g, g)).unsqueeze(0)  # resolution-free: any grid
+        emb = dense.new_zeros((1, pe.embed_dim, g, g))
+        low, iou_pred = self.mask_decoder(emb, image_pe, sparse, dense, multimask)
+        gt = box_target(boxes, 16 * g)  # 4x the logits' side: soft edges after area averaging
+        loss = mask_loss(low.float(), gt, num_points=0, bce_weight=self.cfg.bce_weight)
+        if self.cfg.iou_loss_weight:
+            loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), gt, iou_pred)
+        return loss.mean()
+
+
+def prompt_warmup(
+    cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
+) -> dict:
+    """Warm start for a mask decoder trained from scratch: boxes -> the box's own mask, on a
+    content-free image embedding and a ``cfg.grid`` x ``cfg.grid`` grid.
+
+    From scratch, SAM's decoder first learns a prompt-independent "salient object" mask on real
+    images and does not leave it within a CPU budget (MODEL_CARD.md); on this pretext only the
+    prompt's position can lower the loss, and it is learned in minutes. Then stage 2 starts from
+    this decoder (``decoder_checkpoint``). ``batch_size`` boxes per process and step; multimask
+    output on every other step (best of 3, as in stage 2)."""
+    device = train_device()
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
+    if cfg.decoder_checkpoint:
+        load_prompt_decoder(model, cfg.decoder_checkpoint)
+    prompt_parts = nn.ModuleDict(
+        {"prompt_encoder": model.prompt_encoder, "mask_decoder": model.mask_decoder}
+    )
+    run = Run(cfg, cfg.items_per_epoch, prompt_parts, PromptStep(model, cfg))
+    resumed = run.resume(resume)
+
+    def compute(step: int, indices: list[int]) -> torch.Tensor:
+        boxes = np.stack(
+            [synthetic_box(np.random.default_rng([cfg.seed, step, i])) for i in indices]
+        )
+        if on_step is not None:
+            on_step(step)
+        with train_autocast(cfg, device):
+            return run.step_module(torch.as_tensor(boxes, device=device), step % 2 == 1)
+
+    records = run.loop(compute)
+    return finish_run(run, model, records, resumed)
