@@ -36,6 +36,31 @@ from leansam.configs import VARIANTS, DecoderConfig, EfficientViTConfig  # noqa:
 EfficientViTSamPredictor = evit_sam.EfficientViTSamPredictor
 
 
+def _prompt_and_mask_decoder(dec, prompt_encoder, mask_decoder, two_way) -> dict:
+    """SAM's prompt encoder and mask decoder (``build_sam.py``) at the sizes of ``dec``, built from
+    a reference package's own classes."""
+    return {
+        "prompt_encoder": prompt_encoder(
+            embed_dim=dec.embed_dim,
+            image_embedding_size=(64, 64),
+            input_image_size=(1024, 1024),
+            mask_in_chans=16,
+        ),
+        "mask_decoder": mask_decoder(
+            num_multimask_outputs=3,
+            transformer=two_way(
+                depth=dec.depth,
+                embedding_dim=dec.embed_dim,
+                mlp_dim=dec.mlp_dim,
+                num_heads=dec.num_heads,
+            ),
+            transformer_dim=dec.embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=dec.iou_head_hidden_dim,
+        ),
+    }
+
+
 def _assembled_evit(cfg) -> torch.nn.Module:
     enc: EfficientViTConfig = cfg.encoder
     att = "att" if enc.attention_scale == 5 else f"att@{enc.attention_scale}"
@@ -65,23 +90,8 @@ def _assembled_evit(cfg) -> torch.nn.Module:
         encoder.norm = build_norm("ln2d", dec.embed_dim)
         model = evit_sam.EfficientViTSam(
             image_encoder=encoder,
-            prompt_encoder=evit_sam.PromptEncoder(
-                embed_dim=dec.embed_dim,
-                image_embedding_size=(64, 64),
-                input_image_size=(1024, 1024),
-                mask_in_chans=16,
-            ),
-            mask_decoder=evit_sam.MaskDecoder(
-                num_multimask_outputs=3,
-                transformer=evit_sam.TwoWayTransformer(
-                    depth=dec.depth,
-                    embedding_dim=dec.embed_dim,
-                    mlp_dim=dec.mlp_dim,
-                    num_heads=dec.num_heads,
-                ),
-                transformer_dim=dec.embed_dim,
-                iou_head_depth=3,
-                iou_head_hidden_dim=dec.iou_head_hidden_dim,
+            **_prompt_and_mask_decoder(
+                dec, evit_sam.PromptEncoder, evit_sam.MaskDecoder, evit_sam.TwoWayTransformer
             ),
             image_size=(1024, cfg.image_size),
         )
@@ -106,24 +116,7 @@ def _assembled_sam(cfg) -> torch.nn.Module:
             window_size=enc.window_size,
             out_chans=dec.embed_dim,
         ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dec.embed_dim,
-            image_embedding_size=(64, 64),
-            input_image_size=(1024, 1024),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=dec.depth,
-                embedding_dim=dec.embed_dim,
-                mlp_dim=dec.mlp_dim,
-                num_heads=dec.num_heads,
-            ),
-            transformer_dim=dec.embed_dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=dec.iou_head_hidden_dim,
-        ),
+        **_prompt_and_mask_decoder(dec, PromptEncoder, MaskDecoder, TwoWayTransformer),
     )
 
 

@@ -43,7 +43,7 @@ def check_prompts(
         if labels is None or len(labels) != len(points):
             raise InputError("give one label (1 foreground, 0 background) per point")
         if max_points is not None and len(points) > max_points:
-            raise InputError(f"at most {max_points} points per prompt")
+            raise InputError(f"at most {max_points} points per request")
         if any(v not in (0, 1) for v in labels):
             raise InputError("labels must be 1 (foreground) or 0 (background)")
     elif labels:

@@ -4,8 +4,10 @@ User mistakes (a missing image, a bad box, an unknown model, a wrong checkpoint)
 ``leansam: error: ...``, and exit with status 2; no traceback.
 
 One module per subcommand (or group) holds its parser and its handler; :mod:`.parsing` holds
-the pieces they share. Library modules are imported inside functions, so ``leansam --help``
-imports little beyond ``leansam`` itself.
+the pieces they share. Handlers import the library modules they run inside their functions;
+building the parser imports the light modules whose dataclasses and signatures hold the flag
+defaults (``quant``, ``eval``, ``service``, ``bench``, ``demo``, ``data.synth``), never
+FastAPI, ONNX or the training stages.
 """
 
 from __future__ import annotations

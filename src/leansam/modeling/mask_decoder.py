@@ -64,11 +64,12 @@ class MaskDecoder(nn.Module):
         """Predict masks.
 
         Arguments:
-          image_embeddings: 1 x 256 x 64 x 64 (shared by all prompts) or B x 256 x 64 x 64 (one
+          image_embeddings: 1 x D x 64 x 64 (shared by all prompts) or B x D x 64 x 64 (one
             per prompt set).
-          image_pe: 1 x 256 x 64 x 64 dense positional encoding.
-          sparse_prompt_embeddings: B x N x 256.
-          dense_prompt_embeddings: B x 256 x 64 x 64.
+          image_pe: 1 x D x 64 x 64 dense positional encoding (D = ``transformer_dim``, 256 in
+            SAM).
+          sparse_prompt_embeddings: B x N x D.
+          dense_prompt_embeddings: B x D x 64 x 64.
           multimask_output: return the 3 disambiguating masks instead of the single one.
           impl: a replacement for the per-chunk inference pass up to the up-scaling
             (:meth:`decode_tokens`), e.g. a compiled one (``leansam.runtime.compile_decoder``); used

@@ -225,7 +225,8 @@ class Sam(nn.Module):
         step every caller shares: predictor, segment everything, training, quantization).
 
         Arguments:
-          image_embeddings: 1 x 256 x 64 x 64 (shared by every prompt set) or B x 256 x 64 x 64.
+          image_embeddings: 1 x D x 64 x 64 (shared by every prompt set) or B x D x 64 x 64;
+            D = ``config.decoder.embed_dim`` (256, SAM's; 32 for the test-size variants).
           point_coords / point_labels: B x N x 2 / B x N, 1024 long-side frame (labels as SAM's:
             1 foreground, 0 background, -1 padding, 2 / 3 box corners).
           boxes: B x 4 XYXY, 1024 frame. mask_input: B x 1 x 256 x 256 logits.

@@ -19,10 +19,6 @@ from .quantizers import Quantizer
 SAMPLE_ROWS = 2048
 
 
-def _maybe(q: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
-    return x if q is None else q(x)
-
-
 class QuantLayer(nn.Module):
     """Shared parts of the quantized linear and convolution."""
 

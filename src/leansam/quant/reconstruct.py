@@ -17,7 +17,7 @@ from .calibrate import CalibSample, run_samples
 from .config import CAG_GROUPS, QuantConfig
 from .modules import QuantLayer
 from .quantizers import AdaRoundQuantizer, CAGQuantizer, Quantizer
-from .wrap import prepare
+from .wrap import prepare, quantizers
 
 
 def blocks(model: Sam) -> list[tuple[str, nn.Module]]:
@@ -292,7 +292,5 @@ def reconstruct(
 
 def set_enabled(model: nn.Module, on: bool) -> None:
     """Switch every quantizer of ``model`` on or off."""
-    from .wrap import quantizers
-
     for _, qz in quantizers(model):
         qz.enabled = on

@@ -49,6 +49,8 @@ class PromptStep(nn.Module):
             raise InputError(f"grid {cfg.grid} exceeds the model's {full} x {full} embedding grid")
 
     def forward(self, boxes: torch.Tensor, multimask: bool) -> torch.Tensor:
+        # Not Sam.decode: the warm start runs the decoder on a small g x g grid of zero image
+        # embeddings with the positional encoding of that grid, not on a 64 x 64 image embedding.
         pe, g = self.prompt_encoder, self.cfg.grid
         sparse, dense = pe(None, boxes, None)
         dense = dense[..., :g, :g]  # the "no mask" embedding is the same at every cell

@@ -35,14 +35,14 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.round() - x).detach()
 
 
-def _channel_view(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+def channel_view(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """x as C x N with C the channel axis (or 1 x N for per-tensor)."""
     if axis is None:
         return x.reshape(1, -1)
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
-def _broadcast(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+def broadcast(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """A length-C parameter shaped to broadcast along ``axis`` of ``x``."""
     if axis is None:
         return p.reshape(())
@@ -132,7 +132,7 @@ class MinMaxObserver(Quantizer):
         self._sample: list[torch.Tensor] = []
 
     def _observe(self, x: torch.Tensor) -> None:
-        v = _channel_view(x, self.channel_axis)
+        v = channel_view(x, self.channel_axis)
         lo, hi = v.min(1).values, v.max(1).values
         n = self.batches
         self._min = lo if self._min is None else (self._min * n + lo) / (n + 1)
@@ -214,7 +214,7 @@ class UniformQuantizer(MinMaxObserver):
     def init_params(self, weight: torch.Tensor | None = None) -> None:
         """Set scale and zero point from the observed data (activations) or from ``weight``."""
         if weight is not None:
-            v = _channel_view(weight.detach().float(), self.channel_axis)
+            v = channel_view(weight.detach().float(), self.channel_axis)
             lo, hi, sample = v.min(1).values, v.max(1).values, v
         else:
             lo, hi, sample = self.observed()
@@ -241,8 +241,8 @@ class UniformQuantizer(MinMaxObserver):
         self.observing = False
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        s = _broadcast(self.scale, x, self.channel_axis)
-        z = _broadcast(self.zero_point, x, self.channel_axis)
+        s = broadcast(self.scale, x, self.channel_axis)
+        z = broadcast(self.zero_point, x, self.channel_axis)
         return self._fake(x, s.to(x.dtype), z.to(x.dtype), self.qmax)
 
     def learnable(self) -> list[nn.Parameter]:
@@ -251,8 +251,8 @@ class UniformQuantizer(MinMaxObserver):
     @torch.no_grad()
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """Signed integer codes ``q - z`` of ``w`` (float32 arithmetic, as in :meth:`quantize`)."""
-        s = _broadcast(self.scale.detach().float(), w, self.channel_axis)
-        z = _broadcast(self.zero_point.float(), w, self.channel_axis)
+        s = broadcast(self.scale.detach().float(), w, self.channel_axis)
+        z = broadcast(self.zero_point.float(), w, self.channel_axis)
         return torch.clamp(torch.round(w.float() / s) + z, 0, self.qmax) - z
 
     def num_params(self) -> int:
@@ -277,7 +277,7 @@ class AdaRoundQuantizer(UniformQuantizer):
     def init_params(self, weight: torch.Tensor | None = None) -> None:
         super().init_params(weight)
         with torch.no_grad():
-            s = _broadcast(self.scale, weight, 0)
+            s = broadcast(self.scale, weight, 0)
             rest = (weight.detach().float() / s) - torch.floor(weight.detach().float() / s)
             rest = rest.clamp(1e-4, 1 - 1e-4)  # h(alpha) = rest at the start: round to nearest
             alpha = -torch.log((self.zeta - self.gamma) / (rest - self.gamma) - 1)
@@ -291,15 +291,15 @@ class AdaRoundQuantizer(UniformQuantizer):
         return self.h() if self.alpha is not None else self.up.float()
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        s = _broadcast(self.scale, w, 0).to(w.dtype)
-        z = _broadcast(self.zero_point, w, 0).to(w.dtype)
+        s = broadcast(self.scale, w, 0).to(w.dtype)
+        z = broadcast(self.zero_point, w, 0).to(w.dtype)
         q = torch.clamp(torch.floor(w / s) + self._rounding().to(w.dtype) + z, 0, self.qmax)
         return (q - z) * s
 
     @torch.no_grad()
     def codes(self, w: torch.Tensor) -> torch.Tensor:
-        s = _broadcast(self.scale.float(), w, 0)
-        z = _broadcast(self.zero_point.float(), w, 0)
+        s = broadcast(self.scale.float(), w, 0)
+        z = broadcast(self.zero_point.float(), w, 0)
         q = torch.clamp(torch.floor(w.float() / s) + self._rounding() + z, 0, self.qmax)
         return q - z
 
@@ -309,7 +309,7 @@ class AdaRoundQuantizer(UniformQuantizer):
 
     def nearest(self, weight: torch.Tensor) -> torch.Tensor:
         """The round-to-nearest decisions (the start of the optimisation) as an ``up`` mask."""
-        s = _broadcast(self.scale.detach(), weight, 0)
+        s = broadcast(self.scale.detach(), weight, 0)
         w = weight.detach().float() / s
         return (w - torch.floor(w)) >= 0.5
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import MinMaxObserver, UniformQuantizer, _broadcast
+from .base import MinMaxObserver, UniformQuantizer, broadcast
 
 
 class CAGQuantizer(MinMaxObserver):
@@ -79,8 +79,8 @@ class CAGQuantizer(MinMaxObserver):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         scale, zp = self.channel_params()
-        s = _broadcast(scale, x, self.channel_axis).to(x.dtype)
-        z = _broadcast(zp, x, self.channel_axis).to(x.dtype)
+        s = broadcast(scale, x, self.channel_axis).to(x.dtype)
+        z = broadcast(zp, x, self.channel_axis).to(x.dtype)
         return UniformQuantizer._fake(x, s, z, self.qmax)
 
     def num_params(self) -> int:
