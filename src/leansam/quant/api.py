@@ -9,13 +9,17 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError, require
+from ..io import atomic_write_json, ensure_dir
 from ..modeling import transformer
 from ..modeling.sam import Sam
 from .calibrate import CalibSample, calibration_samples, run_hooked, run_samples
 from .config import QuantConfig
+from .io import save
 from .modules import QuantLayer
 from .quantizers import HLUQ, sign_fold
 from .reconstruct import reconstruct, set_enabled
+from .report import check_active, report
 from .wrap import prepare, quantizers
 
 
@@ -144,11 +148,6 @@ def quantize_to_file(
     Returns the report with ``path``, ``report_path`` and ``active_quantizers`` added. Raises
     :class:`~leansam.errors.InputError` for an already quantized ``model``.
     """
-    from ..errors import InputError, require
-    from ..io import atomic_write_json, ensure_dir
-    from .io import save
-    from .report import check_active, report
-
     require("sklearn", "quant")
     checkpoint = getattr(model, "checkpoint_path", None)
     if getattr(model, "quant_config", None) is not None:

@@ -10,7 +10,7 @@ import torch
 from ..modeling.sam import Sam
 from .calibrate import CalibSample, run_hooked
 from .modules import QuantLayer, QuantLinear
-from .quantizers import CAGQuantizer, Log2Quantizer, Quantizer
+from .quantizers import CAGQuantizer, Log2Quantizer, Quantizer, sqnr_db
 from .wrap import quantized_tensors, quantizers
 
 
@@ -93,7 +93,6 @@ def check_active(model: Sam, samples: list[CalibSample]) -> dict[str, float]:
 def layer_sqnr(model: Sam, samples: list[CalibSample]) -> dict[str, float]:
     """Per quantized layer: SQNR (dB) of its quantized output against the same layer in full
     precision on the same input (the layer's own quantization noise), worst over ``samples``."""
-    from .quantizers import sqnr_db
 
     worst: dict[str, float] = {}
     hooks = []
