@@ -411,3 +411,93 @@ def test_prompt_warmup_learns_boxes_and_keeps_the_encoder(tmp_path):
     assert box_target(boxes, 16).shape == (32, 16, 16)
     with pytest.raises(InputError, match="exceeds the model's 64 x 64"):
         PromptStep(after_model, TrainConfig(**{**cfg.as_dict(), "grid": 65}))
+
+
+def _val_subset(limit: int = 2):
+    from leansam.eval.dataset import EvalDataset
+
+    return EvalDataset.load(
+        COCO_MINI / "val2017", COCO_MINI / "annotations" / "instances_val2017.json", limit=limit
+    )
+
+
+def test_learning_curve_is_logged_and_survives_a_resume(sa1b_small, tmp_path):
+    """eval_every: the box diagnosis before the first step and every N steps, in curve.jsonl;
+    a killed and resumed run logs each point once, and the last point is the final model's."""
+    from leansam import create_model
+    from leansam.eval.diagnose import diagnose_boxes
+
+    val = COCO_MINI / "val2017"
+    ann = COCO_MINI / "annotations" / "instances_val2017.json"
+    cfg = _ft_cfg(
+        sa1b_small, tmp_path / "c", epochs=2, eval_every=2, eval_images=str(val),
+        eval_annotations=str(ann), eval_limit=2,
+    )  # fmt: skip
+
+    def kill_at_3(step):
+        if step == 3:
+            raise Kill
+
+    with pytest.raises(Kill):
+        finetune(cfg, on_step=kill_at_3)
+    finetune(cfg, resume=True)
+    curve = [json.loads(x) for x in (tmp_path / "c" / "curve.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in curve] == [0, 2, 4]
+    final = diagnose_boxes(
+        create_model(STUDENT, checkpoint=tmp_path / "c" / "model.pt"), _val_subset()
+    )
+    assert curve[-1]["mIoU"] == final["mIoU"] and curve[-1]["count"] == final["count"]
+    assert curve[0]["mIoU"]["predicted"] != curve[-1]["mIoU"]["predicted"]
+    with pytest.raises(InputError, match="eval_every needs eval_images"):
+        _ft_cfg(sa1b_small, tmp_path / "d", eval_every=2)
+
+
+def test_diagnosis_box_fill_matches_the_baseline_and_oracle_bounds_the_choice():
+    from leansam import create_model
+    from leansam.eval import evaluate
+    from leansam.eval.diagnose import diagnose_boxes, diagnosis_markdown
+    from leansam.eval.predictors import BoxFill
+
+    data = _val_subset()
+    d = diagnose_boxes(create_model("sam-vit-tiny", seed=0), data)
+    fill = evaluate(BoxFill(), data, "box", progress=False)["metrics"]
+    assert d["mIoU"]["box_fill"] == fill["mIoU"] and d["count"] == fill["count"]
+    for s in ("all", "small", "medium", "large"):
+        if d["count"][s]:
+            assert d["mIoU"]["predicted"][s] <= d["mIoU"]["oracle"][s]
+            assert 0 <= d["empty"][s] <= 1 and 0 <= d["box_iou"][s] <= 1
+    assert "| tiny | oracle |" in diagnosis_markdown("tiny", d)
+
+
+def test_pe_scale_draws_a_seeded_positional_encoding_that_the_checkpoint_keeps(tmp_path):
+    from leansam import create_model
+    from leansam.train.warmup import prompt_warmup
+
+    cfg = TrainConfig(
+        stage="prompt", model="sam-vit-tiny", data=[], out=str(tmp_path / "pw"), grid=4,
+        items_per_epoch=32, epochs=1, batch_size=16, lr=1e-3, pe_scale=8.0, seed=5,
+    )  # fmt: skip
+    prompt_warmup(cfg)
+    key = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+    matrix = create_model("sam-vit-tiny", checkpoint=tmp_path / "pw" / "model.pt").state_dict()[key]
+    expected = 8.0 * torch.randn(matrix.shape, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(matrix, expected)
+    assert 6.0 < float(matrix.std()) < 10.0  # SAM's scale 1 would give ~1
+    for bad in (
+        dict(pe_scale=0.0),
+        dict(pe_scale=2.0, decoder_checkpoint="x.pt"),
+        dict(pe_scale=2.0, stage="distill", teacher="sam-vit-tiny", data=["d"]),
+    ):
+        with pytest.raises(InputError, match="pe_scale"):
+            TrainConfig(**{**cfg.as_dict(), **bad})
+
+
+def test_checkpoints_of_older_versions_resume_when_new_fields_keep_their_defaults(tmp_path):
+    from leansam.train.loop import _comparable, _same_run
+
+    now = _comparable(_ft_cfg("d", tmp_path))
+    older = {k: v for k, v in now.items() if k not in ("box_sizes", "box_size_log", "pe_scale")}
+    assert _same_run(older, now) and _same_run(now, now)
+    assert not _same_run(older, _comparable(_ft_cfg("d", tmp_path, box_size_log=True)))
+    assert not _same_run({**now, "gone": 1}, now)
+    assert not _same_run({**now, "lr": 1.0}, now)

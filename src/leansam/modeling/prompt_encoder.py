@@ -11,13 +11,22 @@ from .common import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):
-    """Fourier features of (x, y) with a fixed random Gaussian frequency matrix."""
+    """Fourier features of (x, y) with a fixed random Gaussian frequency matrix.
 
-    def __init__(self, num_pos_feats: int = 64, *, device=None, dtype=None) -> None:
+    ``scale`` is the Gaussian's standard deviation (SAM's argument: None or <= 0 means 1.0, SAM's
+    value). The matrix is a buffer stored in checkpoints, so a loaded model has its file's
+    frequencies whatever ``scale`` it was built with; the scale matters when training from
+    scratch (a larger one resolves smaller boxes: MODEL_CARD.md)."""
+
+    def __init__(
+        self, num_pos_feats: int = 64, scale: float | None = None, *, device=None, dtype=None
+    ) -> None:
         super().__init__()
+        if scale is None or scale <= 0.0:
+            scale = 1.0
         self.register_buffer(
             "positional_encoding_gaussian_matrix",
-            torch.randn((2, num_pos_feats), device=device, dtype=dtype),
+            scale * torch.randn((2, num_pos_feats), device=device, dtype=dtype),
         )
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:

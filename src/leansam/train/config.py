@@ -73,6 +73,23 @@ class TrainConfig:
     #: 16th of the cost) and the synthetic boxes that make one epoch (batch_size boxes per step)
     grid: int = 16
     items_per_epoch: int = 4096
+    #: stage ``prompt``: width and height of the synthetic boxes, as fractions of the frame, drawn
+    #: uniformly (or log-uniformly with ``box_size_log``)
+    box_sizes: list[float] = dataclasses.field(default_factory=lambda: [0.03, 0.6])
+    box_size_log: bool = False
+    #: standard deviation of the prompt encoder's random Fourier frequencies for a decoder trained
+    #: from scratch (SAM: 1.0, whose shortest wavelength is ~170 px of the 1024 frame: boxes
+    #: smaller than that come out as blobs). Drawn once with ``seed``; stored in the checkpoint.
+    #: None keeps the model's own.
+    pe_scale: float | None = None
+    #: learning curve: every ``eval_every`` steps (and before the first), rank 0 runs the box
+    #: diagnosis (``leansam.eval.diagnose``) of the model on the first ``eval_limit`` images of
+    #: the COCO dataset ``eval_images`` / ``eval_annotations`` and appends it to ``curve.jsonl``
+    #: (0: off). Monitoring only: nothing is trained or selected on it.
+    eval_every: int = 0
+    eval_images: str | None = None
+    eval_annotations: str | None = None
+    eval_limit: int = 16
 
     def __post_init__(self) -> None:
         if self.stage not in ("distill", "finetune", "prompt"):
@@ -87,6 +104,8 @@ class TrainConfig:
             raise InputError("no training data given")
         if self.grid < 1 or self.items_per_epoch < 1:
             raise InputError("grid and items_per_epoch must be positive")
+        if len(self.box_sizes) != 2 or not 0 < self.box_sizes[0] <= self.box_sizes[1] <= 1:
+            raise InputError("box_sizes must be [min, max] with 0 < min <= max <= 1")
         if self.data_repeat is not None and (
             len(self.data_repeat) != len(self.data) or min(self.data_repeat) < 0
         ):
@@ -99,6 +118,20 @@ class TrainConfig:
             raise InputError("box_prob and multimask_prob must lie in [0, 1]")
         if self.warmup_steps < 0:
             raise InputError("warmup_steps must be 0 or positive")
+        if self.pe_scale is not None and (
+            self.pe_scale <= 0
+            or self.stage == "distill"
+            or self.init_checkpoint
+            or self.decoder_checkpoint
+        ):
+            raise InputError(
+                "pe_scale (> 0) draws the positional encoding of a prompt encoder trained from "
+                "scratch: not in stage distill, nor with init_checkpoint or decoder_checkpoint"
+            )
+        if self.eval_every < 0 or self.eval_limit < 1:
+            raise InputError("eval_every must be 0 or positive and eval_limit at least 1")
+        if self.eval_every and not (self.eval_images and self.eval_annotations):
+            raise InputError("eval_every needs eval_images and eval_annotations (a COCO dataset)")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
@@ -118,6 +151,17 @@ class TrainConfig:
         if unknown:
             raise InputError(f"recipe {path}: unknown keys {', '.join(unknown)}")
         return cls(**raw)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """The default value of every field that has one."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

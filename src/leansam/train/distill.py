@@ -17,7 +17,14 @@ from ..io import IMAGE_SUFFIXES, load_image
 from ..registry import create_model
 from ..transforms import ResizeLongestSide
 from .config import TrainConfig
-from .loop import Run, atomic_torch_save, finish_run, train_autocast, train_device
+from .loop import (
+    Run,
+    atomic_torch_save,
+    curve_evaluator,
+    finish_run,
+    train_autocast,
+    train_device,
+)
 
 
 def list_images(folders: list[str]) -> list[Path]:
@@ -102,6 +109,10 @@ def distill(
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
     teacher = create_model(cfg.teacher, checkpoint=cfg.teacher_checkpoint, device="cpu", seed=0)
+    # The student takes over SAM's prompt encoder and mask decoder from the teacher (not trained
+    # in stage 1; taken now so that the learning curve measures the whole student).
+    student.prompt_encoder.load_state_dict(teacher.prompt_encoder.state_dict())
+    student.mask_decoder.load_state_dict(teacher.mask_decoder.state_dict())
     encoder = student.image_encoder
     run = Run(cfg, len(items), encoder, DistillStep(encoder))
     resumed = run.resume(resume)
@@ -114,8 +125,5 @@ def distill(
         with train_autocast(cfg, device):
             return run.step_module(x, y)
 
-    records = run.loop(compute)
-    # The student takes over SAM's prompt encoder and mask decoder from the teacher.
-    student.prompt_encoder.load_state_dict(teacher.prompt_encoder.state_dict())
-    student.mask_decoder.load_state_dict(teacher.mask_decoder.state_dict())
+    records = run.loop(compute, curve_evaluator(cfg, student))
     return finish_run(run, student, records, resumed)

@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..registry import create_model
 from ..transforms import ResizeLongestSide
 from .config import TrainConfig
-from .loop import Run, finish_run, train_autocast, train_device
+from .loop import Run, curve_evaluator, finish_run, train_autocast, train_device
 from .losses import iou_loss, mask_loss
 from .prompts import sample_prompts
 
@@ -124,6 +124,18 @@ def load_prompt_decoder(model: nn.Module, checkpoint: str | os.PathLike) -> None
         getattr(model, part).load_state_dict(sub, strict=True)
 
 
+def redraw_positional_encoding(model: nn.Module, cfg: TrainConfig) -> None:
+    """Give ``model`` a new random positional encoding of standard deviation ``cfg.pe_scale``
+    (drawn with ``cfg.seed``), for a prompt encoder trained from scratch; no-op when unset."""
+    if cfg.pe_scale is None:
+        return
+    pe = model.prompt_encoder.pe_layer
+    matrix = pe.positional_encoding_gaussian_matrix
+    g = torch.Generator().manual_seed(cfg.seed)
+    new = cfg.pe_scale * torch.randn(matrix.shape, generator=g, dtype=torch.float32)
+    matrix.copy_(new.to(matrix))
+
+
 def finetune(
     cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
 ) -> dict:
@@ -141,6 +153,7 @@ def finetune(
     model = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
     if cfg.decoder_checkpoint:
         load_prompt_decoder(model, cfg.decoder_checkpoint)
+    redraw_positional_encoding(model, cfg)
     step_module = FinetuneStep(model, cfg)
     run = Run(cfg, len(items), model, step_module)
     resumed = run.resume(resume)
@@ -162,5 +175,5 @@ def finetune(
                 return sum(p.sum() for p in model.parameters()) * 0.0
             return run.step_module(samples, seeds)
 
-    records = run.loop(compute)
+    records = run.loop(compute, curve_evaluator(cfg, model))
     return finish_run(run, model, records, resumed, datasets)

@@ -108,7 +108,7 @@ class Run:
                 f"{self.out} holds a run: pass --resume to continue it, or a new --out"
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["config"] != _comparable(self.cfg):
+        if not _same_run(state["config"], _comparable(self.cfg)):
             raise InputError(
                 f"{path} was written by another configuration: use a new --out, or the same recipe"
             )
@@ -147,19 +147,28 @@ class Run:
             value /= self.world
         return float(value)
 
-    def loop(self, compute_loss: Callable[[int, list[int]], torch.Tensor]) -> list[dict]:
-        """Run steps from the current one to the last; returns this run's log records."""
+    def loop(
+        self,
+        compute_loss: Callable[[int, list[int]], torch.Tensor],
+        evaluate: Callable[[], dict] | None = None,
+    ) -> list[dict]:
+        """Run steps from the current one to the last; returns this run's log records. With
+        ``evaluate`` and ``cfg.eval_every``, rank 0 appends ``{"step", "epoch", **evaluate()}``
+        to ``curve.jsonl`` before the first step and every ``eval_every`` steps (the learning
+        curve; the model is in eval mode meanwhile)."""
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "metrics.jsonl"
+        curve_path = self.out / "curve.jsonl"
         if self.rank == 0:
-            kept = []
-            if self.step and log_path.exists():  # drop records past the resumed checkpoint
-                kept = [
-                    line
-                    for line in log_path.read_text().splitlines()
-                    if json.loads(line)["step"] <= self.step
-                ]
-            atomic_write_bytes(log_path, "".join(x + "\n" for x in kept).encode())
+            for path in (log_path, curve_path):  # drop records past the resumed checkpoint
+                kept = []
+                if self.step and path.exists():
+                    kept = [
+                        line
+                        for line in path.read_text().splitlines()
+                        if json.loads(line)["step"] <= self.step
+                    ]
+                atomic_write_bytes(path, "".join(x + "\n" for x in kept).encode())
             atomic_write_json(
                 self.out / "run.json",
                 {
@@ -176,11 +185,10 @@ class Run:
                 total=self.last_step, initial=self.step, desc=f"train {self.cfg.stage}", unit="step"
             )
         records = []
-        self.trainable.train()
-        if self.cfg.freeze_bn:
-            for m in self.trainable.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        every = self.cfg.eval_every if evaluate is not None else 0
+        if every and self.step == 0:
+            self._curve_point(evaluate, curve_path)
+        self._train_mode()
         while self.step < self.last_step:
             t0 = time.perf_counter()
             loss = self.optimise(compute_loss(self.step, self.indices(self.step)))
@@ -200,6 +208,9 @@ class Run:
                     f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update()
+            if every and (self.step % every == 0 or self.step == self.last_step):
+                self._curve_point(evaluate, curve_path)
+                self._train_mode()
             if self.step % self.cfg.save_every == 0 or self.step == self.last_step:
                 self.save()
         if bar is not None:
@@ -207,12 +218,60 @@ class Run:
         self.trainable.eval()
         return records
 
+    def _train_mode(self) -> None:
+        self.trainable.train()
+        if self.cfg.freeze_bn:
+            for m in self.trainable.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def _curve_point(self, evaluate: Callable[[], dict], path: Path) -> None:
+        if self.rank == 0:
+            t0 = time.perf_counter()
+            point = evaluate()
+            rec = {
+                "step": self.step,
+                "epoch": self.step / self.steps_per_epoch,
+                "seconds": time.perf_counter() - t0,
+                **point,
+            }
+            with open(path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        barrier()
+
+
+def curve_evaluator(cfg: TrainConfig, model: nn.Module) -> Callable[[], dict] | None:
+    """The learning-curve measurement of ``cfg`` (box diagnosis of ``model`` on a fixed subset of
+    a COCO dataset), or None when ``cfg.eval_every`` is 0."""
+    if not cfg.eval_every:
+        return None
+    from ..eval.dataset import EvalDataset
+    from ..eval.diagnose import diagnose_boxes
+
+    data = EvalDataset.load(cfg.eval_images, cfg.eval_annotations, limit=cfg.eval_limit)
+    return lambda: diagnose_boxes(model, data)
+
+
+#: configuration fields that may change when a run is resumed (they do not change its steps)
+FREE_ON_RESUME = (
+    "max_steps", "save_every", "eval_every", "eval_images", "eval_annotations", "eval_limit"
+)  # fmt: skip
+
+
+def _same_run(saved: dict, now: dict) -> bool:
+    """Whether a checkpoint's configuration is ``now``'s; a field added to TrainConfig after the
+    checkpoint was written counts as its default value."""
+    defaults = TrainConfig.defaults()
+    if set(saved) - set(now):
+        return False
+    return all(saved.get(k, defaults.get(k, object())) == v for k, v in now.items())
+
 
 def _comparable(cfg: TrainConfig) -> dict:
     """The configuration fields that must match for a checkpoint to be resumed."""
     d = cfg.as_dict()
-    d.pop("max_steps", None)
-    d.pop("save_every", None)
+    for k in FREE_ON_RESUME:
+        d.pop(k, None)
     return d
 
 

@@ -12,17 +12,28 @@ from torch import nn
 from ..errors import InputError
 from ..registry import create_model
 from .config import TrainConfig
-from .finetune import load_prompt_decoder
-from .loop import Run, finish_run, train_autocast, train_device
+from .finetune import load_prompt_decoder, redraw_positional_encoding
+from .loop import Run, curve_evaluator, finish_run, train_autocast, train_device
 from .losses import iou_loss, mask_loss
 
 
-def synthetic_box(rng: np.random.Generator, frame: int = 1024) -> np.ndarray:
-    """A random XYXY box in the ``frame`` x ``frame`` prompt frame: width and height uniform in 3 %
-    to 60 % of the frame, top-left corner uniform in the first 88 %, clipped to the frame. (Many
-    tiny boxes make "all background" the easy answer the decoder does not leave.)"""
+def synthetic_box(
+    rng: np.random.Generator,
+    frame: int = 1024,
+    sizes: tuple[float, float] = (0.03, 0.6),
+    log_sizes: bool = False,
+) -> np.ndarray:
+    """A random XYXY box in the ``frame`` x ``frame`` prompt frame: width and height drawn from
+    ``sizes`` (fractions of the frame; uniformly, or log-uniformly with ``log_sizes`` so that small
+    boxes are as common as large ones), top-left corner uniform in the first 88 %, clipped to the
+    frame. (With uniform sizes, many tiny boxes make "all background" the easy answer the decoder
+    does not leave.)"""
     x0, y0 = rng.uniform(0, 0.88 * frame, size=2)
-    w, h = rng.uniform(0.03 * frame, 0.6 * frame, size=2)
+    lo, hi = sizes
+    if log_sizes:
+        w, h = frame * np.exp(rng.uniform(np.log(lo), np.log(hi), size=2))
+    else:
+        w, h = rng.uniform(lo * frame, hi * frame, size=2)
     return np.array([x0, y0, min(x0 + w, frame), min(y0 + h, frame)], np.float32)
 
 
@@ -80,6 +91,7 @@ def prompt_warmup(
     model = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
     if cfg.decoder_checkpoint:
         load_prompt_decoder(model, cfg.decoder_checkpoint)
+    redraw_positional_encoding(model, cfg)
     prompt_parts = nn.ModuleDict(
         {"prompt_encoder": model.prompt_encoder, "mask_decoder": model.mask_decoder}
     )
@@ -88,12 +100,19 @@ def prompt_warmup(
 
     def compute(step: int, indices: list[int]) -> torch.Tensor:
         boxes = np.stack(
-            [synthetic_box(np.random.default_rng([cfg.seed, step, i])) for i in indices]
+            [
+                synthetic_box(
+                    np.random.default_rng([cfg.seed, step, i]),
+                    sizes=tuple(cfg.box_sizes),
+                    log_sizes=cfg.box_size_log,
+                )
+                for i in indices
+            ]
         )
         if on_step is not None:
             on_step(step)
         with train_autocast(cfg, device):
             return run.step_module(torch.as_tensor(boxes, device=device), step % 2 == 1)
 
-    records = run.loop(compute)
+    records = run.loop(compute, curve_evaluator(cfg, model))
     return finish_run(run, model, records, resumed)

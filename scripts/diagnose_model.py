@@ -1,0 +1,46 @@
+"""Box-protocol diagnosis of a model on coco-mini val (MODEL_CARD.md, "Diagnosis").
+
+    python scripts/diagnose_model.py --model leansam-efficientvit-s [--checkpoint F] [--limit 20]
+
+Prints the markdown rows of ``leansam.eval.diagnose`` (predicted-IoU choice, best of 3 by true IoU,
+single-mask output, box-fill; empty masks, area ratio, IoU with the box) and writes them as JSON
+with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import leansam
+from leansam.eval.dataset import EvalDataset
+from leansam.eval.diagnose import diagnose_boxes, diagnosis_markdown
+from leansam.io import atomic_write_json
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-mini"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="leansam-efficientvit-s")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--name", default=None, help="row label (default: the model or checkpoint)")
+    ap.add_argument("--limit", type=int, default=None, help="first N val images by id")
+    ap.add_argument("--images", default=str(DATA / "val2017"))
+    ap.add_argument("--annotations", default=str(DATA / "annotations" / "instances_val2017.json"))
+    ap.add_argument("--json", default=None, help="also write the diagnosis here")
+    args = ap.parse_args(argv)
+    model = leansam.load_model(args.model, checkpoint=args.checkpoint)
+    data = EvalDataset.load(args.images, args.annotations, limit=args.limit)
+    d = diagnose_boxes(model, data, progress=True)
+    name = args.name or (Path(args.checkpoint).parent.name if args.checkpoint else args.model)
+    sys.stdout.write(diagnosis_markdown(name, d))
+    print(f"objects: {d['count']}")
+    if args.json:
+        atomic_write_json(args.json, {"name": name, "limit": args.limit, **d})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Box-protocol diagnosis of a SAM-family model: where its box mIoU is lost.
+
+For every ground-truth object of a COCO dataset, prompted with its box (SPEC section 6), this
+measures the IoU with the ground truth of
+
+- ``predicted``: the multimask output with the highest predicted IoU (the published protocol);
+- ``oracle``: the best of the 3 multimask outputs by true IoU (what a perfect IoU head would pick);
+- ``single``: the single-mask output (``multimask_output=False``);
+- ``box_fill``: the box itself (the trivial baseline);
+
+and, for the predicted mask, the share of empty masks, the ratio of its area to the ground truth's
+and its IoU with the box (how much of a box the model draws). Results are mIoU x 100 by COCO size
+(``metrics.miou_by_size``). Used by MODEL_CARD.md's diagnosis and as the learning curve of
+``leansam train`` (``eval_every``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data.coco import ann_to_mask, xywh_to_xyxy
+from ..io import load_image
+from .dataset import EvalDataset
+from .metrics import SIZES, mask_iou, miou_by_size, size_of
+from .predictors import box_masks
+
+CHOICES = ("predicted", "oracle", "single", "box_fill")
+
+
+@torch.inference_mode()
+def diagnose_boxes(model, dataset: EvalDataset, *, progress: bool = False) -> dict:
+    """Run the box diagnosis of ``model`` (a ``Sam``) over ``dataset``.
+
+    Returns ``{"mIoU": {choice: {size: mIoU x 100}}, "count": {size: n}, "empty": {size: share},
+    "area_ratio": {size: median pred/gt area}, "box_iou": {size: mean IoU(pred, box)}}``; None
+    where a size has no object. The model is put in eval mode and left there.
+    """
+    from ..predictor import SamPredictor
+
+    model.eval()
+    predictor = SamPredictor(model)
+    rows: list[dict] = []
+    images = dataset.images
+    if progress:
+        from tqdm import tqdm
+
+        images = tqdm(images, desc="diagnose", unit="img")
+    for info in images:
+        objects = dataset.objects(info["id"])
+        if not objects:
+            continue
+        image = load_image(dataset.path(info))
+        h, w = image.shape[:2]
+        predictor.set_image(image)
+        boxes = np.array([xywh_to_xyxy(a["bbox"]) for a in objects])
+        t = torch.as_tensor(boxes, dtype=torch.float, device=predictor.device)
+        t = predictor.transform.apply_boxes_torch(t, predictor.original_size)
+        multi, iou_pred, _ = predictor.predict_torch(None, None, t, multimask_output=True)
+        single, _, _ = predictor.predict_torch(None, None, t, multimask_output=False)
+        multi, single = multi.cpu().numpy(), single[:, 0].cpu().numpy()
+        best = iou_pred.argmax(dim=1).cpu().numpy()
+        fills = box_masks(boxes, h, w)
+        for i, a in enumerate(objects):
+            gt = ann_to_mask(a, h, w)
+            fill = fills[i]
+            ious3 = [mask_iou(m, gt) for m in multi[i]]
+            pred = multi[i, best[i]]
+            gt_area = max(int(gt.sum()), 1)
+            rows.append(
+                {
+                    "area": float(a["area"]),
+                    "predicted": ious3[best[i]],
+                    "oracle": max(ious3),
+                    "single": mask_iou(single[i], gt),
+                    "box_fill": mask_iou(fill, gt),
+                    "empty": not pred.any(),
+                    "area_ratio": float(pred.sum()) / gt_area,
+                    "box_iou": mask_iou(pred, fill),
+                }
+            )
+    areas = [r["area"] for r in rows]
+    out: dict = {"mIoU": {}, "count": miou_by_size(areas, [0.0] * len(rows))["count"]}
+    for c in CHOICES:
+        out["mIoU"][c] = miou_by_size(areas, [r[c] for r in rows])["mIoU"]
+    for key, reduce in (("empty", np.mean), ("area_ratio", np.median), ("box_iou", np.mean)):
+        out[key] = {}
+        for s in SIZES:
+            vals = [float(r[key]) for r in rows if s == "all" or size_of(r["area"]) == s]
+            out[key][s] = float(reduce(vals)) if vals else None
+    return out
+
+
+def diagnosis_markdown(name: str, d: dict) -> str:
+    """Markdown rows (one per choice, then the predicted mask's statistics) of a diagnosis."""
+    fmt = lambda v, k=1.0: "n/a" if v is None else f"{v * k:.1f}"  # noqa: E731
+    lines = [
+        "| model | mask | all | small | medium | large |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for c in CHOICES:
+        lines.append(f"| {name} | {c} | " + " | ".join(fmt(d["mIoU"][c][s]) for s in SIZES) + " |")
+    for key, label, k in (
+        ("empty", "empty predicted masks (%)", 100),
+        ("area_ratio", "predicted / true area (median)", 1),
+        ("box_iou", "IoU of predicted mask with its box x 100", 100),
+    ):
+        lines.append(f"| {name} | {label} | " + " | ".join(fmt(d[key][s], k) for s in SIZES) + " |")
+    return "\n".join(lines) + "\n"
