@@ -87,7 +87,7 @@ def _matched(a: list[dict], b: list[dict]) -> float:
             min_mask_region_area=100,
         ),
         # SAM's NMS and a denser grid
-        dict(points_per_side=8),
+        pytest.param(dict(points_per_side=8), marks=pytest.mark.slow),
     ],
 )
 def test_records_match_reference_generator(student_pair, kw):

@@ -310,7 +310,9 @@ def test_export_leaves_the_model_in_eval_mode(sam_tiny, tmp_path):
     assert not any(m.training for m in ours.modules())
 
 
-@pytest.mark.parametrize("name", ["leansam-efficientvit-s", "leansam-vit-s"])
+@pytest.mark.parametrize(
+    "name", [pytest.param("leansam-efficientvit-s", marks=pytest.mark.slow), "leansam-vit-s"]
+)
 def test_anylabeling_pair_reproduces_pytorch_masks(name, coco_val, tmp_path):
     """`leansam export anylabeling`: X-AnyLabeling's efficientvit_sam files. The encoder takes the
     raw uint8 H x W x 3 image (any size, preprocessing inside); fed as X-AnyLabeling feeds them,

@@ -111,7 +111,11 @@ def test_mapping_follows_the_spec(tiny):
         assert roles == ["cag", "hluq", "hluq"]
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# AHCPTQ (all its parts) on both tiny models in the default suite; the other methods and the
+# ablations: `make test-slow`
+@pytest.mark.parametrize(
+    "method", [m if m == "ahcptq" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS]
+)
 def test_every_method_quantizes_and_every_quantizer_is_active(tiny, method):
     model, samples = tiny
     cfg = QuantConfig.from_bits(method, "w4a4", iters=3)
