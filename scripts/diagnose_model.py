@@ -2,9 +2,10 @@
 
     python scripts/diagnose_model.py --model leansam-efficientvit-s [--checkpoint F] [--limit 20]
 
-Prints the markdown rows of ``leansam.eval.diagnose`` (predicted-IoU choice, best of 3 by true IoU,
-single-mask output, box-fill; empty masks, area ratio, IoU with the box) and writes them as JSON
-with ``--json``.
+Prints the markdown rows of ``leansam.eval.diagnose`` (predicted-IoU choice, best of 3 by true
+IoU, single-mask output, box-fill; empty masks, area ratio, IoU with the box) and writes them as
+JSON with ``--json``. ``--box-drawing`` measures instead how well the decoder alone draws boxes of
+each size on a zero image embedding.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import leansam
 from leansam.eval.dataset import EvalDataset
-from leansam.eval.diagnose import diagnose_boxes, diagnosis_markdown
+from leansam.eval.diagnose import box_drawing, diagnose_boxes, diagnosis_markdown
 from leansam.io import atomic_write_json
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-mini"
@@ -30,8 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", default=str(DATA / "val2017"))
     ap.add_argument("--annotations", default=str(DATA / "annotations" / "instances_val2017.json"))
     ap.add_argument("--json", default=None, help="also write the diagnosis here")
+    ap.add_argument(
+        "--box-drawing",
+        action="store_true",
+        help="only the decoder's box drawing on a zero embedding (diagnose.box_drawing)",
+    )
     args = ap.parse_args(argv)
     model = leansam.load_model(args.model, checkpoint=args.checkpoint)
+    if args.box_drawing:
+        drawn = box_drawing(model)
+        print("| box side (px of 1024) | " + " | ".join(str(k) for k in drawn) + " |")
+        print("|---|" + "---:|" * len(drawn))
+        print(
+            "| IoU with the box x 100 | "
+            + " | ".join(f"{100 * v:.1f}" for v in drawn.values())
+            + " |"
+        )
+        return 0
     data = EvalDataset.load(args.images, args.annotations, limit=args.limit)
     d = diagnose_boxes(model, data, progress=True)
     name = args.name or (Path(args.checkpoint).parent.name if args.checkpoint else args.model)

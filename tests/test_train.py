@@ -501,3 +501,19 @@ def test_checkpoints_of_older_versions_resume_when_new_fields_keep_their_default
     assert not _same_run(older, _comparable(_ft_cfg("d", tmp_path, box_size_log=True)))
     assert not _same_run({**now, "gone": 1}, now)
     assert not _same_run({**now, "lr": 1.0}, now)
+
+
+def test_box_drawing_measures_the_decoder_against_the_box():
+    """In [0, 1], seeded; a decoder that draws nothing (all logits 0, not > 0) scores exactly 0."""
+    from leansam import create_model
+    from leansam.eval.diagnose import box_drawing
+
+    model = create_model("sam-vit-tiny", seed=0).eval()
+    drawn = box_drawing(model, (64, 256), count=4)
+    assert set(drawn) == {64, 256} and all(0 <= v <= 1 for v in drawn.values())
+    assert box_drawing(model, (64, 256), count=4) == drawn
+    with torch.no_grad():  # the hypernetworks output 0: every mask logit is exactly 0
+        for m in model.mask_decoder.output_hypernetworks_mlps:
+            m.layers[-1].weight.zero_()
+            m.layers[-1].bias.zero_()
+    assert box_drawing(model, (64, 256), count=4) == {64: 0.0, 256: 0.0}

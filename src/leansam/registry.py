@@ -34,7 +34,8 @@ def get_config(name: str) -> SamConfig:
         close = difflib.get_close_matches(name, list(VARIANTS), n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UnknownModelError(
-            f"unknown model {name!r}: {hint}`leansam models` lists the {len(VARIANTS)} variants"
+            f"unknown model {name!r}: {hint}`leansam models` lists the variants "
+            "(`--all` adds the test-size ones)"
         ) from None
 
 

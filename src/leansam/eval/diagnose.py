@@ -107,3 +107,31 @@ def diagnosis_markdown(name: str, d: dict) -> str:
     ):
         lines.append(f"| {name} | {label} | " + " | ".join(fmt(d[key][s], k) for s in SIZES) + " |")
     return "\n".join(lines) + "\n"
+
+
+@torch.inference_mode()
+def box_drawing(
+    model, sides: tuple[int, ...] = (16, 32, 64, 128, 256, 512), *, count: int = 32, seed: int = 0
+) -> dict[int, float]:
+    """How well the prompt encoder and mask decoder alone draw a box: mean IoU between the box and
+    the single-mask output (thresholded at 0, bilinearly upsampled to the 1024 frame) on a
+    content-free (zero) image embedding, for ``count`` random boxes of about each side (0.7-1.4x,
+    in pixels of SAM's 1024 frame). What a decoder can express from the prompt's positional encoding
+    alone; SAM's own decoder relies on its image features instead."""
+    pe = model.prompt_encoder
+    frame = 1024
+    rng = np.random.default_rng(seed)
+    emb = torch.zeros(1, pe.embed_dim, *pe.image_embedding_size)
+    out = {}
+    for side in sides:
+        wh = side * rng.uniform(0.7, 1.4, size=(count, 2))
+        xy = rng.uniform(0, 1, size=(count, 2)) * (frame - wh)
+        boxes = torch.as_tensor(np.concatenate([xy, xy + wh], 1), dtype=torch.float32)
+        sparse, dense = pe(None, boxes, None)
+        low, _ = model.mask_decoder(emb, pe.get_dense_pe(), sparse, dense, False)
+        drawn = torch.nn.functional.interpolate(low.float(), (frame, frame), mode="bilinear")[:, 0]
+        drawn, box = drawn > 0, torch.from_numpy(box_masks(boxes.numpy(), frame, frame))
+        inter = (drawn & box).flatten(1).sum(1).float()
+        union = (drawn | box).flatten(1).sum(1).float().clamp(min=1)
+        out[side] = float((inter / union).mean())
+    return out

@@ -78,7 +78,7 @@ class TrainConfig:
     box_sizes: list[float] = dataclasses.field(default_factory=lambda: [0.03, 0.6])
     box_size_log: bool = False
     #: standard deviation of the prompt encoder's random Fourier frequencies for a decoder trained
-    #: from scratch (SAM: 1.0, whose shortest wavelength is ~170 px of the 1024 frame: boxes
+    #: from scratch (SAM: 1.0, whose shortest wavelength is ~160 px of the 1024 frame: boxes
     #: smaller than that come out as blobs). Drawn once with ``seed``; stored in the checkpoint.
     #: None keeps the model's own.
     pe_scale: float | None = None
