@@ -2,6 +2,7 @@
 
     python scripts/import_graph.py            # print the diagram
     python scripts/import_graph.py --check    # exit 1 if ARCHITECTURE.md's diagram is stale
+    python scripts/import_graph.py --write    # update the diagram in ARCHITECTURE.md
 
 Every import counts, function-level ones included; modules are collapsed to their top-level
 module or package (``leansam.quant.wrap`` -> ``quant``). ``tests/test_architecture.py`` uses
@@ -147,14 +148,23 @@ BEGIN, END = "<!-- import graph: begin -->\n", "<!-- import graph: end -->\n"
 
 def main(argv: list[str]) -> int:
     diagram = mermaid(import_graph())
-    if "--check" not in argv:
+    if "--check" not in argv and "--write" not in argv:
         print(diagram, end="")
         return 0
-    text = (REPO / "ARCHITECTURE.md").read_text()
-    current = text.split(BEGIN, 1)[1].split(END, 1)[0] if BEGIN in text else ""
+    path = REPO / "ARCHITECTURE.md"
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"{path} has no import-graph markers", file=sys.stderr)
+        return 1
+    head, rest = text.split(BEGIN, 1)
+    current, tail = rest.split(END, 1)
+    if "--write" in argv:
+        if current != diagram:
+            path.write_text(head + BEGIN + diagram + END + tail)
+        return 0
     if current != diagram:
         print(
-            "ARCHITECTURE.md's import graph is stale: python scripts/import_graph.py",
+            "ARCHITECTURE.md's import graph is stale: python scripts/import_graph.py --write",
             file=sys.stderr,
         )
         return 1
