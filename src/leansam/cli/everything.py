@@ -1,16 +1,46 @@
 """``leansam everything``: SAM's automatic mask generator on one image
-(:func:`leansam.amg.everything`); the generator's defaults are
+(:func:`leansam.amg.everything`) or over a dataset, sharded under torchrun and resumable
+(:func:`leansam.amg.dataset.label_images`); the generator's defaults are
 :class:`~leansam.amg.SamAutomaticMaskGenerator`'s."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .parsing import default_of, model_args, runtime_args
 
 
+def _generator_args(args: argparse.Namespace) -> dict:
+    return dict(
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers,
+        min_mask_region_area=args.min_mask_region_area,
+    )
+
+
+def _no_mask_note(args: argparse.Namespace) -> None:
+    print(
+        f"note: no mask passed --pred-iou-thresh {args.pred_iou_thresh} and "
+        f"--stability-score-thresh {args.stability_score_thresh} (SAM's defaults assume "
+        "SAM's confidence; a weaker model, such as leansam's shipped ones, MODEL_CARD.md, may "
+        "need lower thresholds)",
+        file=sys.stderr,
+    )
+
+
 def _cmd_everything(args: argparse.Namespace) -> int:
+    if Path(args.image).is_file() and Path(args.image).suffix.lower() != ".txt":
+        return _one_image(args)
+    return _dataset(args)
+
+
+def _one_image(args: argparse.Namespace) -> int:
     from ..amg import everything
 
     record = everything(
@@ -20,14 +50,8 @@ def _cmd_everything(args: argparse.Namespace) -> int:
         out_dir=args.out,
         device=args.device,
         runtime=args.runtime,
-        points_per_side=args.points_per_side,
-        points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_score_thresh,
-        box_nms_thresh=args.box_nms_thresh,
-        crop_n_layers=args.crop_n_layers,
-        min_mask_region_area=args.min_mask_region_area,
         progress=not args.no_progress,
+        **_generator_args(args),
     )
     n = len(record["masks"])
     files = "<i>.png, " if n else ""
@@ -36,13 +60,50 @@ def _cmd_everything(args: argparse.Namespace) -> int:
         f"overlay.png in {args.out}"
     )
     if n == 0:
+        _no_mask_note(args)
+    return 0
+
+
+def _dataset(args: argparse.Namespace) -> int:
+    import os
+
+    from ..amg.dataset import label_images, list_images
+    from ..distributed import init_from_env
+    from ..loading import load_model
+
+    listed = list_images(args.image)  # a bad input fails before the model loads
+    rank, _ = init_from_env()
+    sam = load_model(args.model, args.checkpoint, device=args.device)
+    config = {
+        "model": args.model,
+        "checkpoint": os.fspath(sam.checkpoint_path) if sam.checkpoint_path else None,
+        "runtime": args.runtime,
+    }
+    summary = label_images(
+        listed,
+        sam,
+        args.out,
+        write_png=args.png,
+        write_overlay=args.overlay,
+        workers=args.workers,
+        progress=not args.no_progress,
+        config=config,
+        runtime=args.runtime,
+        **_generator_args(args),
+    )
+    if rank == 0:
+        skipped = summary["skipped"]
         print(
-            f"note: no mask passed --pred-iou-thresh {args.pred_iou_thresh} and "
-            f"--stability-score-thresh {args.stability_score_thresh} (SAM's defaults assume "
-            "SAM's confidence; a weaker model, such as leansam's shipped ones, MODEL_CARD.md, may "
-            "need lower thresholds)",
-            file=sys.stderr,
+            f"labelled {summary['labelled']} image(s) with {summary['masks']} mask(s) in "
+            f"{summary['seconds_rank0']:.1f} s ({summary['already_done']} already done, "
+            f"{len(skipped)} skipped): sa_*.json and summary.json in {args.out}"
         )
+        for s in skipped[:5]:
+            print(f"skipped {s['image']}: {s['reason']}", file=sys.stderr)
+        if len(skipped) > 5:
+            print(f"... {len(skipped) - 5} more in summary.json", file=sys.stderr)
+        if summary["labelled"] and not summary["masks"]:
+            _no_mask_note(args)
     return 0
 
 
@@ -59,7 +120,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "writes <i>.png per mask (by decreasing area), metadata.csv, masks.json (COCO RLE) and "
         "overlay.png.",
     )
-    ev.add_argument("image", help="image file (JPEG, PNG, ...)")
+    ev.add_argument(
+        "image",
+        help="an image file (JPEG, PNG, ...), or a dataset: a folder (recursive), a glob pattern "
+        "('imgs/*.jpg') or a .txt list of images, one SA-1B JSON per image",
+    )
     model_args(ev)
     ev.add_argument("--out", required=True, help="output folder")
     ev.add_argument("--points-per-side", type=int, default=default("points_per_side"))
@@ -85,6 +150,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=default("min_mask_region_area"),
         help="fill holes / drop islands below this many pixels",
+    )
+    ev.add_argument("--png", action="store_true", help="dataset: also OUT/<name>/<i>.png per mask")
+    ev.add_argument(
+        "--overlay", action="store_true", help="dataset: also OUT/<name>.overlay.png per image"
+    )
+    ev.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="dataset: image-decoding worker processes beside the model (0: none)",
     )
     ev.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -144,7 +144,14 @@ def finetune(
     from ..data.sa1b import SA1BDataset
 
     device = train_device()
-    datasets = [SA1BDataset(d) for d in cfg.data]
+    datasets = [
+        SA1BDataset(
+            d,
+            min_predicted_iou=cfg.min_predicted_iou,
+            min_stability_score=cfg.min_stability_score,
+        )
+        for d in cfg.data
+    ]
     repeat = cfg.data_repeat or [1] * len(datasets)
     items = [
         (k, i) for k, ds in enumerate(datasets) for _ in range(repeat[k]) for i in range(len(ds))

@@ -1,0 +1,227 @@
+"""Segment everything over a dataset (SAM's data engine as a tool): many images in, one SA-1B JSON
+per image out, sharded over ``torchrun`` processes, resumable, and readable by ``leansam train``.
+
+Every image is one unit of work. Rank r of W takes images r, r + W, ... of the sorted input list;
+its result ``OUT/sa_<name>.json`` is written atomically, so a killed run resumes where it stopped
+(on any number of ranks) and the outputs do not depend on the number of ranks. An image that cannot
+be read is skipped, counted and named with its reason in ``OUT/summary.json``; it never stops the
+run. Image decoding runs in a background worker (``torch.utils.data.DataLoader``) while the model
+works on the previous image.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..distributed import all_gather_objects, barrier, init_from_env
+from ..errors import InputError
+from ..io import (
+    IMAGE_SUFFIXES,
+    atomic_write_json,
+    atomic_write_png,
+    coco_rle_to_mask,
+    draw_overlay,
+    load_image,
+)
+from .files import GENERATOR_ARGS, _finite_or_none
+from .generator import SamAutomaticMaskGenerator
+
+
+def list_images(spec: str | os.PathLike) -> tuple[list[Path], Path]:
+    """The images named by ``spec`` and the root their output names are relative to.
+
+    ``spec`` is a folder (its image files, recursively, sorted), a glob pattern (``"imgs/*.jpg"``;
+    ``**`` recurses), or a ``.txt`` list file (one path per line, relative to the list's folder;
+    blank lines and ``#`` comments ignored). Image files are those with a suffix in
+    ``leansam.io.IMAGE_SUFFIXES`` (any case). Raises InputError when nothing matches.
+    """
+    spec = os.fspath(spec)
+    path = Path(spec)
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        root = path
+    elif path.suffix.lower() == ".txt" and path.is_file():
+        root = path.parent
+        files = []
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                p = Path(line)
+                files.append(p if p.is_absolute() else root / p)
+    elif glob.has_magic(spec):
+        files = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
+        root = Path(_glob_root(spec))
+    else:
+        raise InputError(
+            f"{spec} is not an image, a folder, a glob pattern or a .txt list of images"
+        )
+    if not files:
+        raise InputError(f"no images found in {spec} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return sorted(files, key=lambda p: os.fspath(p)), root
+
+
+def _glob_root(pattern: str) -> str:
+    """The longest leading part of a glob pattern without wildcards."""
+    parts = Path(pattern).parts
+    fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]]
+    return os.path.join(*fixed) if fixed else "."
+
+
+def output_name(image: Path, root: Path) -> str:
+    """``sa_<path relative to root, without suffix>`` with path separators and anything but
+    letters, digits, ``-``, ``_`` and ``.`` replaced by ``_`` (unique for the files of one input
+    unless two differ only in those characters, which :func:`label_images` refuses)."""
+    try:
+        rel = image.resolve().relative_to(root.resolve())
+    except ValueError:
+        rel = Path(image.name)
+    stem = rel.with_suffix("").as_posix()
+    return "sa_" + re.sub(r"[^A-Za-z0-9._-]", "_", stem.replace("/", "__"))
+
+
+class _Images(torch.utils.data.Dataset):
+    """(index, image or None, error or None) of a list of files: decoding errors are returned,
+    not raised, so that one bad file does not stop the loader."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, load_image(self.files[i]), None
+        except (InputError, OSError) as e:
+            return i, None, str(e)
+
+
+def _as_is(item):
+    return item
+
+
+def label_images(
+    images: str | os.PathLike | list,
+    sam,
+    out_dir: str | os.PathLike,
+    *,
+    write_png: bool = False,
+    write_overlay: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+    config: dict | None = None,
+    **generator_args,
+) -> dict:
+    """Segment everything in every image of ``images`` (a spec for :func:`list_images`) with
+    ``sam`` and write ``out_dir/sa_<name>.json`` per image.
+
+    Each JSON is SA-1B's layout, which ``leansam train finetune --data OUT`` reads as it is:
+    ``{"image": {"image_id", "file_name" (relative to OUT), "height", "width"}, "annotations":
+    [SAM's generator records in COCO RLE with an "id"], "config": {...}}``. With ``write_png`` the
+    masks also go to ``OUT/<name>/<i>.png`` (0/255, by decreasing area), with ``write_overlay``
+    to ``OUT/<name>.overlay.png``. Images whose JSON exists are skipped (resume).
+    ``generator_args`` are :class:`SamAutomaticMaskGenerator`'s. Returns the summary that rank 0
+    writes to ``OUT/summary.json`` (images, labelled, already done, masks, skipped with reasons,
+    seconds).
+    """
+    files, root = images if isinstance(images, tuple) else list_images(images)
+    names = [output_name(f, root) for f in files]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InputError(f"two input images map to the same output name {dup}: rename one")
+    out = Path(out_dir)
+    rank, world = init_from_env()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    gen = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **generator_args)
+    run_config = {
+        **(config or {}),
+        **{k: getattr(gen, k) for k in GENERATOR_ARGS},
+    }
+    mine = list(range(rank, len(files), world))
+    todo = [i for i in mine if not (out / f"{names[i]}.json").exists()]
+    done_before = len(mine) - len(todo)
+    loader = torch.utils.data.DataLoader(
+        _Images([files[i] for i in todo]),
+        batch_size=None,
+        collate_fn=_as_is,  # keep numpy images (the default converts them to tensors)
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+    )
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), initial=done_before, desc="everything", unit="img")
+    counts = {"labelled": 0, "masks": 0}
+    skipped: list[dict] = []
+    t0 = time.perf_counter()
+    for j, image, error in loader:
+        i = todo[j]
+        if image is None:
+            skipped.append({"image": os.fspath(files[i]), "reason": error})
+        else:
+            records = gen.generate(image)
+            records.sort(key=lambda r: r["area"], reverse=True)
+            _write(out, names[i], files[i], i, image, records, run_config, write_png, write_overlay)
+            counts["labelled"] += 1
+            counts["masks"] += len(records)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    parts = all_gather_objects({**counts, "skipped": skipped, "already_done": done_before})
+    summary = {
+        "images": len(files),
+        "labelled": sum(p["labelled"] for p in parts),
+        "already_done": sum(p["already_done"] for p in parts),
+        "masks": sum(p["masks"] for p in parts),
+        "skipped": sorted((s for p in parts for s in p["skipped"]), key=lambda s: s["image"]),
+        "seconds_rank0": seconds,
+        "world_size": world,
+        "config": run_config,
+    }
+    if rank == 0:
+        atomic_write_json(out / "summary.json", summary)
+    barrier()
+    return summary
+
+
+def _write(out, name, path, image_id, image, records, config, write_png, write_overlay) -> None:
+    h, w = image.shape[:2]
+    anns = [
+        {"id": k, **{key: _finite_or_none(v) for key, v in r.items()}}
+        for k, r in enumerate(records)
+    ]
+    if write_png or write_overlay:
+        masks = [coco_rle_to_mask(r["segmentation"]) for r in records]
+        if write_png:
+            folder = out / name
+            folder.mkdir(exist_ok=True)
+            for k, m in enumerate(masks):
+                atomic_write_png(folder / f"{k}.png", m.astype(np.uint8) * 255)
+        if write_overlay:
+            atomic_write_png(out / f"{name}.overlay.png", draw_overlay(image, masks))
+    # the JSON last: its presence marks the image as done
+    atomic_write_json(
+        out / f"{name}.json",
+        {
+            "image": {
+                "image_id": image_id,
+                "file_name": os.path.relpath(path, out),
+                "height": h,
+                "width": w,
+            },
+            "annotations": anns,
+            "config": config,
+        },
+    )

@@ -1,0 +1,167 @@
+"""Segment everything over a dataset: the single-image API's records per image, 2 gloo ranks = 1,
+kill and resume, bad files skipped and counted, the output trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import COCO_MINI
+
+from leansam import SamAutomaticMaskGenerator, create_model
+from leansam.amg.dataset import label_images, list_images, output_name
+from leansam.amg.files import _finite_or_none
+from leansam.errors import InputError
+from leansam.io import load_image
+
+MODEL = "efficientvit-sam-tiny-l"
+GEN = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+CLI_GEN = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Three coco-mini val images, one in a subfolder."""
+    d = tmp_path_factory.mktemp("imgs")
+    files = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:3]
+    (d / "sub").mkdir()
+    dests = [d / files[0].name, d / files[1].name, d / "sub" / files[2].name]
+    for f, dest in zip(files, dests, strict=True):
+        shutil.copy(f, dest)
+    return d
+
+
+@pytest.fixture(scope="module")
+def sam():
+    return create_model(MODEL, seed=0).eval()
+
+
+def _outputs(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("sa_*.json"))}
+
+
+def test_folder_gives_the_single_image_records(folder, sam, tmp_path):
+    summary = label_images(folder, sam, tmp_path / "o", progress=False, workers=0, **GEN)
+    assert summary["images"] == summary["labelled"] == 3 and not summary["skipped"]
+    files, root = list_images(folder)
+    gen = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **GEN)
+    total = 0
+    for i, f in enumerate(files):
+        data = json.loads((tmp_path / "o" / f"{output_name(f, root)}.json").read_text())
+        expected = sorted(gen.generate(load_image(f)), key=lambda r: r["area"], reverse=True)
+        expected = [{"id": k, **{a: _finite_or_none(v) for a, v in r.items()}} for k, r in
+                    enumerate(expected)]  # fmt: skip
+        assert data["annotations"] == json.loads(json.dumps(expected))
+        assert data["image"]["image_id"] == i
+        assert (tmp_path / "o" / data["image"]["file_name"]).resolve() == f.resolve()
+        assert data["config"]["points_per_side"] == 4
+        total += len(expected)
+    assert total == summary["masks"] > 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["masks"] == total
+    assert "sa_sub__" in "".join(_outputs(tmp_path / "o"))
+
+
+def test_inputs_glob_list_and_errors(folder, tmp_path):
+    every, _ = list_images(folder)
+    assert len(every) == 3
+    assert list_images(str(folder / "*.jpg"))[0] == every[:2]
+    assert list_images(str(folder / "**" / "*.jpg"))[0] == every
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# images\n{every[0]}\n\nsub/{every[2].name}\n")
+    shutil.copytree(folder / "sub", tmp_path / "sub")
+    assert [p.name for p in list_images(lst)[0]] == [every[0].name, every[2].name]
+    with pytest.raises(InputError, match="no images found"):
+        list_images(tmp_path / "sub" / "*.png")
+    with pytest.raises(InputError, match="not an image, a folder, a glob pattern"):
+        list_images(tmp_path / "missing")
+
+
+def test_kill_and_resume_and_bad_files(folder, sam, tmp_path):
+    full = tmp_path / "full"
+    label_images(folder, sam, full, progress=False, workers=0, **GEN)
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    (data / "broken.jpg").write_bytes(b"not a jpeg")
+    lst = tmp_path / "list.txt"
+    names = [p.relative_to(data).as_posix() for p in list_images(data)[0]]
+    lst.write_text("\n".join([*names, "gone.png"]) + "\n")
+    lst = lst.rename(data / "list.txt")
+
+    calls = {"n": 0}
+    real = SamAutomaticMaskGenerator.generate
+
+    def dies_on_second(self, image):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, image)
+
+    part = tmp_path / "part"
+    SamAutomaticMaskGenerator.generate = dies_on_second
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            label_images(lst, sam, part, progress=False, workers=0, **GEN)
+    finally:
+        SamAutomaticMaskGenerator.generate = real
+    assert len(_outputs(part)) == 1 and not (part / "summary.json").exists()
+    summary = label_images(lst, sam, part, progress=False, workers=1, **GEN)
+    assert summary["already_done"] == 1 and summary["labelled"] == 2
+    assert [os.path.basename(s["image"]) for s in summary["skipped"]] == ["broken.jpg", "gone.png"]
+    assert all(s["reason"] for s in summary["skipped"])
+    # the same records as the uninterrupted run (file names differ: other root)
+    ann = lambda out: [json.loads(b)["annotations"] for b in _outputs(out).values()]  # noqa: E731
+    assert ann(part) == ann(full)
+
+
+def test_two_gloo_ranks_write_what_one_writes(folder, tmp_path):
+    args = ["everything", str(folder), "--model", MODEL, "--no-progress", *CLI_GEN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "leansam.cli", *args, "--out", str(tmp_path / "one")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    assert "labelled 3 image(s) with" in one.stdout
+    two = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(29500 + os.getpid() % 1000 + 7), "-m", "leansam.cli", *args,
+            "--out", str(tmp_path / "two"),
+        ],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
+    assert len(a) == 3 and a == b  # byte-identical
+    s = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["labelled"] == 3
+
+
+def test_output_folder_trains(folder, sam, tmp_path):
+    from leansam.data.sa1b import SA1BDataset
+    from leansam.train.config import TrainConfig
+    from leansam.train.finetune import finetune
+
+    out = tmp_path / "labels"
+    label_images(folder, sam, out, progress=False, workers=0, write_overlay=True, **GEN)
+    assert len(list(out.glob("*.overlay.png"))) == 3
+    ds = SA1BDataset(out)
+    assert len(ds) == 3 and all(ds[i] is not None for i in range(3))
+    ious = [a["predicted_iou"] for p in out.glob("sa_*.json")
+            for a in json.loads(p.read_text())["annotations"]]  # fmt: skip
+    cut = float(np.median(ious))
+    kept = SA1BDataset(out, min_predicted_iou=cut)
+    n_all = sum(len(ds[i].masks) for i in range(3))
+    n_kept = sum(len(s.masks) for s in (kept[i] for i in range(3)) if s is not None)
+    assert 0 < n_kept < n_all
+    cfg = TrainConfig(
+        stage="finetune", model=MODEL, data=[str(out)], out=str(tmp_path / "ft"), epochs=1,
+        batch_size=1, masks_per_image=2, lr=1e-3, num_points=256, min_predicted_iou=cut,
+    )  # fmt: skip
+    result = finetune(cfg)
+    assert result["steps"] == 3 and (tmp_path / "ft" / "model.pt").exists()
