@@ -49,6 +49,7 @@ LAYERS = {
     "leansam": 2,
     # applications
     "leansam.segment": 3,
+    "leansam.label": 3,
     "leansam.demo": 3,
     "leansam.bench": 3,
     "leansam.service": 3,

@@ -6,10 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import InputError
 from .parsing import model_args, runtime_args
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    if args.detections is not None or args.images is not None:
+        return _detections(args)
+    if args.image is None:
+        raise InputError("give an image, or --images DIR --detections FILE for a dataset")
     from ..segment import parse_box, parse_point, segment
 
     record = segment(
@@ -39,9 +44,45 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _detections(args: argparse.Namespace) -> int:
+    from ..distributed import init_from_env
+    from ..label import boxes_to_masks, read_detections
+    from ..loading import load_model
+    from ..predictor import SamPredictor
+    from ..runtime import calibration_images, check_runtime
+
+    if args.image is not None or args.box or args.point:
+        raise InputError("--detections takes its boxes from the file: no image or --box / --point")
+    if args.images is None or args.detections is None:
+        raise InputError("boxes to masks needs both --images DIR and --detections FILE")
+    images, dets = read_detections(args.detections, args.images)
+    if not dets:
+        raise InputError(f"{args.detections} holds no detections")
+    check_runtime(args.runtime)
+    calib = calibration_images(args.calib_images) if args.runtime == "onnx-int8" else None
+    rank, _ = init_from_env()
+    sam = load_model(args.model, args.checkpoint, device=args.device)
+    predictor = SamPredictor(sam, args.runtime, calibration_images=calib)
+    summary = boxes_to_masks(
+        predictor, images, dets, args.out, score=args.score, progress=not args.no_progress
+    )
+    if rank == 0:
+        print(
+            f"wrote {summary['detections']} masks of {summary['images']} image(s) to {args.out} "
+            f"({summary['already_done']} images already done, {len(summary['skipped'])} skipped) "
+            f"in {summary['seconds_rank0']:.1f} s"
+        )
+        for f in summary["skipped"][:5]:
+            print(f"skipped {f['image']}: {f['reason']}", file=sys.stderr)
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("segment", help="segment an image from box / point prompts")
-    s.add_argument("image", help="image file (JPEG, PNG, ...)")
+    s = sub.add_parser(
+        "segment",
+        help="segment an image from box / point prompts, or a dataset from a detector's boxes",
+    )
+    s.add_argument("image", nargs="?", help="image file (JPEG, PNG, ...)")
     model_args(s)
     s.add_argument(
         "--box",
@@ -60,7 +101,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--separate-points", action="store_true", help="one prompt per point")
     s.add_argument("--multimask", action="store_true", help="3 candidate masks per prompt")
-    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument(
+        "--out",
+        required=True,
+        help="output folder; with --detections the output COCO results file (.json)",
+    )
+    s.add_argument(
+        "--images", default=None, help="dataset: the folder of the images of --detections"
+    )
+    s.add_argument(
+        "--detections",
+        default=None,
+        help="dataset: boxes from a COCO results file, a COCO instances file or a folder of "
+        "YOLO .txt labels; writes the same records with 'segmentation' (COCO RLE) and "
+        "'predicted_iou' to --out, resumable and sharded under torchrun",
+    )
+    s.add_argument(
+        "--score",
+        choices=("detector", "detector*iou"),
+        default="detector",
+        help="dataset: each record's score (the detector's, or times the predicted IoU)",
+    )
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--device", default=None, help="cpu (default) or cuda")
     runtime_args(s)
     s.set_defaults(func=_cmd_segment)
