@@ -20,8 +20,24 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: CPU feature flags that decide which kernels PyTorch / oneDNN / ONNX Runtime use
+_SIMD_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4")
+
+
+def _cpu_flags() -> list[str]:
+    """The SIMD flags of /proc/cpuinfo (AVX2, AVX-512 and its VNNI / BF16, AMX, ...), sorted."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return sorted(f for f in flags if f.startswith(_SIMD_PREFIXES))
+    except OSError:
+        pass
+    return []
+
+
 def describe_environment() -> dict:
-    """CPU, core count, torch threads and library versions."""
+    """CPU model and SIMD flags, core count, torch threads and library versions."""
     from .version import __version__
 
     return {
@@ -32,6 +48,7 @@ def describe_environment() -> dict:
         "os": f"{platform.system()} {platform.release()}",
         "machine": platform.machine(),
         "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
