@@ -58,6 +58,8 @@ def list_images(spec: str | os.PathLike) -> tuple[list[Path], Path]:
     elif glob.has_magic(spec):
         files = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
         root = Path(_glob_root(spec))
+    elif path.suffix.lower() in IMAGE_SUFFIXES and not path.exists():
+        raise InputError(f"image not found: {spec}")
     else:
         raise InputError(
             f"{spec} is not an image, a folder, a glob pattern or a .txt list of images"
