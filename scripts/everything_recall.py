@@ -1,0 +1,69 @@
+"""Object recall of segment everything (MODEL_CARD.md): over the images of a COCO dataset, masks per
+image and the share of ground-truth objects (area >= 32 x 32, not crowd) that some generated mask
+covers at IoU >= 0.5.
+
+    leansam everything ../shared/data/coco-mini/val2017 --model leansam-efficientvit-s --out out/ev
+    python scripts/everything_recall.py out/ev \
+        --annotations ../shared/data/coco-mini/annotations/instances_val2017.json
+
+The folder is the output of ``leansam everything`` over a dataset (one ``sa_<name>.json`` per
+image, ``<name>`` the image file's stem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from leansam.data.coco import ann_to_mask, load_coco
+from leansam.io import coco_rle_to_mask
+
+MIN_AREA = 32 * 32
+IOU = 0.5
+
+
+def recall(labels: Path, annotations: Path) -> dict:
+    images, anns = load_coco(annotations)
+    masks_per_image, found, total = [], 0, 0
+    for info in images:
+        path = labels / f"sa_{Path(info['file_name']).stem}.json"
+        if not path.exists():
+            raise SystemExit(f"{path} missing: run leansam everything over the dataset first")
+        generated = [
+            coco_rle_to_mask(a["segmentation"]) for a in json.loads(path.read_text())["annotations"]
+        ]
+        masks_per_image.append(len(generated))
+        stack = np.stack(generated) if generated else None
+        for a in anns.get(info["id"], []):
+            if a.get("iscrowd", 0) or a.get("area", 0) < MIN_AREA:
+                continue
+            total += 1
+            if stack is None:
+                continue
+            gt = ann_to_mask(a, info["height"], info["width"])
+            inter = (stack & gt).sum((1, 2))
+            union = (stack | gt).sum((1, 2))
+            found += bool((inter / np.maximum(union, 1) >= IOU).any())
+    return {
+        "images": len(images),
+        "masks_per_image": float(np.mean(masks_per_image)),
+        "objects": total,
+        "object_recall": found / max(total, 1),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("labels", type=Path, help="output folder of leansam everything")
+    ap.add_argument("--annotations", type=Path, required=True, help="COCO instances JSON")
+    args = ap.parse_args()
+    r = recall(args.labels, args.annotations)
+    print(json.dumps(r, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
