@@ -73,6 +73,7 @@ EVAL_ARGS = --images $(DATA)/coco-mini/val2017 \
 	--annotations $(DATA)/coco-mini/annotations/instances_val2017.json --no-progress
 eval-baselines: $(STAMP)
 	$(VENV)/bin/leansam eval $(EVAL_ARGS) --model box-fill --protocol box --out out/eval/box-fill-box
+	$(VENV)/bin/leansam eval $(EVAL_ARGS) --model ellipse-fill --protocol box --out out/eval/ellipse-fill-box
 	$(VENV)/bin/leansam eval $(EVAL_ARGS) --model box-fill --protocol detector --detections gt \
 		--out out/eval/box-fill-det
 	$(VENV)/bin/leansam eval $(EVAL_ARGS) --model grabcut --protocol box --out out/eval/grabcut-box

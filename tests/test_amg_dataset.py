@@ -79,7 +79,7 @@ def test_inputs_glob_list_and_errors(folder, tmp_path):
         list_images(tmp_path / "sub" / "*.png")
     with pytest.raises(InputError, match="not an image, a folder, a glob pattern"):
         list_images(tmp_path / "missing")
-    with pytest.raises(InputError, match="image not found: .*typo.jpg"):
+    with pytest.raises(InputError, match=r"image not found: .*typo\.jpg"):
         list_images(tmp_path / "typo.jpg")
 
 

@@ -364,3 +364,21 @@ def test_grabcut_baseline_is_deterministic(dataset):
     for m, b in zip(m1, boxes, strict=True):
         _, xs = np.nonzero(m)
         assert xs.min() >= np.floor(b[0]) and xs.max() < np.ceil(b[2])
+
+
+def test_ellipse_fill_is_the_inscribed_ellipse_and_beats_box_fill():
+    """The shape-prior baseline: inside its box, pi / 4 of a large box's area; on the first 10
+    coco-mini val images (recorded) above box-fill, as on the whole split (EVALUATION.md)."""
+    from leansam.eval.predictors import EllipseFill, box_masks, ellipse_masks
+
+    boxes = np.array([[10.0, 20.0, 410.0, 220.0], [0.0, 0.0, 3.0, 2.0]])
+    ell, box = ellipse_masks(boxes, 240, 420), box_masks(boxes, 240, 420)
+    assert not (ell & ~box).any()
+    assert ell[0].sum() / box[0].sum() == pytest.approx(np.pi / 4, abs=0.01)
+    ds = EvalDataset.load(IMAGES, ANNS, limit=10)
+    ell_m = evaluate(EllipseFill(), ds, "box", progress=False)["metrics"]["mIoU"]
+    box_m = evaluate(BoxFill(), ds, "box", progress=False)["metrics"]["mIoU"]
+    assert ell_m["all"] == pytest.approx(65.49245302616691, abs=1e-9)
+    assert box_m["all"] == pytest.approx(62.28277346859714, abs=1e-9)
+    with pytest.raises(InputError, match="ellipse-fill needs a box"):
+        EllipseFill().predict_clicks(None, None)

@@ -66,7 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--images", required=True, help="image folder")
     e.add_argument("--annotations", required=True, help="COCO (or LVIS) instances JSON")
-    e.add_argument("--model", required=True, help="model name, or a baseline: box-fill, grabcut")
+    e.add_argument(
+        "--model", required=True, help="model name, or a baseline: box-fill, ellipse-fill, grabcut"
+    )
     e.add_argument(
         "--checkpoint",
         help="weights for --model (default: leansam's own weights for leansam-* models, "

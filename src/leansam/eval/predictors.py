@@ -18,7 +18,7 @@ import torch
 
 from ..errors import InputError, require
 
-BASELINES = ("box-fill", "grabcut")
+BASELINES = ("box-fill", "ellipse-fill", "grabcut")
 
 
 class MaskSource(Protocol):
@@ -102,6 +102,30 @@ class BoxFill:
 
     def predict_clicks(self, coords, labels):
         raise InputError("box-fill needs a box: use --protocol box or detector")
+
+
+def ellipse_masks(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
+    """P x H x W masks of the pixels whose centres lie in the ellipse inscribed in each XYXY box."""
+    ys = np.arange(h)[None, :, None] + 0.5
+    xs = np.arange(w)[None, None, :] + 0.5
+    b = np.asarray(boxes, dtype=np.float64)[:, :, None, None]
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    rx = np.maximum((b[:, 2] - b[:, 0]) / 2, 1e-6)
+    ry = np.maximum((b[:, 3] - b[:, 1]) / 2, 1e-6)
+    return ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1
+
+
+class EllipseFill(BoxFill):
+    """Baseline: the ellipse inscribed in the box (a shape prior without looking at the image:
+    most objects fill their box's centre more than its corners). Needs a box prompt."""
+
+    name = "ellipse-fill"
+
+    def predict_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return ellipse_masks(boxes, *self.shape), np.ones(len(boxes), dtype=np.float32)
+
+    def predict_clicks(self, coords, labels):
+        raise InputError("ellipse-fill needs a box: use --protocol box or detector")
 
 
 class GrabCut:
@@ -189,6 +213,8 @@ def make_mask_source(
     :func:`leansam.segment.segment`."""
     if model == "box-fill":
         return BoxFill()
+    if model == "ellipse-fill":
+        return EllipseFill()
     if model == "grabcut":
         return GrabCut()
     from ..loading import load_model
