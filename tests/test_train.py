@@ -483,8 +483,16 @@ def test_pe_scale_draws_a_seeded_positional_encoding_that_the_checkpoint_keeps(t
     expected = 8.0 * torch.randn(matrix.shape, generator=torch.Generator().manual_seed(5))
     assert torch.equal(matrix, expected)
     assert 6.0 < float(matrix.std()) < 10.0  # SAM's scale 1 would give ~1
+    mixed = TrainConfig(**{**cfg.as_dict(), "pe_scale": [1.0, 4.0], "out": str(tmp_path / "m")})
+    prompt_warmup(mixed)
+    matrix = create_model("sam-vit-tiny", checkpoint=tmp_path / "m" / "model.pt").state_dict()[key]
+    base = torch.randn(matrix.shape, generator=torch.Generator().manual_seed(5))
+    half = matrix.shape[1] // 2
+    assert torch.equal(matrix[:, :half], base[:, :half])
+    assert torch.equal(matrix[:, half:], 4.0 * base[:, half:])
     for bad in (
         dict(pe_scale=0.0),
+        dict(pe_scale=[1.0, -2.0]),
         dict(pe_scale=2.0, decoder_checkpoint="x.pt"),
         dict(pe_scale=2.0, stage="distill", teacher="sam-vit-tiny", data=["d"]),
     ):

@@ -83,9 +83,10 @@ class TrainConfig:
     box_size_log: bool = False
     #: standard deviation of the prompt encoder's random Fourier frequencies for a decoder trained
     #: from scratch (SAM: 1.0, whose shortest wavelength is ~160 px of the 1024 frame: boxes
-    #: smaller than that come out as blobs). Drawn once with ``seed``; stored in the checkpoint.
-    #: None keeps the model's own.
-    pe_scale: float | None = None
+    #: smaller than that come out as blobs). A list splits the frequencies into equal groups, one
+    #: per scale (e.g. [1, 4]: low ones to find the box, high ones to draw small ones). Drawn once
+    #: with ``seed``; stored in the checkpoint. None keeps the model's own.
+    pe_scale: float | list[float] | None = None
     #: learning curve: every ``eval_every`` steps (and before the first), rank 0 runs the box
     #: diagnosis (``leansam.eval.diagnose``) of the model on the first ``eval_limit`` images of
     #: the COCO dataset ``eval_images`` / ``eval_annotations`` and appends it to ``curve.jsonl``
@@ -123,7 +124,7 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise InputError("warmup_steps must be 0 or positive")
         if self.pe_scale is not None and (
-            self.pe_scale <= 0
+            min(self._pe_scales()) <= 0
             or self.stage == "distill"
             or self.init_checkpoint
             or self.decoder_checkpoint
@@ -155,6 +156,10 @@ class TrainConfig:
         if unknown:
             raise InputError(f"recipe {path}: unknown keys {', '.join(unknown)}")
         return cls(**raw)
+
+    def _pe_scales(self) -> list[float]:
+        scales = self.pe_scale if isinstance(self.pe_scale, list) else [self.pe_scale]
+        return [float(v) for v in scales] or [0.0]
 
     @classmethod
     def defaults(cls) -> dict:

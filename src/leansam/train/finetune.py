@@ -126,13 +126,18 @@ def load_prompt_decoder(model: nn.Module, checkpoint: str | os.PathLike) -> None
 
 def redraw_positional_encoding(model: nn.Module, cfg: TrainConfig) -> None:
     """Give ``model`` a new random positional encoding of standard deviation ``cfg.pe_scale``
-    (drawn with ``cfg.seed``), for a prompt encoder trained from scratch; no-op when unset."""
+    (drawn with ``cfg.seed``; with a list of scales, the frequencies are split into equal
+    consecutive groups, one per scale), for a prompt encoder trained from scratch; no-op when
+    unset."""
     if cfg.pe_scale is None:
         return
     pe = model.prompt_encoder.pe_layer
     matrix = pe.positional_encoding_gaussian_matrix
     g = torch.Generator().manual_seed(cfg.seed)
-    new = cfg.pe_scale * torch.randn(matrix.shape, generator=g, dtype=torch.float32)
+    new = torch.randn(matrix.shape, generator=g, dtype=torch.float32)
+    groups = torch.tensor_split(torch.arange(matrix.shape[1]), len(cfg._pe_scales()))
+    for cols, scale in zip(groups, cfg._pe_scales(), strict=True):
+        new[:, cols] *= scale
     matrix.copy_(new.to(matrix))
 
 
