@@ -3,11 +3,11 @@ image and the share of ground-truth objects (area >= 32 x 32, not crowd) that so
 covers at IoU >= 0.5.
 
     leansam everything ../shared/data/coco-mini/val2017 --model leansam-efficientvit-s --out out/ev
-    python scripts/everything_recall.py out/ev \
+    python scripts/everything_recall.py out/ev --images ../shared/data/coco-mini/val2017 \
         --annotations ../shared/data/coco-mini/annotations/instances_val2017.json
 
-The folder is the output of ``leansam everything`` over a dataset (one ``sa_<name>.json`` per
-image, ``<name>`` the image file's stem).
+The folder is the output of ``leansam everything`` over the dataset's image folder (one
+``sa_<name>.json`` per image, named by ``leansam.amg.dataset.output_name``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from leansam.amg.dataset import output_name
 from leansam.data.coco import ann_to_mask, load_coco
 from leansam.io import coco_rle_to_mask
 
@@ -25,11 +26,11 @@ MIN_AREA = 32 * 32
 IOU = 0.5
 
 
-def recall(labels: Path, annotations: Path) -> dict:
+def recall(labels: Path, images_dir: Path, annotations: Path) -> dict:
     images, anns = load_coco(annotations)
     masks_per_image, found, total = [], 0, 0
     for info in images:
-        path = labels / f"sa_{Path(info['file_name']).stem}.json"
+        path = labels / f"{output_name(images_dir / info['file_name'], images_dir)}.json"
         if not path.exists():
             raise SystemExit(f"{path} missing: run leansam everything over the dataset first")
         generated = [
@@ -58,9 +59,10 @@ def recall(labels: Path, annotations: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("labels", type=Path, help="output folder of leansam everything")
+    ap.add_argument("--images", type=Path, required=True, help="the image folder labelled")
     ap.add_argument("--annotations", type=Path, required=True, help="COCO instances JSON")
     args = ap.parse_args()
-    r = recall(args.labels, args.annotations)
+    r = recall(args.labels, args.images, args.annotations)
     print(json.dumps(r, indent=2))
     return 0
 

@@ -167,3 +167,31 @@ def test_output_folder_trains(folder, sam, tmp_path):
     )  # fmt: skip
     result = finetune(cfg)
     assert result["steps"] == 3 and (tmp_path / "ft" / "model.pt").exists()
+
+
+def test_other_settings_are_refused_outputs_are_never_inputs(folder, sam, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    out = data / "labels"  # inside the input folder: its overlays must not become inputs
+    label_images(data, sam, out, progress=False, workers=0, write_overlay=True, **GEN)
+    again = label_images(data, sam, out, progress=False, workers=0, write_overlay=True, **GEN)
+    assert again["images"] == 3 and again["already_done"] == 3 and again["labelled"] == 0
+    with pytest.raises(InputError, match=r"another configuration \(differs in points_per_side\)"):
+        label_images(data, sam, out, progress=False, workers=0, **{**GEN, "points_per_side": 2})
+    fresh = label_images(data, sam, out, progress=False, workers=0, fresh=True,
+                         **{**GEN, "points_per_side": 2})  # fmt: skip
+    assert fresh["labelled"] == 3 and not list(out.glob("*.overlay.png"))
+    assert json.loads((out / "run.json").read_text())["points_per_side"] == 2
+    lst = data / "twice.txt"
+    first = list_images(data)[0][0]
+    lst.write_text(f"{first}\n{first}\n")
+    assert list_images(lst)[0] == [first]
+
+
+def test_cli_refuses_dataset_options_for_one_image(tmp_path):
+    image = sorted((COCO_MINI / "val2017").glob("*.jpg"))[0]
+    r = subprocess.run(
+        [sys.executable, "-m", "leansam.cli", "everything", str(image), "--model", MODEL,
+         "--png", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "are for a dataset" in r.stderr

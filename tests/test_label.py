@@ -97,9 +97,11 @@ def test_results_file_and_yolo_labels_give_the_same_masks(small, predictor, tmp_
             if a["image_id"] == i and not a.get("iscrowd", 0)
         ]
         (yolo / (names[i].rsplit(".", 1)[0] + ".txt")).write_text("\n".join(lines) + "\n")
+    (yolo / "classes.txt").write_text("person\nbicycle\n")  # LabelImg's class list: not labels
     images, dets = label.read_detections(yolo, IMAGES)
     label.boxes_to_masks(predictor, images, dets, tmp_path / "y.json", progress=False)
     from_yolo = json.loads((tmp_path / "y.json").read_text())
+    assert {r["file_name"] for r in from_yolo} == {names[i] for i in ids}
     assert len(from_yolo) == len(from_results)
     for a, b in zip(from_yolo, from_results, strict=True):
         np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-4)
@@ -107,6 +109,20 @@ def test_results_file_and_yolo_labels_give_the_same_masks(small, predictor, tmp_
     assert _agreement(from_yolo, from_results) >= 0.999  # boxes equal to 1e-4 px
     assert sum(a["segmentation"] == b["segmentation"] for a, b in zip(from_yolo, from_results,
                strict=True)) >= 0.9 * len(from_yolo)  # fmt: skip
+
+
+def test_another_configuration_is_refused_and_fresh_discards(small, predictor, tmp_path):
+    d, _, _ = small
+    images, dets = label.read_detections(d / "results.json", IMAGES)
+    out = tmp_path / "m.json"
+    label.boxes_to_masks(predictor, images, dets, out, config={"model": "a"}, progress=False)
+    with pytest.raises(InputError, match=r"another configuration \(differs in score\)"):
+        label.boxes_to_masks(predictor, images, dets, out, config={"model": "a"},
+                             score="detector*iou", progress=False)  # fmt: skip
+    s = label.boxes_to_masks(predictor, images, dets, out, config={"model": "a"},
+                             score="detector*iou", fresh=True, progress=False)  # fmt: skip
+    assert s["labelled"] == 3 and s["already_done"] == 0
+    assert all(r["score"] < 0.5 for r in json.loads(out.read_text()))
 
 
 def test_killed_run_resumes_to_the_same_file(small, predictor, tmp_path, monkeypatch):
@@ -143,11 +159,26 @@ def test_errors_are_one_line(small, tmp_path):
     (tmp_path / "x.json").write_text('{"a": 1}')
     with pytest.raises(InputError, match="neither a COCO results file"):
         label.read_detections(tmp_path / "x.json", IMAGES)
+    for bad_id in ('"../../escaped"', '"cat"', "1.5"):
+        (tmp_path / "ids.json").write_text(
+            f'[{{"image_id": {bad_id}, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1}}]'
+        )
+        with pytest.raises(InputError, match="image ids must be integers"):
+            label.read_detections(tmp_path / "ids.json", IMAGES)
+    (tmp_path / "box.json").write_text(
+        '[{"image_id": 139, "category_id": 1, "bbox": [0, 0, 5], "score": 1}]'
+    )
+    with pytest.raises(InputError, match=r"a bbox must be \[x, y, width, height\]"):
+        label.read_detections(tmp_path / "box.json", IMAGES)
     cli = [sys.executable, "-m", "leansam.cli", "segment", "--model", MODEL]
     r = subprocess.run([*cli, "--detections", str(d / "results.json"), "--out", "o.json"],
                        capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "needs both --images DIR and --detections FILE" in r.stderr
+    r = subprocess.run([*cli, "--images", str(IMAGES), "--detections", str(d / "results.json"),
+                        "--multimask", "--out", "o.json"], capture_output=True, text=True,
+                       cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2 and "no --multimask" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_cli_two_gloo_ranks_write_what_one_writes(small, tmp_path):
@@ -170,3 +201,5 @@ def test_cli_two_gloo_ranks_write_what_one_writes(small, tmp_path):
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert (tmp_path / "one.json").read_bytes() == (tmp_path / "two.json").read_bytes()
+    s = json.loads((tmp_path / "two.json.summary.json").read_text())
+    assert s["world_size"] == 2 and s["labelled"] == 3 and s["already_done"] == 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -42,3 +45,38 @@ def all_gather_objects(obj: object) -> list[object]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def claim_run_folder(
+    run_file: str | os.PathLike,
+    config: dict,
+    *,
+    fresh: bool = False,
+    clear: Callable[[], None] | None = None,
+) -> None:
+    """Start or resume a resumable, sharded job whose results are kept next to ``run_file``.
+
+    Refuses (one-line :class:`~leansam.errors.InputError`) when ``run_file`` records another
+    ``config``, so that results of different configurations are never mixed; with ``fresh``, rank 0
+    calls ``clear`` (which deletes the old results) instead. Rank 0 then writes ``config`` to
+    ``run_file`` (atomically); every process returns once it is there."""
+    from .errors import InputError
+    from .io import atomic_write_json
+
+    run_file = Path(run_file)
+    config = json.loads(json.dumps(config))  # as it reads back (tuples -> lists)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if run_file.exists() and not fresh:
+        old = json.loads(run_file.read_text())
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        if diff:
+            raise InputError(
+                f"{run_file.parent} holds results of another configuration (differs in "
+                f"{', '.join(diff)}): use a new --out, or --fresh to discard them"
+            )
+    barrier()
+    if rank == 0:
+        if fresh and clear is not None:
+            clear()
+        atomic_write_json(run_file, config)
+    barrier()

@@ -7,12 +7,15 @@ COCO instances file (its non-crowd annotations' boxes, score 1) or a folder of Y
 Each image's boxes are decoded in one batched decoder call (up to ``BOXES_PER_CALL`` boxes; SPEC
 section 6's detector protocol: multimask output, the mask with the highest predicted IoU). Rank r
 of W takes images r, r + W, ...; each image's records are written atomically to
-``OUT.parts/<image id>.json``, so a killed run resumes where it stopped, and rank 0 merges them
-into ``OUT`` (sorted by image id, detection order kept) when all are done.
+``OUT.parts/<image id>.json``, so a killed run resumes where it stopped (``OUT.parts/run.json``
+holds the configuration, and a run with another one is refused), and rank 0 merges them into
+``OUT`` (sorted by image id, detection order kept) and writes ``OUT.summary.json`` when all are
+done.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -20,14 +23,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .distributed import all_gather_objects, barrier, init_from_env
+from .distributed import all_gather_objects, barrier, claim_run_folder, init_from_env
 from .errors import InputError
-from .io import IMAGE_SUFFIXES, atomic_write_json, load_image, mask_to_coco_rle, read_json
+from .eval.predictors import SamMaskSource
+from .eval.runner import SCORES
+from .io import (
+    IMAGE_SUFFIXES,
+    atomic_write_json,
+    ensure_dir,
+    load_image,
+    mask_to_coco_rle,
+    read_json,
+)
 
-SCORES = ("detector", "detector*iou")
 #: boxes per decoder call: all of an image's boxes in one call up to this (bounds the memory of
 #: the full-resolution masks, 3 per box)
 BOXES_PER_CALL = 64
+#: files of a YOLO label folder that are not labels (LabelImg writes the class names there)
+YOLO_NOT_LABELS = ("classes.txt",)
 
 
 def read_detections(
@@ -37,23 +50,28 @@ def read_detections(
     instances file or a YOLO label folder. COCO boxes are XYWH pixels; YOLO boxes stay normalised
     (``"yolo"`` key) until the image's size is known. Image files of a results file are found by
     COCO's naming (the file whose stem is the id as a number, e.g. ``000000000139.jpg``); YOLO
-    images get ids in sorted order of their names. Raises InputError naming what is wrong."""
+    images get ids in sorted order of their names and every record names its ``file_name``.
+    Raises InputError naming what is wrong."""
     images_dir, path = Path(images_dir), Path(detections)
     if not images_dir.is_dir():
         raise InputError(f"image folder not found: {images_dir}")
-    files = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    if not path.exists():
+        raise InputError(f"detections not found: {path}")
+    files: dict[str, Path] = {}
+    for p in sorted(images_dir.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            files.setdefault(p.stem, p)  # a stem as .jpg and .png: the first by name
     if path.is_dir():
         return _yolo(path, files)
     data = read_json(path, "detections file")
     if isinstance(data, dict) and {"images", "annotations"} <= data.keys():
-        by_file = {im["id"]: images_dir / im["file_name"] for im in data["images"]}
-        dets = {i: [] for i in by_file}
+        by_file = {_image_id(im, path): images_dir / im["file_name"] for im in data["images"]}
+        dets: dict[int, list[dict]] = {i: [] for i in by_file}
         for a in data["annotations"]:
-            if not a.get("iscrowd", 0) and a["image_id"] in dets:
-                dets[a["image_id"]].append(
-                    {"image_id": a["image_id"], "category_id": a["category_id"],
-                     "bbox": a["bbox"], "score": 1.0}
-                )  # fmt: skip
+            if not a.get("iscrowd", 0) and _image_id(a, path, "image_id") in dets:
+                d = {"image_id": a["image_id"], "category_id": a.get("category_id"),
+                     "bbox": _bbox(a, path), "score": 1.0}  # fmt: skip
+                dets[a["image_id"]].append(d)
         return by_file, {i: d for i, d in dets.items() if d}
     if not isinstance(data, list) or not all(
         isinstance(d, dict) and {"image_id", "bbox", "score", "category_id"} <= d.keys()
@@ -63,30 +81,51 @@ def read_detections(
             f"{path} is neither a COCO results file ([{{image_id, category_id, bbox, score}}]), "
             "a COCO instances file nor a folder of YOLO .txt labels"
         )
-    by_id = {}
-    for stem, p in files.items():
-        if stem.isdigit():
-            by_id[int(stem)] = p
-    dets: dict[int, list[dict]] = {}
+    by_id = {int(stem): p for stem, p in files.items() if stem.isdecimal() and stem.isascii()}
+    dets = {}
     for d in data:
-        dets.setdefault(d["image_id"], []).append(d)
-    missing = sorted(set(dets) - set(by_id), key=str)
+        _bbox(d, path)
+        dets.setdefault(_image_id(d, path, "image_id"), []).append(d)
+    missing = sorted(set(dets) - set(by_id))
     if missing:
         raise InputError(
-            f"{len(missing)} image ids of {path.name} have no image in {images_dir} (COCO names a "
-            f"file by its id, e.g. {int(missing[0]):012d}.jpg): wrong --images folder?"
+            f"{len(missing)} image ids of {path.name} have no image in {images_dir}: a results "
+            f"file names an image by its id as COCO does ({missing[0]:012d}.jpg); for other "
+            "names pass the COCO instances file instead"
         )
     return {i: by_id[i] for i in dets}, dets
 
 
+def _image_id(record: dict, path: Path, key: str = "id") -> int:
+    v = record.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise InputError(f"{path.name}: image ids must be integers (COCO), got {v!r}")
+    return v
+
+
+def _bbox(record: dict, path: Path) -> list[float]:
+    b = record.get("bbox")
+    if not (
+        isinstance(b, list)
+        and len(b) == 4
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in b)
+    ):
+        raise InputError(f"{path.name}: a bbox must be [x, y, width, height] in pixels, got {b!r}")
+    return b
+
+
 def _yolo(folder: Path, files: dict[str, Path]) -> tuple[dict, dict]:
-    labels = sorted(folder.glob("*.txt"))
+    labels = [p for p in sorted(folder.glob("*.txt")) if p.name not in YOLO_NOT_LABELS]
     if not labels:
         raise InputError(f"no YOLO .txt label files in {folder}")
+    orphans = [lab.name for lab in labels if lab.stem not in files]
+    if orphans:
+        raise InputError(
+            f"{len(orphans)} YOLO label files have no image of the same name in the image "
+            f"folder, e.g. {orphans[0]}"
+        )
     by_id, dets = {}, {}
     for i, lab in enumerate(labels):
-        if lab.stem not in files:
-            raise InputError(f"{lab.name}: no image {lab.stem}.jpg / .png in the image folder")
         rows = []
         for n, line in enumerate(lab.read_text().splitlines(), 1):
             parts = line.split()
@@ -101,8 +140,8 @@ def _yolo(folder: Path, files: dict[str, Path]) -> tuple[dict, dict]:
                     f"{lab.name}:{n}: expected 'class cx cy w h [confidence]', got {line!r}"
                 ) from None
             rows.append(
-                {"image_id": i, "category_id": int(values[0]), "yolo": values[1:5],
-                 "score": values[5] if len(values) == 6 else 1.0}
+                {"image_id": i, "file_name": files[lab.stem].name, "category_id": int(values[0]),
+                 "yolo": values[1:5], "score": values[5] if len(values) == 6 else 1.0}
             )  # fmt: skip
         by_id[i] = files[lab.stem]
         if rows:
@@ -123,6 +162,16 @@ def _pixel_boxes(dets: list[dict], height: int, width: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder's files (names and contents, sorted)."""
+    h = hashlib.sha256()
+    path = Path(path)
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def boxes_to_masks(
     predictor,
     images: dict[int, Path],
@@ -130,51 +179,66 @@ def boxes_to_masks(
     out_file: str | os.PathLike,
     *,
     score: str = "detector",
+    config: dict | None = None,
+    fresh: bool = False,
     progress: bool = True,
 ) -> dict:
     """Masks for every detection of every image (see the module docstring); writes ``out_file``
-    (a COCO results list with ``segmentation`` and ``predicted_iou``) and returns a summary."""
+    (a COCO results list with ``segmentation`` and ``predicted_iou``) and
+    ``out_file.summary.json``; returns the summary (the same on every rank). ``config`` (model,
+    detections' digest, ...) is checked against the parts of an earlier run (``fresh``: discard
+    them)."""
     if score not in SCORES:
         raise InputError(f"unknown score {score!r}: choose from {', '.join(SCORES)}")
-    rank, world = init_from_env()
     out = Path(out_file)
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder: name the output .json file")
+    rank, world = init_from_env()
     parts = out.with_name(out.name + ".parts")
     if rank == 0:
-        parts.mkdir(parents=True, exist_ok=True)
+        ensure_dir(parts)
     barrier()
+    claim_run_folder(
+        parts / "run.json",
+        {**(config or {}), "score": score},
+        fresh=fresh,
+        clear=lambda: [p.unlink() for p in parts.glob("*.json") if p.name != "run.json"],
+    )
     ids = sorted(detections)
     mine = ids[rank::world]
+    source = SamMaskSource(predictor, batch_size=BOXES_PER_CALL)
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=len(mine), desc="boxes to masks", unit="img")
-    done = skipped = 0
+    labelled = already = 0
     failures: list[dict] = []
     t0 = time.perf_counter()
     for i in mine:
         part = parts / f"{i}.json"
         if part.exists():
-            skipped += 1
+            already += 1
         else:
             try:
                 image = load_image(images[i])
             except InputError as e:
                 failures.append({"image": os.fspath(images[i]), "reason": str(e)})
             else:
-                atomic_write_json(part, _records(predictor, image, detections[i], score))
-                done += 1
+                atomic_write_json(part, _records(source, image, detections[i], score))
+                labelled += 1
         if bar is not None:
             bar.update()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
-    gathered = all_gather_objects({"done": done, "already": skipped, "failures": failures})
+    gathered = all_gather_objects({"labelled": labelled, "already": already, "failures": failures})
     summary = {
         "images": len(ids),
-        "labelled": sum(g["done"] for g in gathered),
+        "labelled": sum(g["labelled"] for g in gathered),
         "already_done": sum(g["already"] for g in gathered),
         "skipped": sorted((f for g in gathered for f in g["failures"]), key=lambda f: f["image"]),
+        "detections": sum(len(detections[i]) for i in ids if (parts / f"{i}.json").exists()),
         "seconds_rank0": seconds,
         "world_size": world,
     }
@@ -185,30 +249,17 @@ def boxes_to_masks(
             if p.exists():
                 records += json.loads(p.read_text())
         atomic_write_json(out, records)
-        summary["detections"] = len(records)
+        atomic_write_json(out.with_name(out.name + ".summary.json"), summary)
     barrier()
     return summary
 
 
-def _records(predictor, image: np.ndarray, dets: list[dict], score: str) -> list[dict]:
-    import torch
-
+def _records(source: SamMaskSource, image: np.ndarray, dets: list[dict], score: str) -> list[dict]:
     h, w = image.shape[:2]
     dets = [dict(d) for d in dets]
     boxes = _pixel_boxes(dets, h, w)
-    predictor.set_image(image)
-    t = torch.as_tensor(boxes, dtype=torch.float, device=predictor.device)
-    t = predictor.transform.apply_boxes_torch(t, predictor.original_size)
-    chunks_m, chunks_q = [], []
-    for k in range(0, len(t), BOXES_PER_CALL):  # one call for up to BOXES_PER_CALL boxes
-        m, q, _ = predictor.predict_torch(
-            None, None, t[k : k + BOXES_PER_CALL], multimask_output=True
-        )
-        best = q.argmax(dim=1)
-        idx = torch.arange(len(best), device=best.device)
-        chunks_m.append(m[idx, best].cpu().numpy())
-        chunks_q.append(q[idx, best].float().cpu().numpy())
-    masks, iou = np.concatenate(chunks_m), np.concatenate(chunks_q)
+    source.set_image(image)
+    masks, iou = source.predict_boxes(boxes)
     out = []
     for d, m, q in zip(dets, masks, iou, strict=True):
         s = float(d["score"]) * (float(q) if score == "detector*iou" else 1.0)

@@ -14,13 +14,15 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..distributed import all_gather_objects, barrier, init_from_env
+from ..distributed import all_gather_objects, barrier, claim_run_folder, init_from_env
 from ..errors import InputError
 from ..io import (
     IMAGE_SUFFIXES,
@@ -28,6 +30,7 @@ from ..io import (
     atomic_write_png,
     coco_rle_to_mask,
     draw_overlay,
+    ensure_dir,
     load_image,
 )
 from .files import GENERATOR_ARGS, _finite_or_none
@@ -47,6 +50,8 @@ def list_images(spec: str | os.PathLike) -> tuple[list[Path], Path]:
     if path.is_dir():
         files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         root = path
+    elif path.suffix.lower() == ".txt" and not path.exists():
+        raise InputError(f"image list not found: {spec}")
     elif path.suffix.lower() == ".txt" and path.is_file():
         root = path.parent
         files = []
@@ -64,6 +69,7 @@ def list_images(spec: str | os.PathLike) -> tuple[list[Path], Path]:
         raise InputError(
             f"{spec} is not an image, a folder, a glob pattern or a .txt list of images"
         )
+    files = list(dict.fromkeys(files))  # a file listed twice is labelled once
     if not files:
         raise InputError(f"no images found in {spec} (looked for {', '.join(IMAGE_SUFFIXES)})")
     return sorted(files, key=lambda p: os.fspath(p)), root
@@ -110,7 +116,7 @@ def _as_is(item):
 
 
 def label_images(
-    images: str | os.PathLike | list,
+    images: str | os.PathLike | tuple[list[Path], Path],
     sam,
     out_dir: str | os.PathLike,
     *,
@@ -119,35 +125,44 @@ def label_images(
     workers: int = 1,
     progress: bool = True,
     config: dict | None = None,
+    fresh: bool = False,
     **generator_args,
 ) -> dict:
-    """Segment everything in every image of ``images`` (a spec for :func:`list_images`) with
-    ``sam`` and write ``out_dir/sa_<name>.json`` per image.
+    """Segment everything in every image of ``images`` (a spec for :func:`list_images`, or its
+    result) with ``sam`` and write ``out_dir/sa_<name>.json`` per image. Images inside
+    ``out_dir`` (earlier outputs, when it lies in the input folder) are never inputs.
 
     Each JSON is SA-1B's layout, which ``leansam train finetune --data OUT`` reads as it is:
     ``{"image": {"image_id", "file_name" (relative to OUT), "height", "width"}, "annotations":
     [SAM's generator records in COCO RLE with an "id"], "config": {...}}``. With ``write_png`` the
     masks also go to ``OUT/<name>/<i>.png`` (0/255, by decreasing area), with ``write_overlay``
-    to ``OUT/<name>.overlay.png``. Images whose JSON exists are skipped (resume).
+    to ``OUT/<name>.overlay.png``. Images whose JSON exists are skipped (resume); ``OUT/run.json``
+    holds ``config`` and the generator's parameters, and a run with others is refused (``fresh``:
+    discard the earlier results).
     ``generator_args`` are :class:`SamAutomaticMaskGenerator`'s. Returns the summary that rank 0
     writes to ``OUT/summary.json`` (images, labelled, already done, masks, skipped with reasons,
     seconds).
     """
     files, root = images if isinstance(images, tuple) else list_images(images)
-    names = [output_name(f, root) for f in files]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise InputError(f"two input images map to the same output name {dup}: rename one")
     out = Path(out_dir)
+    inside = out.resolve()
+    files = [f for f in files if inside not in f.resolve().parents]
+    if not files:
+        raise InputError(f"no input images outside the output folder {out}")
+    names = [output_name(f, root) for f in files]
+    dup = [n for n, c in Counter(names).items() if c > 1]
+    if dup:
+        raise InputError(f"two input images map to the same output name {dup[0]}: rename one")
     rank, world = init_from_env()
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out)
     barrier()
     gen = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **generator_args)
     run_config = {
         **(config or {}),
         **{k: getattr(gen, k) for k in GENERATOR_ARGS},
     }
+    claim_run_folder(out / "run.json", run_config, fresh=fresh, clear=lambda: _clear(out))
     mine = list(range(rank, len(files), world))
     todo = [i for i in mine if not (out / f"{names[i]}.json").exists()]
     done_before = len(mine) - len(todo)
@@ -196,6 +211,15 @@ def label_images(
         atomic_write_json(out / "summary.json", summary)
     barrier()
     return summary
+
+
+def _clear(out: Path) -> None:
+    """Delete the results of an earlier run in ``out`` (JSONs, PNG folders, overlays)."""
+    for p in out.glob("sa_*"):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.name.endswith((".json", ".overlay.png")):
+            p.unlink()
 
 
 def _write(out, name, path, image_id, image, records, config, write_png, write_overlay) -> None:

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import InputError
 from .parsing import default_of, model_args, runtime_args
 
 
@@ -35,7 +36,14 @@ def _no_mask_note(args: argparse.Namespace) -> None:
 
 
 def _cmd_everything(args: argparse.Namespace) -> int:
+    if args.workers < 0:
+        raise InputError(f"--workers must be 0 or more, got {args.workers}")
     if Path(args.image).is_file() and Path(args.image).suffix.lower() != ".txt":
+        if args.png or args.overlay or args.fresh or args.workers != 1:
+            raise InputError(
+                "--png, --overlay, --workers and --fresh are for a dataset (a folder, glob or "
+                ".txt list); one image always gets <i>.png, overlay.png and masks.json"
+            )
         return _one_image(args)
     return _dataset(args)
 
@@ -68,12 +76,13 @@ def _dataset(args: argparse.Namespace) -> int:
     import os
 
     from ..amg.dataset import label_images, list_images
-    from ..distributed import init_from_env
+    from ..distributed import default_device, init_from_env
     from ..loading import load_model
 
     listed = list_images(args.image)  # a bad input fails before the model loads
-    rank, _ = init_from_env()
-    sam = load_model(args.model, args.checkpoint, device=args.device)
+    rank, world = init_from_env()
+    device = args.device or (default_device() if world > 1 else None)
+    sam = load_model(args.model, args.checkpoint, device=device)
     config = {
         "model": args.model,
         "checkpoint": os.fspath(sam.checkpoint_path) if sam.checkpoint_path else None,
@@ -88,6 +97,7 @@ def _dataset(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.no_progress,
         config=config,
+        fresh=args.fresh,
         runtime=args.runtime,
         **_generator_args(args),
     )
@@ -161,7 +171,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="dataset: image-decoding worker processes beside the model (0: none)",
     )
-    ev.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
+    ev.add_argument(
+        "--fresh",
+        action="store_true",
+        help="dataset: discard the results of an earlier run into --out (else it resumes)",
+    )
+    ev.add_argument(
+        "--device",
+        default=None,
+        help="cpu (default), cuda or cuda:N; under torchrun on GPUs each process's own GPU",
+    )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     runtime_args(ev)
     ev.set_defaults(func=_cmd_everything)

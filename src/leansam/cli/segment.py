@@ -45,14 +45,21 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _detections(args: argparse.Namespace) -> int:
-    from ..distributed import init_from_env
-    from ..label import boxes_to_masks, read_detections
+    import os
+
+    from ..distributed import default_device, init_from_env
+    from ..label import boxes_to_masks, file_digest, read_detections
     from ..loading import load_model
     from ..predictor import SamPredictor
     from ..runtime import calibration_images, check_runtime
 
     if args.image is not None or args.box or args.point:
         raise InputError("--detections takes its boxes from the file: no image or --box / --point")
+    if args.multimask or args.separate_points:
+        raise InputError(
+            "--detections keeps the best of 3 masks per box (the detector protocol): "
+            "no --multimask / --separate-points"
+        )
     if args.images is None or args.detections is None:
         raise InputError("boxes to masks needs both --images DIR and --detections FILE")
     images, dets = read_detections(args.detections, args.images)
@@ -60,20 +67,32 @@ def _detections(args: argparse.Namespace) -> int:
         raise InputError(f"{args.detections} holds no detections")
     check_runtime(args.runtime)
     calib = calibration_images(args.calib_images) if args.runtime == "onnx-int8" else None
-    rank, _ = init_from_env()
-    sam = load_model(args.model, args.checkpoint, device=args.device)
+    rank, world = init_from_env()
+    device = args.device or (default_device() if world > 1 else None)
+    sam = load_model(args.model, args.checkpoint, device=device)
     predictor = SamPredictor(sam, args.runtime, calibration_images=calib)
+    config = {
+        "model": args.model,
+        "checkpoint": os.fspath(sam.checkpoint_path) if sam.checkpoint_path else None,
+        "runtime": args.runtime,
+        "images": os.path.abspath(args.images),
+        "detections_sha256": file_digest(args.detections),
+    }
     summary = boxes_to_masks(
-        predictor, images, dets, args.out, score=args.score, progress=not args.no_progress
-    )
+        predictor, images, dets, args.out, score=args.score, config=config, fresh=args.fresh,
+        progress=not args.no_progress,
+    )  # fmt: skip
     if rank == 0:
+        skipped = summary["skipped"]
         print(
             f"wrote {summary['detections']} masks of {summary['images']} image(s) to {args.out} "
-            f"({summary['already_done']} images already done, {len(summary['skipped'])} skipped) "
+            f"({summary['already_done']} images already done, {len(skipped)} skipped) "
             f"in {summary['seconds_rank0']:.1f} s"
         )
-        for f in summary["skipped"][:5]:
+        for f in skipped[:5]:
             print(f"skipped {f['image']}: {f['reason']}", file=sys.stderr)
+        if len(skipped) > 5:
+            print(f"... {len(skipped) - 5} more in {args.out}.summary.json", file=sys.stderr)
     return 0
 
 
@@ -122,7 +141,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="detector",
         help="dataset: each record's score (the detector's, or times the predicted IoU)",
     )
+    s.add_argument(
+        "--fresh",
+        action="store_true",
+        help="dataset: discard the results of an earlier run into --out (else it resumes)",
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.add_argument("--device", default=None, help="cpu (default) or cuda")
+    s.add_argument(
+        "--device",
+        default=None,
+        help="cpu (default) or cuda; with --detections under torchrun on GPUs, each process's GPU",
+    )
     runtime_args(s)
     s.set_defaults(func=_cmd_segment)

@@ -120,17 +120,20 @@ def box_drawing(
     alone; SAM's own decoder relies on its image features instead."""
     pe = model.prompt_encoder
     frame = 1024
+    device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
-    emb = torch.zeros(1, pe.embed_dim, *pe.image_embedding_size)
+    emb = torch.zeros(1, pe.embed_dim, *pe.image_embedding_size, device=device)
     out = {}
     for side in sides:
         wh = side * rng.uniform(0.7, 1.4, size=(count, 2))
         xy = rng.uniform(0, 1, size=(count, 2)) * (frame - wh)
         boxes = torch.as_tensor(np.concatenate([xy, xy + wh], 1), dtype=torch.float32)
+        boxes = boxes.to(device)
         sparse, dense = pe(None, boxes, None)
         low, _ = model.mask_decoder(emb, pe.get_dense_pe(), sparse, dense, False)
         drawn = torch.nn.functional.interpolate(low.float(), (frame, frame), mode="bilinear")[:, 0]
-        drawn, box = drawn > 0, torch.from_numpy(box_masks(boxes.numpy(), frame, frame))
+        drawn = drawn.cpu() > 0
+        box = torch.from_numpy(box_masks(boxes.cpu().numpy(), frame, frame))
         inter = (drawn & box).flatten(1).sum(1).float()
         union = (drawn | box).flatten(1).sum(1).float().clamp(min=1)
         out[side] = float((inter / union).mean())

@@ -106,13 +106,13 @@ class BoxFill:
 
 def ellipse_masks(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
     """P x H x W masks of the pixels whose centres lie in the ellipse inscribed in each XYXY box."""
-    ys = np.arange(h)[None, :, None] + 0.5
-    xs = np.arange(w)[None, None, :] + 0.5
-    b = np.asarray(boxes, dtype=np.float64)[:, :, None, None]
-    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-    rx = np.maximum((b[:, 2] - b[:, 0]) / 2, 1e-6)
-    ry = np.maximum((b[:, 3] - b[:, 1]) / 2, 1e-6)
-    return ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1
+    ys = np.arange(h, dtype=np.float64)[:, None] + 0.5
+    xs = np.arange(w, dtype=np.float64)[None, :] + 0.5
+    out = np.empty((len(boxes), h, w), dtype=bool)
+    for k, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=np.float64)):
+        rx, ry = max((x1 - x0) / 2, 1e-6), max((y1 - y0) / 2, 1e-6)
+        out[k] = ((xs - (x0 + x1) / 2) / rx) ** 2 + ((ys - (y0 + y1) / 2) / ry) ** 2 <= 1
+    return out
 
 
 class EllipseFill(BoxFill):
@@ -207,10 +207,10 @@ def make_mask_source(
     runtime: str = "torch",
     calib_images: str | os.PathLike | None = None,
 ) -> MaskSource:
-    """A baseline by name (``box-fill``, ``grabcut``) or a registered model (leansam's shipped
-    weights for its own models; otherwise random weights seeded with 0 when no checkpoint is
-    given, so every process builds the same model). ``runtime`` / ``calib_images``: see
-    :func:`leansam.segment.segment`."""
+    """A baseline by name (``box-fill``, ``ellipse-fill``, ``grabcut``) or a registered model
+    (leansam's shipped weights for its own models; otherwise random weights seeded with 0 when no
+    checkpoint is given, so every process builds the same model). ``runtime`` /
+    ``calib_images``: see :func:`leansam.segment.segment`."""
     if model == "box-fill":
         return BoxFill()
     if model == "ellipse-fill":

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.coco import ann_to_mask, xywh_to_xyxy
-from ..distributed import all_gather_objects, barrier, init_from_env
+from ..distributed import all_gather_objects, barrier, claim_run_folder, init_from_env
 from ..errors import InputError, require
 from ..io import atomic_write_bytes, atomic_write_json, load_image, mask_to_coco_rle
 from ..provenance import describe_environment
@@ -90,26 +90,6 @@ def _obj(ann: dict, iou: float | None) -> dict:
     return {"ann_id": ann["id"], "area": float(ann["area"]), "iou": iou}
 
 
-def _check_config(out: Path, config: dict, fresh: bool, rank: int) -> None:
-    """Refuse to mix per-image results of different configurations in one folder."""
-    run_file = out / "run.json"
-    if run_file.exists() and not fresh:
-        old = json.loads(run_file.read_text())
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        if diff:
-            raise InputError(
-                f"{out} holds results of another configuration (differs in {', '.join(diff)}): "
-                "use a new --out, or --fresh to discard them"
-            )
-    barrier()
-    if rank == 0:
-        if fresh and (out / "per_image").exists():
-            for f in (out / "per_image").glob("*.json"):
-                f.unlink()
-        atomic_write_json(run_file, config)
-    barrier()
-
-
 def evaluate(
     model_or_predictor,
     dataset: EvalDataset,
@@ -164,7 +144,12 @@ def evaluate(
     }
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        _check_config(out, run_config, fresh, rank)
+        claim_run_folder(
+            out / "run.json",
+            run_config,
+            fresh=fresh,
+            clear=lambda: [f.unlink() for f in (out / "per_image").glob("*.json")],
+        )
 
     mine = list(dataset.images[rank::world])
     records: dict[int, dict] = {}

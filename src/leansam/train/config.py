@@ -109,7 +109,12 @@ class TrainConfig:
             raise InputError("no training data given")
         if self.grid < 1 or self.items_per_epoch < 1:
             raise InputError("grid and items_per_epoch must be positive")
-        if len(self.box_sizes) != 2 or not 0 < self.box_sizes[0] <= self.box_sizes[1] <= 1:
+        if (
+            not isinstance(self.box_sizes, list | tuple)
+            or len(self.box_sizes) != 2
+            or not all(isinstance(v, int | float) for v in self.box_sizes)
+            or not 0 < self.box_sizes[0] <= self.box_sizes[1] <= 1
+        ):
             raise InputError("box_sizes must be [min, max] with 0 < min <= max <= 1")
         if self.data_repeat is not None and (
             len(self.data_repeat) != len(self.data) or min(self.data_repeat) < 0
@@ -123,16 +128,22 @@ class TrainConfig:
             raise InputError("box_prob and multimask_prob must lie in [0, 1]")
         if self.warmup_steps < 0:
             raise InputError("warmup_steps must be 0 or positive")
-        if self.pe_scale is not None and (
-            min(self._pe_scales()) <= 0
-            or self.stage == "distill"
-            or self.init_checkpoint
-            or self.decoder_checkpoint
-        ):
-            raise InputError(
-                "pe_scale (> 0) draws the positional encoding of a prompt encoder trained from "
-                "scratch: not in stage distill, nor with init_checkpoint or decoder_checkpoint"
-            )
+        if self.pe_scale is not None:
+            values = self.pe_scale if isinstance(self.pe_scale, list) else [self.pe_scale]
+            numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+            if (
+                not values
+                or not numbers
+                or min(values) <= 0
+                or self.stage == "distill"
+                or self.init_checkpoint
+                or self.decoder_checkpoint
+            ):
+                raise InputError(
+                    "pe_scale (a number > 0, or a list of them) draws the positional encoding of "
+                    "a prompt encoder trained from scratch: not in stage distill, nor with "
+                    "init_checkpoint or decoder_checkpoint"
+                )
         if self.eval_every < 0 or self.eval_limit < 1:
             raise InputError("eval_every must be 0 or positive and eval_limit at least 1")
         if self.eval_every and not (self.eval_images and self.eval_annotations):
@@ -157,9 +168,10 @@ class TrainConfig:
             raise InputError(f"recipe {path}: unknown keys {', '.join(unknown)}")
         return cls(**raw)
 
-    def _pe_scales(self) -> list[float]:
+    def pe_scales(self) -> list[float]:
+        """``pe_scale`` as a list of scales (one per equal group of frequencies)."""
         scales = self.pe_scale if isinstance(self.pe_scale, list) else [self.pe_scale]
-        return [float(v) for v in scales] or [0.0]
+        return [float(v) for v in scales]
 
     @classmethod
     def defaults(cls) -> dict:

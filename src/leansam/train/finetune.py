@@ -135,8 +135,8 @@ def redraw_positional_encoding(model: nn.Module, cfg: TrainConfig) -> None:
     matrix = pe.positional_encoding_gaussian_matrix
     g = torch.Generator().manual_seed(cfg.seed)
     new = torch.randn(matrix.shape, generator=g, dtype=torch.float32)
-    groups = torch.tensor_split(torch.arange(matrix.shape[1]), len(cfg._pe_scales()))
-    for cols, scale in zip(groups, cfg._pe_scales(), strict=True):
+    groups = torch.tensor_split(torch.arange(matrix.shape[1]), len(cfg.pe_scales()))
+    for cols, scale in zip(groups, cfg.pe_scales(), strict=True):
         new[:, cols] *= scale
     matrix.copy_(new.to(matrix))
 
