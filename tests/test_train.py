@@ -525,3 +525,17 @@ def test_box_drawing_measures_the_decoder_against_the_box():
             m.layers[-1].weight.zero_()
             m.layers[-1].bias.zero_()
     assert box_drawing(model, (64, 256), count=4) == {64: 0.0, 256: 0.0}
+
+
+def test_amp_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
+    import leansam.train.loop as loop
+
+    cfg = TrainConfig(stage="prompt", model="m", data=[], out="o", amp="auto")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    assert not loop.train_autocast(cfg, cpu)._enabled
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    ctx = loop.train_autocast(cfg, cpu)
+    assert ctx._enabled and ctx.fast_dtype == torch.bfloat16
+    with pytest.raises(InputError, match="amp must be none, bf16, fp16 or auto"):
+        TrainConfig(stage="prompt", model="m", data=[], out="o", amp="fp8")

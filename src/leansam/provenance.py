@@ -24,7 +24,7 @@ def _cpu_model() -> str:
 _SIMD_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4")
 
 
-def _cpu_flags() -> list[str]:
+def cpu_flags() -> list[str]:
     """The SIMD flags of /proc/cpuinfo (AVX2, AVX-512 and its VNNI / BF16, AMX, ...), sorted."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -34,6 +34,12 @@ def _cpu_flags() -> list[str]:
     except OSError:
         pass
     return []
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX): without it, bf16 autocast
+    on the CPU is emulated and several times slower than fp32."""
+    return any(f in ("avx512_bf16", "amx_bf16") for f in cpu_flags())
 
 
 def describe_environment() -> dict:
@@ -48,7 +54,7 @@ def describe_environment() -> dict:
         "os": f"{platform.system()} {platform.release()}",
         "machine": platform.machine(),
         "cpu": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
+        "cpu_flags": cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

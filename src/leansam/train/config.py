@@ -60,7 +60,9 @@ class TrainConfig:
     #: small datasets (the object masks follow)
     scale_jitter: list[float] | None = None
     seed: int = 0
-    amp: str = "none"  # none | bf16 | fp16 (autocast on GPU; bf16 also on CPU)
+    #: none | bf16 | fp16 (autocast on GPU; bf16 also on CPU) | auto (bf16 on a GPU or on a CPU
+    #: with native bf16, AVX-512 BF16 or AMX; else none: emulated bf16 is several times slower)
+    amp: str = "none"
     save_every: int = 50  # steps between checkpoints (and at the end)
     cache_fp16: bool = True  # stage 1: store teacher embeddings in fp16
     #: stage 1: also train on every image mirrored (with the teacher's embedding of the mirror,
@@ -101,8 +103,8 @@ class TrainConfig:
             raise InputError(f"stage must be distill, finetune or prompt, got {self.stage!r}")
         if self.stage == "distill" and not self.teacher:
             raise InputError("stage 1 (distill) needs a teacher model")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise InputError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.amp not in ("none", "bf16", "fp16", "auto"):
+            raise InputError(f"amp must be none, bf16, fp16 or auto, got {self.amp!r}")
         if isinstance(self.data, str):
             self.data = [self.data]
         if not self.data and self.stage != "prompt":

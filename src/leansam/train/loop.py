@@ -24,7 +24,7 @@ from ..checkpoint import save_state_dict
 from ..distributed import barrier, default_device, init_from_env
 from ..errors import InputError, require
 from ..io import atomic_replace, atomic_write_bytes, atomic_write_json
-from ..provenance import describe_environment
+from ..provenance import cpu_has_bf16, describe_environment
 from .config import TrainConfig
 
 
@@ -276,10 +276,14 @@ def _comparable(cfg: TrainConfig) -> dict:
 
 
 def train_autocast(cfg: TrainConfig, device: torch.device):
-    """The autocast context of ``cfg.amp`` on ``device`` (fp16 only on CUDA; off otherwise)."""
-    if cfg.amp == "none" or (cfg.amp == "fp16" and device.type != "cuda"):
+    """The autocast context of ``cfg.amp`` on ``device`` (fp16 only on CUDA; ``auto``: bf16 on
+    CUDA or a CPU with native bf16, else off)."""
+    amp = cfg.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" or cpu_has_bf16() else "none"
+    if amp == "none" or (amp == "fp16" and device.type != "cuda"):
         return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
 
 
