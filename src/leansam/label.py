@@ -25,6 +25,7 @@ import numpy as np
 
 from .distributed import all_gather_objects, barrier, claim_run_folder, init_from_env
 from .errors import InputError
+from .eval.dataset import is_results_list
 from .eval.predictors import SamMaskSource
 from .eval.runner import SCORES
 from .io import (
@@ -73,10 +74,7 @@ def read_detections(
                      "bbox": _bbox(a, path), "score": 1.0}  # fmt: skip
                 dets[a["image_id"]].append(d)
         return by_file, {i: d for i, d in dets.items() if d}
-    if not isinstance(data, list) or not all(
-        isinstance(d, dict) and {"image_id", "bbox", "score", "category_id"} <= d.keys()
-        for d in data
-    ):
+    if not is_results_list(data):
         raise InputError(
             f"{path} is neither a COCO results file ([{{image_id, category_id, bbox, score}}]), "
             "a COCO instances file nor a folder of YOLO .txt labels"

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from .parsing import default_of, model_args, runtime_args
+from .parsing import default_of, fresh_arg, model_args, print_skipped, runtime_args
 
 
 def _generator_args(args: argparse.Namespace) -> dict:
@@ -108,10 +108,7 @@ def _dataset(args: argparse.Namespace) -> int:
             f"{summary['seconds_rank0']:.1f} s ({summary['already_done']} already done, "
             f"{len(skipped)} skipped): sa_*.json and summary.json in {args.out}"
         )
-        for s in skipped[:5]:
-            print(f"skipped {s['image']}: {s['reason']}", file=sys.stderr)
-        if len(skipped) > 5:
-            print(f"... {len(skipped) - 5} more in summary.json", file=sys.stderr)
+        print_skipped(skipped, os.path.join(args.out, "summary.json"))
         if summary["labelled"] and not summary["masks"]:
             _no_mask_note(args)
     return 0
@@ -171,11 +168,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="dataset: image-decoding worker processes beside the model (0: none)",
     )
-    ev.add_argument(
-        "--fresh",
-        action="store_true",
-        help="dataset: discard the results of an earlier run into --out (else it resumes)",
-    )
+    fresh_arg(ev)
     ev.add_argument(
         "--device",
         default=None,

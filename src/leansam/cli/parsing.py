@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import inspect
 import os
+import sys
 from typing import Any
 
 from ..errors import InputError
@@ -105,6 +106,23 @@ class Parser(argparse.ArgumentParser):
 
 #: environment variable with the default of --threads
 THREADS_ENV = "LEANSAM_THREADS"
+
+
+def fresh_arg(p: argparse.ArgumentParser) -> None:
+    """``--fresh`` of the resumable dataset commands."""
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="dataset: discard the results of an earlier run into --out (else it resumes)",
+    )
+
+
+def print_skipped(skipped: list[dict], summary_file: str, shown: int = 5) -> None:
+    """The first ``shown`` skipped inputs with their reasons on stderr, then where the rest are."""
+    for s in skipped[:shown]:
+        print(f"skipped {s['image']}: {s['reason']}", file=sys.stderr)
+    if len(skipped) > shown:
+        print(f"... {len(skipped) - shown} more in {summary_file}", file=sys.stderr)
 
 
 def apply_threads(args: argparse.Namespace) -> None:

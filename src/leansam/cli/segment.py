@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..errors import InputError
-from .parsing import model_args, runtime_args
+from .parsing import fresh_arg, model_args, print_skipped, runtime_args
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -89,10 +89,7 @@ def _detections(args: argparse.Namespace) -> int:
             f"({summary['already_done']} images already done, {len(skipped)} skipped) "
             f"in {summary['seconds_rank0']:.1f} s"
         )
-        for f in skipped[:5]:
-            print(f"skipped {f['image']}: {f['reason']}", file=sys.stderr)
-        if len(skipped) > 5:
-            print(f"... {len(skipped) - 5} more in {args.out}.summary.json", file=sys.stderr)
+        print_skipped(skipped, f"{args.out}.summary.json")
     return 0
 
 
@@ -141,11 +138,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="detector",
         help="dataset: each record's score (the detector's, or times the predicted IoU)",
     )
-    s.add_argument(
-        "--fresh",
-        action="store_true",
-        help="dataset: discard the results of an earlier run into --out (else it resumes)",
-    )
+    fresh_arg(s)
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument(
         "--device",

@@ -79,6 +79,17 @@ def _looks_like_lvis(annotations: Path) -> bool:
     return '"not_exhaustive_category_ids"' in head or '"frequency"' in head
 
 
+RESULT_KEYS = frozenset({"image_id", "category_id", "bbox", "score"})
+
+
+def is_results_list(data: object) -> bool:
+    """Whether ``data`` (parsed JSON) has the form of a COCO results file: a list of records with
+    ``image_id``, ``category_id``, ``bbox`` and ``score``."""
+    return isinstance(data, list) and all(
+        isinstance(d, dict) and d.keys() >= RESULT_KEYS for d in data
+    )
+
+
 def load_detections(path: str | os.PathLike, dataset: EvalDataset) -> dict[int, list[dict]]:
     """A COCO results file (list of ``{image_id, category_id, bbox XYWH, score}``), grouped by image
     and restricted to the dataset's images. ``"gt"`` makes oracle detections from the non-crowd
@@ -95,10 +106,7 @@ def load_detections(path: str | os.PathLike, dataset: EvalDataset) -> dict[int, 
         }
     path = Path(path)
     dets = read_json(path, "detections file")
-    if not isinstance(dets, list) or not all(
-        isinstance(d, dict) and {"image_id", "bbox", "score", "category_id"} <= d.keys()
-        for d in dets
-    ):
+    if not is_results_list(dets):
         raise InputError(
             f"{path} is not a COCO results file: expected a list of "
             "{image_id, category_id, bbox, score}"
