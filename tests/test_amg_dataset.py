@@ -69,8 +69,15 @@ def test_folder_gives_the_single_image_records(folder, sam, tmp_path):
 def test_inputs_glob_list_and_errors(folder, tmp_path):
     every, _ = list_images(folder)
     assert len(every) == 3
-    assert list_images(str(folder / "*.jpg"))[0] == every[:2]
-    assert list_images(str(folder / "**" / "*.jpg"))[0] == every
+    other = tmp_path / "formats"
+    other.mkdir()
+    from PIL import Image
+
+    for k, suffix in enumerate((".webp", ".bmp", ".tif", ".gif", ".JPG")):
+        Image.new("RGB", (8, 8)).save(other / f"img{k}{suffix}")
+    (other / "notes.txt").write_text("not an image")
+    found = sorted(p.suffix for p in list_images(other)[0])
+    assert found == [".JPG", ".bmp", ".gif", ".tif", ".webp"]
     lst = tmp_path / "list.txt"
     lst.write_text(f"# images\n{every[0]}\n\nsub/{every[2].name}\n")
     shutil.copytree(folder / "sub", tmp_path / "sub")
@@ -113,6 +120,8 @@ def test_kill_and_resume_and_bad_files(folder, sam, tmp_path):
     assert len(_outputs(part)) == 1 and not (part / "summary.json").exists()
     summary = label_images(lst, sam, part, progress=False, workers=1, **GEN)
     assert summary["already_done"] == 1 and summary["labelled"] == 2
+    n_full = json.loads((full / "summary.json").read_text())["masks"]
+    assert summary["masks_in_dataset"] == n_full > summary["masks"]  # earlier run's masks too
     assert [os.path.basename(s["image"]) for s in summary["skipped"]] == ["broken.jpg", "gone.png"]
     assert all(s["reason"] for s in summary["skipped"])
     # the same records as the uninterrupted run (file names differ: other root)

@@ -111,6 +111,22 @@ def test_results_file_and_yolo_labels_give_the_same_masks(small, predictor, tmp_
                strict=True)) >= 0.9 * len(from_yolo)  # fmt: skip
 
 
+def test_boxes_are_clipped_to_the_image_and_boxes_outside_get_empty_masks(predictor, tmp_path):
+    dets = [
+        {"image_id": 139, "category_id": 1, "bbox": [1000.0, 1000.0, 50.0, 50.0], "score": 1.0},
+        {"image_id": 139, "category_id": 1, "bbox": [-20.0, -20.0, 120.0, 120.0], "score": 1.0},
+        {"image_id": 139, "category_id": 1, "bbox": [0.0, 0.0, 100.0, 100.0], "score": 1.0},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(dets))
+    images, by_image = label.read_detections(tmp_path / "d.json", IMAGES)
+    label.boxes_to_masks(predictor, images, by_image, tmp_path / "m.json", progress=False)
+    out = json.loads((tmp_path / "m.json").read_text())  # strict JSON
+    assert out[0]["predicted_iou"] == 0.0 and out[0]["segmentation"]["counts"]
+    assert coco_rle_to_mask(out[0]["segmentation"]).sum() == 0
+    assert out[1]["bbox"] == [-20.0, -20.0, 120.0, 120.0]  # the detector's box, as given
+    assert out[1]["segmentation"] == out[2]["segmentation"]  # prompted with the clipped box
+
+
 def test_another_configuration_is_refused_and_fresh_discards(small, predictor, tmp_path):
     d, _, _ = small
     images, dets = label.read_detections(d / "results.json", IMAGES)
@@ -170,6 +186,15 @@ def test_errors_are_one_line(small, tmp_path):
     )
     with pytest.raises(InputError, match=r"a bbox must be \[x, y, width, height\]"):
         label.read_detections(tmp_path / "box.json", IMAGES)
+    for bad_box in ("[10, 10, -50, 50]", "[10, 10, 0, 5]", "[NaN, 0, 5, 5]"):
+        (tmp_path / "box.json").write_text(
+            f'[{{"image_id": 139, "category_id": 1, "bbox": {bad_box}, "score": 1}}]'
+        )
+        with pytest.raises(InputError, match="width and height > 0"):
+            label.read_detections(tmp_path / "box.json", IMAGES)
+    (bad / "000000000139.txt").write_text("0 0.5 0.5 0.0 0.2\n")
+    with pytest.raises(InputError, match=r"000000000139\.txt:1: box width and height must be > 0"):
+        label.read_detections(bad, IMAGES)
     cli = [sys.executable, "-m", "leansam.cli", "segment", "--model", MODEL]
     r = subprocess.run([*cli, "--detections", str(d / "results.json"), "--out", "o.json"],
                        capture_output=True, text=True, cwd=tmp_path)  # fmt: skip

@@ -15,8 +15,9 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from .errors import InputError, require
 
-#: image files that folder readers pick up (stage 1, calibration)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+#: image files that folder readers pick up (stage 1, calibration, datasets): the formats
+#: ``load_image`` reads
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 def _existing_file(path: str | os.PathLike, what: str) -> Path:

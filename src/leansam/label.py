@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -107,8 +108,14 @@ def _bbox(record: dict, path: Path) -> list[float]:
         isinstance(b, list)
         and len(b) == 4
         and all(isinstance(v, int | float) and not isinstance(v, bool) for v in b)
+        and all(math.isfinite(v) for v in b)
+        and b[2] > 0
+        and b[3] > 0
     ):
-        raise InputError(f"{path.name}: a bbox must be [x, y, width, height] in pixels, got {b!r}")
+        raise InputError(
+            f"{path.name}: a bbox must be [x, y, width, height] in pixels with width and height "
+            f"> 0, got {b!r}"
+        )
     return b
 
 
@@ -131,12 +138,14 @@ def _yolo(folder: Path, files: dict[str, Path]) -> tuple[dict, dict]:
                 continue
             try:
                 values = [float(v) for v in parts]
-                if len(values) not in (5, 6):
+                if len(values) not in (5, 6) or not all(map(math.isfinite, values)):
                     raise ValueError
             except ValueError:
                 raise InputError(
                     f"{lab.name}:{n}: expected 'class cx cy w h [confidence]', got {line!r}"
                 ) from None
+            if values[3] <= 0 or values[4] <= 0:
+                raise InputError(f"{lab.name}:{n}: box width and height must be > 0: {line!r}")
             rows.append(
                 {"image_id": i, "file_name": files[lab.stem].name, "category_id": int(values[0]),
                  "yolo": values[1:5], "score": values[5] if len(values) == 6 else 1.0}
@@ -255,9 +264,15 @@ def boxes_to_masks(
 def _records(source: SamMaskSource, image: np.ndarray, dets: list[dict], score: str) -> list[dict]:
     h, w = image.shape[:2]
     dets = [dict(d) for d in dets]
-    boxes = _pixel_boxes(dets, h, w)
-    source.set_image(image)
-    masks, iou = source.predict_boxes(boxes)
+    # the prompt is the box clipped to the image (detectors overshoot the border); a box wholly
+    # outside gets an empty mask with predicted IoU 0, without a decoder call
+    boxes = np.clip(_pixel_boxes(dets, h, w), 0, [w, h, w, h])
+    inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    masks = np.zeros((len(dets), h, w), dtype=bool)
+    iou = np.zeros(len(dets), dtype=np.float32)
+    if inside.any():
+        source.set_image(image)
+        masks[inside], iou[inside] = source.predict_boxes(boxes[inside])
     out = []
     for d, m, q in zip(dets, masks, iou, strict=True):
         s = float(d["score"]) * (float(q) if score == "detector*iou" else 1.0)

@@ -12,6 +12,7 @@ works on the previous image.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -140,8 +141,9 @@ def label_images(
     holds ``config`` and the generator's parameters, and a run with others is refused (``fresh``:
     discard the earlier results).
     ``generator_args`` are :class:`SamAutomaticMaskGenerator`'s. Returns the summary that rank 0
-    writes to ``OUT/summary.json`` (images, labelled, already done, masks, skipped with reasons,
-    seconds).
+    writes to ``OUT/summary.json`` (images; labelled, masks and seconds of this run; images done
+    by earlier runs; skipped images with reasons; on rank 0 also ``masks_in_dataset``, the masks
+    of every finished image).
     """
     files, root = images if isinstance(images, tuple) else list_images(images)
     out = Path(out_dir)
@@ -208,6 +210,12 @@ def label_images(
         "config": run_config,
     }
     if rank == 0:
+        # the whole dataset's masks, also those of images finished by earlier runs
+        summary["masks_in_dataset"] = sum(
+            len(json.loads(p.read_text())["annotations"])
+            for p in (out / f"{n}.json" for n in names)
+            if p.exists()
+        )
         atomic_write_json(out / "summary.json", summary)
     barrier()
     return summary

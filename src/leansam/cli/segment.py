@@ -75,7 +75,7 @@ def _detections(args: argparse.Namespace) -> int:
         "model": args.model,
         "checkpoint": os.fspath(sam.checkpoint_path) if sam.checkpoint_path else None,
         "runtime": args.runtime,
-        "images": os.path.abspath(args.images),
+        "images": os.path.realpath(args.images),
         "detections_sha256": file_digest(args.detections),
     }
     summary = boxes_to_masks(

@@ -134,8 +134,9 @@ def evaluate(
     run_config = {
         "protocol": protocol,
         "model": src.name,
-        "images": os.fspath(dataset.images_dir),
-        "annotations": os.fspath(dataset.annotations),
+        # resolved: the same folder reached by another path (relative, symlinked) resumes
+        "images": os.path.realpath(dataset.images_dir),
+        "annotations": os.path.realpath(dataset.annotations),
         "num_images": len(dataset.images),
         "clicks": list(clicks) if protocol == "click" else None,
         "detections": os.fspath(detections) if detections is not None else None,
