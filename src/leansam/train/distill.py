@@ -35,7 +35,7 @@ def list_images(folders: list[str]) -> list[Path]:
             raise InputError(f"image folder not found: {root}")
         files += [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
-        raise InputError(f"no .jpg/.png images in {', '.join(folders)}")
+        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(folders)}")
     return sorted(files)
 
 
