@@ -105,3 +105,29 @@ def load_json(path: Path) -> dict:
 
 def mask_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((np.asarray(a) == np.asarray(b)).mean())
+
+
+def cli_one_and_two_ranks(args: list[str], out_one, out_two, *, port_offset: int = 0):
+    """Run ``leansam ARGS --out OUT`` as one process, then under torchrun with 2 gloo processes
+    (one thread each, so that the numerics are comparable); both must exit 0. Returns the
+    CompletedProcess of the single run."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "leansam.cli", *args, "--out", str(out_one)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(29500 + os.getpid() % 1000 + port_offset), "-m", "leansam.cli",
+            *args, "--out", str(out_two),
+        ],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    return one

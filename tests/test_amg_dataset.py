@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import COCO_MINI
+from conftest import COCO_MINI, cli_one_and_two_ranks
 
 from leansam import SamAutomaticMaskGenerator, create_model
 from leansam.amg.dataset import label_images, list_images, output_name
@@ -131,22 +131,8 @@ def test_kill_and_resume_and_bad_files(folder, sam, tmp_path):
 
 def test_two_gloo_ranks_write_what_one_writes(folder, tmp_path):
     args = ["everything", str(folder), "--model", MODEL, "--no-progress", *CLI_GEN]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "leansam.cli", *args, "--out", str(tmp_path / "one")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr
+    one = cli_one_and_two_ranks(args, tmp_path / "one", tmp_path / "two", port_offset=7)
     assert "labelled 3 image(s) with" in one.stdout
-    two = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(29500 + os.getpid() % 1000 + 7), "-m", "leansam.cli", *args,
-            "--out", str(tmp_path / "two"),
-        ],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
     a, b = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
     assert len(a) == 3 and a == b  # byte-identical
     s = json.loads((tmp_path / "two" / "summary.json").read_text())

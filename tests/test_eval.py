@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import COCO_MINI
+from conftest import COCO_MINI, cli_one_and_two_ranks
 
 from leansam.data.coco import ann_to_mask
 from leansam.errors import InputError
@@ -190,21 +190,7 @@ def test_two_gloo_processes_equal_one(tmp_path, model, protocol, extra):
         "eval", "--images", str(IMAGES), "--annotations", str(ANNS), "--model", model,
         "--protocol", protocol, "--limit", "5", "--no-progress", *extra,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [sys.executable, "-m", "leansam.cli", *args, "--out", str(tmp_path / "one")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert single.returncode == 0, single.stderr
-    multi = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(29500 + os.getpid() % 1000), "-m", "leansam.cli", *args,
-            "--out", str(tmp_path / "two"),
-        ],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert multi.returncode == 0, multi.stderr[-3000:]
+    cli_one_and_two_ranks(args, tmp_path / "one", tmp_path / "two")
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1

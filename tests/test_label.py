@@ -4,13 +4,12 @@ protocol's masks, three input formats, resume, 2 gloo ranks = 1, one-line errors
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import COCO_MINI, mask_agreement
+from conftest import COCO_MINI, cli_one_and_two_ranks, mask_agreement
 
 import leansam.label as label
 from leansam import SamPredictor, create_model
@@ -210,21 +209,8 @@ def test_cli_two_gloo_ranks_write_what_one_writes(small, tmp_path):
     d, _, _ = small
     args = ["segment", "--images", str(IMAGES), "--detections", str(d / "results.json"),
             "--model", MODEL, "--no-progress"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "leansam.cli", *args, "--out",
-                          str(tmp_path / "one.json")], capture_output=True, text=True, env=env,
-                         timeout=600)  # fmt: skip
-    assert one.returncode == 0, one.stderr
+    one = cli_one_and_two_ranks(args, tmp_path / "one.json", tmp_path / "two.json", port_offset=13)
     assert "masks of 3 image(s)" in one.stdout
-    two = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(29500 + os.getpid() % 1000 + 13), "-m", "leansam.cli", *args,
-            "--out", str(tmp_path / "two.json"),
-        ],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
     assert (tmp_path / "one.json").read_bytes() == (tmp_path / "two.json").read_bytes()
     s = json.loads((tmp_path / "two.json.summary.json").read_text())
     assert s["world_size"] == 2 and s["labelled"] == 3 and s["already_done"] == 0
