@@ -15,7 +15,7 @@ from conftest import COCO_MINI, cli_one_and_two_ranks
 
 from leansam import SamAutomaticMaskGenerator, create_model
 from leansam.amg.dataset import label_images, list_images, output_name
-from leansam.amg.files import _finite_or_none
+from leansam.amg.files import finite_or_none
 from leansam.errors import InputError
 from leansam.io import load_image
 
@@ -54,7 +54,7 @@ def test_folder_gives_the_single_image_records(folder, sam, tmp_path):
     for i, f in enumerate(files):
         data = json.loads((tmp_path / "o" / f"{output_name(f, root)}.json").read_text())
         expected = sorted(gen.generate(load_image(f)), key=lambda r: r["area"], reverse=True)
-        expected = [{"id": k, **{a: _finite_or_none(v) for a, v in r.items()}} for k, r in
+        expected = [{"id": k, **{a: finite_or_none(v) for a, v in r.items()}} for k, r in
                     enumerate(expected)]  # fmt: skip
         assert data["annotations"] == json.loads(json.dumps(expected))
         assert data["image"]["image_id"] == i

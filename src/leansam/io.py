@@ -20,6 +20,13 @@ from .errors import InputError, require
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files (``IMAGE_SUFFIXES``, any case) under ``folder``, recursively, sorted."""
+    return sorted(
+        p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+
+
 def _existing_file(path: str | os.PathLike, what: str) -> Path:
     """``path`` as a Path if it names a regular file; one-line :class:`InputError` otherwise (also
     for names the OS rejects, e.g. too long)."""

@@ -32,9 +32,10 @@ from ..io import (
     coco_rle_to_mask,
     draw_overlay,
     ensure_dir,
+    image_files,
     load_image,
 )
-from .files import GENERATOR_ARGS, _finite_or_none
+from .files import GENERATOR_ARGS, finite_or_none
 from .generator import SamAutomaticMaskGenerator
 
 
@@ -49,7 +50,7 @@ def list_images(spec: str | os.PathLike) -> tuple[list[Path], Path]:
     spec = os.fspath(spec)
     path = Path(spec)
     if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        files = image_files(path)
         root = path
     elif path.suffix.lower() == ".txt" and not path.exists():
         raise InputError(f"image list not found: {spec}")
@@ -142,8 +143,8 @@ def label_images(
     discard the earlier results).
     ``generator_args`` are :class:`SamAutomaticMaskGenerator`'s. Returns the summary that rank 0
     writes to ``OUT/summary.json`` (images; labelled, masks and seconds of this run; images done
-    by earlier runs; skipped images with reasons; on rank 0 also ``masks_in_dataset``, the masks
-    of every finished image).
+    by earlier runs; skipped images with reasons; ``masks_in_dataset``, the masks of every
+    finished image), the same on every rank.
     """
     files, root = images if isinstance(images, tuple) else list_images(images)
     out = Path(out_dir)
@@ -166,8 +167,12 @@ def label_images(
     }
     claim_run_folder(out / "run.json", run_config, fresh=fresh, clear=lambda: _clear(out))
     mine = list(range(rank, len(files), world))
-    todo = [i for i in mine if not (out / f"{names[i]}.json").exists()]
-    done_before = len(mine) - len(todo)
+    finished = {i for i in mine if (out / f"{names[i]}.json").exists()}  # by earlier runs
+    todo = [i for i in mine if i not in finished]
+    done_before = len(finished)
+    masks_before = sum(
+        len(json.loads((out / f"{names[i]}.json").read_text())["annotations"]) for i in finished
+    )
     loader = torch.utils.data.DataLoader(
         _Images([files[i] for i in todo]),
         batch_size=None,
@@ -198,24 +203,22 @@ def label_images(
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
-    parts = all_gather_objects({**counts, "skipped": skipped, "already_done": done_before})
+    parts = all_gather_objects(
+        {**counts, "skipped": skipped, "already_done": done_before, "masks_before": masks_before}
+    )
     summary = {
         "images": len(files),
         "labelled": sum(p["labelled"] for p in parts),
         "already_done": sum(p["already_done"] for p in parts),
         "masks": sum(p["masks"] for p in parts),
+        # the whole dataset's masks, also those of images finished by earlier runs
+        "masks_in_dataset": sum(p["masks"] + p["masks_before"] for p in parts),
         "skipped": sorted((s for p in parts for s in p["skipped"]), key=lambda s: s["image"]),
         "seconds_rank0": seconds,
         "world_size": world,
         "config": run_config,
     }
     if rank == 0:
-        # the whole dataset's masks, also those of images finished by earlier runs
-        summary["masks_in_dataset"] = sum(
-            len(json.loads(p.read_text())["annotations"])
-            for p in (out / f"{n}.json" for n in names)
-            if p.exists()
-        )
         atomic_write_json(out / "summary.json", summary)
     barrier()
     return summary
@@ -233,8 +236,7 @@ def _clear(out: Path) -> None:
 def _write(out, name, path, image_id, image, records, config, write_png, write_overlay) -> None:
     h, w = image.shape[:2]
     anns = [
-        {"id": k, **{key: _finite_or_none(v) for key, v in r.items()}}
-        for k, r in enumerate(records)
+        {"id": k, **{key: finite_or_none(v) for key, v in r.items()}} for k, r in enumerate(records)
     ]
     if write_png or write_overlay:
         masks = [coco_rle_to_mask(r["segmentation"]) for r in records]

@@ -94,7 +94,7 @@ def everything(
         "masks": records,
     }
     # strict JSON: an empty mask's stability score is 0 / 0 (NaN, as in SAM), written as null
-    safe = [{k: _finite_or_none(v) for k, v in r.items()} for r in records]
+    safe = [{k: finite_or_none(v) for k, v in r.items()} for r in records]
     atomic_write_json(out / "masks.json", {**record, "masks": safe})
     return record
 
@@ -115,6 +115,6 @@ GENERATOR_ARGS = (
 )
 
 
-def _finite_or_none(value):
+def finite_or_none(value):
     """NaN / infinity -> None (JSON has no such numbers); anything else unchanged."""
     return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from .parsing import default_of, fresh_arg, model_args, print_skipped, runtime_args
+from .parsing import (
+    dataset_model,
+    default_of,
+    fresh_arg,
+    model_args,
+    print_skipped,
+    runtime_args,
+)
 
 
 def _generator_args(args: argparse.Namespace) -> dict:
@@ -76,18 +83,9 @@ def _dataset(args: argparse.Namespace) -> int:
     import os
 
     from ..amg.dataset import label_images, list_images
-    from ..distributed import default_device, init_from_env
-    from ..loading import load_model
 
     listed = list_images(args.image)  # a bad input fails before the model loads
-    rank, world = init_from_env()
-    device = args.device or (default_device() if world > 1 else None)
-    sam = load_model(args.model, args.checkpoint, device=device)
-    config = {
-        "model": args.model,
-        "checkpoint": os.fspath(sam.checkpoint_path) if sam.checkpoint_path else None,
-        "runtime": args.runtime,
-    }
+    rank, sam, config = dataset_model(args)
     summary = label_images(
         listed,
         sam,

@@ -117,6 +117,24 @@ def fresh_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def dataset_model(args: argparse.Namespace):
+    """(rank, model, configuration to record) of a sharded dataset command: starts the process
+    group under torchrun, loads ``--model`` / ``--checkpoint`` on ``--device`` (default: the
+    process's own GPU under torchrun, else the CPU)."""
+    from ..distributed import default_device, init_from_env
+    from ..loading import load_model
+
+    rank, world = init_from_env()
+    device = args.device or (default_device() if world > 1 else None)
+    sam = load_model(args.model, args.checkpoint, device=device)
+    config = {
+        "model": args.model,
+        "checkpoint": os.fspath(sam.checkpoint_path) if sam.checkpoint_path else None,
+        "runtime": args.runtime,
+    }
+    return rank, sam, config
+
+
 def print_skipped(skipped: list[dict], summary_file: str, shown: int = 5) -> None:
     """The first ``shown`` skipped inputs with their reasons on stderr, then where the rest are."""
     for s in skipped[:shown]:

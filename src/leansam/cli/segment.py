@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..errors import InputError
-from .parsing import fresh_arg, model_args, print_skipped, runtime_args
+from .parsing import dataset_model, fresh_arg, model_args, print_skipped, runtime_args
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -47,9 +47,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _detections(args: argparse.Namespace) -> int:
     import os
 
-    from ..distributed import default_device, init_from_env
     from ..label import boxes_to_masks, file_digest, read_detections
-    from ..loading import load_model
     from ..predictor import SamPredictor
     from ..runtime import calibration_images, check_runtime
 
@@ -67,14 +65,10 @@ def _detections(args: argparse.Namespace) -> int:
         raise InputError(f"{args.detections} holds no detections")
     check_runtime(args.runtime)
     calib = calibration_images(args.calib_images) if args.runtime == "onnx-int8" else None
-    rank, world = init_from_env()
-    device = args.device or (default_device() if world > 1 else None)
-    sam = load_model(args.model, args.checkpoint, device=device)
+    rank, sam, config = dataset_model(args)
     predictor = SamPredictor(sam, args.runtime, calibration_images=calib)
     config = {
-        "model": args.model,
-        "checkpoint": os.fspath(sam.checkpoint_path) if sam.checkpoint_path else None,
-        "runtime": args.runtime,
+        **config,
         "images": os.path.realpath(args.images),
         "detections_sha256": file_digest(args.detections),
     }

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..distributed import barrier, init_from_env
 from ..errors import InputError
-from ..io import IMAGE_SUFFIXES, load_image
+from ..io import IMAGE_SUFFIXES, image_files, load_image
 from ..registry import create_model
 from ..transforms import ResizeLongestSide
 from .config import TrainConfig
@@ -33,7 +33,7 @@ def list_images(folders: list[str]) -> list[Path]:
         root = Path(d)
         if not root.is_dir():
             raise InputError(f"image folder not found: {root}")
-        files += [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        files += image_files(root)
     if not files:
         raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(folders)}")
     return sorted(files)
