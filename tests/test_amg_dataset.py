@@ -11,13 +11,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import COCO_MINI, cli_one_and_two_ranks
 
 from leansam import SamAutomaticMaskGenerator, create_model
-from leansam.amg.dataset import label_images, list_images, output_name
+from leansam.amg.dataset import embed_chunks, label_images, list_images, output_name, shard_chunks
 from leansam.amg.files import finite_or_none
 from leansam.errors import InputError
-from leansam.io import load_image
+from leansam.io import coco_rle_to_mask, load_image
 
 MODEL = "efficientvit-sam-tiny-l"
 GEN = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
@@ -90,9 +91,45 @@ def test_inputs_glob_list_and_errors(folder, tmp_path):
         list_images(tmp_path / "typo.jpg")
 
 
+def test_shard_chunks_deal_consecutive_batches_round_robin():
+    assert shard_chunks(5, 2, 0, 1) == [[0, 1], [2, 3], [4]]
+    assert shard_chunks(5, 2, 0, 2) == [[0, 1], [4]]
+    assert shard_chunks(5, 2, 1, 2) == [[2, 3]]
+    assert shard_chunks(2, 1, 2, 3) == []
+    with pytest.raises(InputError, match="encoder batch size must be at least 1, got 0"):
+        shard_chunks(5, 0, 0, 1)
+
+
+def test_batched_encoder_gives_the_per_image_results(folder, sam, tmp_path):
+    files, _ = list_images(folder)
+    predictor = SamAutomaticMaskGenerator(sam).predictor
+    got = list(embed_chunks(predictor, files, [[0, 1], [2]], workers=1))
+    assert [[i for i, _, _ in items] for items, _ in got] == [[0, 1], [2]]
+    assert [f.shape[0] for _, f in got] == [2, 1]
+    for items, features in got:
+        for k, (i, image, error) in enumerate(items):
+            assert error is None and image.shape == load_image(files[i]).shape
+            predictor.set_image(image)
+            single = predictor.get_image_embedding()
+            torch.testing.assert_close(features[k : k + 1], single, rtol=0, atol=1e-5)
+    one, two = tmp_path / "one", tmp_path / "two"
+    label_images(folder, sam, one, progress=False, workers=0, image_batch=1, **GEN)
+    summary = label_images(folder, sam, two, progress=False, workers=2, image_batch=2, **GEN)
+    assert summary["config"]["image_batch"] == 2 and summary["labelled"] == 3
+    for a, b in zip(_outputs(one).values(), _outputs(two).values(), strict=True):
+        a, b = json.loads(a)["annotations"], json.loads(b)["annotations"]
+        assert len(a) == len(b) > 0
+        for ra, rb in zip(a, b, strict=True):
+            ma, mb = coco_rle_to_mask(ra["segmentation"]), coco_rle_to_mask(rb["segmentation"])
+            assert (ma & mb).sum() / (ma | mb).sum() > 0.99
+            assert abs(ra["predicted_iou"] - rb["predicted_iou"]) < 1e-4
+
+
 def test_kill_and_resume_and_bad_files(folder, sam, tmp_path):
+    # encoder batches of 2: the run dies inside a batch, and the resumed run embeds it whole
+    gen = {**GEN, "image_batch": 2}
     full = tmp_path / "full"
-    label_images(folder, sam, full, progress=False, workers=0, **GEN)
+    label_images(folder, sam, full, progress=False, workers=0, **gen)
     data = tmp_path / "data"
     shutil.copytree(folder, data)
     (data / "broken.jpg").write_bytes(b"not a jpeg")
@@ -104,21 +141,21 @@ def test_kill_and_resume_and_bad_files(folder, sam, tmp_path):
     calls = {"n": 0}
     real = SamAutomaticMaskGenerator.generate
 
-    def dies_on_second(self, image):
+    def dies_on_second(self, image, **kw):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real(self, image)
+        return real(self, image, **kw)
 
     part = tmp_path / "part"
     SamAutomaticMaskGenerator.generate = dies_on_second
     try:
         with pytest.raises(KeyboardInterrupt):
-            label_images(lst, sam, part, progress=False, workers=0, **GEN)
+            label_images(lst, sam, part, progress=False, workers=0, **gen)
     finally:
         SamAutomaticMaskGenerator.generate = real
     assert len(_outputs(part)) == 1 and not (part / "summary.json").exists()
-    summary = label_images(lst, sam, part, progress=False, workers=1, **GEN)
+    summary = label_images(lst, sam, part, progress=False, workers=1, **gen)
     assert summary["already_done"] == 1 and summary["labelled"] == 2
     n_full = json.loads((full / "summary.json").read_text())["masks"]
     assert summary["masks_in_dataset"] == n_full > summary["masks"]  # earlier run's masks too
@@ -130,7 +167,9 @@ def test_kill_and_resume_and_bad_files(folder, sam, tmp_path):
 
 
 def test_two_gloo_ranks_write_what_one_writes(folder, tmp_path):
-    args = ["everything", str(folder), "--model", MODEL, "--no-progress", *CLI_GEN]
+    # batches of 2 (3 images: rank 0 embeds two, rank 1 one) give what one process gives
+    args = ["everything", str(folder), "--model", MODEL, "--no-progress", "--image-batch", "2",
+            *CLI_GEN]  # fmt: skip
     one = cli_one_and_two_ranks(args, tmp_path / "one", tmp_path / "two", port_offset=7)
     assert "labelled 3 image(s) with" in one.stdout
     a, b = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")

@@ -143,7 +143,8 @@ def test_another_configuration_is_refused_and_fresh_discards(small, predictor, t
 def test_killed_run_resumes_to_the_same_file(small, predictor, tmp_path, monkeypatch):
     d, _, _ = small
     images, dets = label.read_detections(d / "instances.json", IMAGES)
-    label.boxes_to_masks(predictor, images, dets, tmp_path / "full.json", progress=False)
+    kw = dict(progress=False, image_batch=2)  # the run dies inside a batch of 2
+    label.boxes_to_masks(predictor, images, dets, tmp_path / "full.json", **kw)
     real, calls = label._records, {"n": 0}
 
     def dies_on_second(*a, **k):
@@ -154,10 +155,10 @@ def test_killed_run_resumes_to_the_same_file(small, predictor, tmp_path, monkeyp
 
     monkeypatch.setattr(label, "_records", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
-        label.boxes_to_masks(predictor, images, dets, tmp_path / "part.json", progress=False)
+        label.boxes_to_masks(predictor, images, dets, tmp_path / "part.json", **kw)
     assert not (tmp_path / "part.json").exists()
     monkeypatch.setattr(label, "_records", real)
-    summary = label.boxes_to_masks(predictor, images, dets, tmp_path / "part.json", progress=False)
+    summary = label.boxes_to_masks(predictor, images, dets, tmp_path / "part.json", **kw)
     assert summary["already_done"] == 1 and summary["labelled"] == 2
     assert (tmp_path / "part.json").read_bytes() == (tmp_path / "full.json").read_bytes()
 
@@ -203,12 +204,21 @@ def test_errors_are_one_line(small, tmp_path):
                         "--multimask", "--out", "o.json"], capture_output=True, text=True,
                        cwd=tmp_path)  # fmt: skip
     assert r.returncode == 2 and "no --multimask" in r.stderr and r.stderr.count("\n") == 1
+    for flag, value, message in (
+        ("--image-batch", "0", "--image-batch must be at least 1, got 0"),
+        ("--workers", "-1", "--workers must be 0 or more, got -1"),
+    ):
+        r = subprocess.run([*cli, "--images", str(IMAGES), "--detections", str(d / "results.json"),
+                            flag, value, "--out", "o.json"], capture_output=True, text=True,
+                           cwd=tmp_path)  # fmt: skip
+        assert r.returncode == 2 and r.stderr == f"leansam: error: {message}\n"
 
 
 def test_cli_two_gloo_ranks_write_what_one_writes(small, tmp_path):
     d, _, _ = small
+    # encoder batches of 2: rank 0 embeds two images, rank 1 one, as in one process
     args = ["segment", "--images", str(IMAGES), "--detections", str(d / "results.json"),
-            "--model", MODEL, "--no-progress"]  # fmt: skip
+            "--model", MODEL, "--no-progress", "--image-batch", "2"]  # fmt: skip
     one = cli_one_and_two_ranks(args, tmp_path / "one.json", tmp_path / "two.json", port_offset=13)
     assert "masks of 3 image(s)" in one.stdout
     assert (tmp_path / "one.json").read_bytes() == (tmp_path / "two.json").read_bytes()

@@ -5,8 +5,11 @@ Detections are read from a COCO results file (``[{image_id, category_id, bbox XY
 COCO instances file (its non-crowd annotations' boxes, score 1) or a folder of YOLO label files
 (``<image stem>.txt``, one ``class cx cy w h [confidence]`` line per box, normalised to [0, 1]).
 Each image's boxes are decoded in one batched decoder call (up to ``BOXES_PER_CALL`` boxes; SPEC
-section 6's detector protocol: multimask output, the mask with the highest predicted IoU). Rank r
-of W takes images r, r + W, ...; each image's records are written atomically to
+section 6's detector protocol: multimask output, the mask with the highest predicted IoU). Images
+are decoded and resized in background workers and embedded ``image_batch`` at a time; rank r of W
+takes chunks r, r + W, ... of ``image_batch`` consecutive images (sorted by id, see
+:func:`leansam.amg.dataset.shard_chunks`), so results do not depend on the number of ranks. Each
+image's records are written atomically (in a thread beside the model) to
 ``OUT.parts/<image id>.json``, so a killed run resumes where it stopped (``OUT.parts/run.json``
 holds the configuration, and a run with another one is refused), and rank 0 merges them into
 ``OUT`` (sorted by image id, detection order kept) and writes ``OUT.summary.json`` when all are
@@ -20,10 +23,12 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from .amg.dataset import default_image_batch, embed_chunks, shard_chunks
 from .distributed import all_gather_objects, barrier, claim_run_folder, init_from_env
 from .errors import InputError
 from .eval.dataset import is_results_list
@@ -33,7 +38,6 @@ from .io import (
     IMAGE_SUFFIXES,
     atomic_write_json,
     ensure_dir,
-    load_image,
     mask_to_coco_rle,
     read_json,
 )
@@ -188,58 +192,77 @@ def boxes_to_masks(
     score: str = "detector",
     config: dict | None = None,
     fresh: bool = False,
+    workers: int = 1,
+    image_batch: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Masks for every detection of every image (see the module docstring); writes ``out_file``
     (a COCO results list with ``segmentation`` and ``predicted_iou``) and
     ``out_file.summary.json``; returns the summary (the same on every rank). ``config`` (model,
     detections' digest, ...) is checked against the parts of an earlier run (``fresh``: discard
-    them)."""
+    them). ``workers`` processes decode and resize images; ``image_batch`` images share an
+    encoder call (None: :func:`~leansam.amg.dataset.default_image_batch`)."""
     if score not in SCORES:
         raise InputError(f"unknown score {score!r}: choose from {', '.join(SCORES)}")
     out = Path(out_file)
     if out.is_dir():
         raise InputError(f"--out {out} is a folder: name the output .json file")
     rank, world = init_from_env()
+    if image_batch is None:
+        image_batch = default_image_batch(predictor.device)
     parts = out.with_name(out.name + ".parts")
     if rank == 0:
         ensure_dir(parts)
     barrier()
     claim_run_folder(
         parts / "run.json",
-        {**(config or {}), "score": score},
+        {**(config or {}), "score": score, "image_batch": image_batch},
         fresh=fresh,
         clear=lambda: [p.unlink() for p in parts.glob("*.json") if p.name != "run.json"],
     )
     ids = sorted(detections)
-    mine = ids[rank::world]
+    chunks = shard_chunks(len(ids), image_batch, rank, world)
+    mine = [ids[k] for c in chunks for k in c]
+    finished = {i for i in mine if (parts / f"{i}.json").exists()}  # by earlier runs
+    # a chunk with any image left is embedded whole: the same batch as in an uninterrupted run
+    todo = [c for c in chunks if any(ids[k] not in finished for k in c)]
     source = SamMaskSource(predictor, batch_size=BOXES_PER_CALL)
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(mine), desc="boxes to masks", unit="img")
-    labelled = already = 0
+        bar = tqdm(total=len(mine), initial=len(finished), desc="boxes to masks", unit="img")
+    labelled = 0
     failures: list[dict] = []
     t0 = time.perf_counter()
-    for i in mine:
-        part = parts / f"{i}.json"
-        if part.exists():
-            already += 1
-        else:
-            try:
-                image = load_image(images[i])
-            except InputError as e:
-                failures.append({"image": os.fspath(images[i]), "reason": str(e)})
-            else:
-                atomic_write_json(part, _records(source, image, detections[i], score))
-                labelled += 1
-        if bar is not None:
-            bar.update()
+    files = [images[i] for i in ids]
+    with ThreadPoolExecutor(max_workers=1) as writer:  # writing beside the model
+        pending = None
+        for items, features in embed_chunks(predictor, files, todo, workers=workers):
+            k = -1
+            for j, image, error in items:
+                k += image is not None
+                i = ids[j]
+                if i in finished:
+                    continue
+                if image is None:
+                    failures.append({"image": os.fspath(images[i]), "reason": error})
+                else:
+                    records = _records(source, image, features[k : k + 1], detections[i], score)
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(atomic_write_json, parts / f"{i}.json", records)
+                    labelled += 1
+                if bar is not None:
+                    bar.update()
+        if pending is not None:
+            pending.result()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
-    gathered = all_gather_objects({"labelled": labelled, "already": already, "failures": failures})
+    gathered = all_gather_objects(
+        {"labelled": labelled, "already": len(finished), "failures": failures}
+    )
     summary = {
         "images": len(ids),
         "labelled": sum(g["labelled"] for g in gathered),
@@ -261,7 +284,9 @@ def boxes_to_masks(
     return summary
 
 
-def _records(source: SamMaskSource, image: np.ndarray, dets: list[dict], score: str) -> list[dict]:
+def _records(
+    source: SamMaskSource, image: np.ndarray, embedding, dets: list[dict], score: str
+) -> list[dict]:
     h, w = image.shape[:2]
     dets = [dict(d) for d in dets]
     # the prompt is the box clipped to the image (detectors overshoot the border); a box wholly
@@ -271,8 +296,9 @@ def _records(source: SamMaskSource, image: np.ndarray, dets: list[dict], score: 
     masks = np.zeros((len(dets), h, w), dtype=bool)
     iou = np.zeros(len(dets), dtype=np.float32)
     if inside.any():
-        source.set_image(image)
+        source.predictor.set_embedding(embedding, (h, w))
         masks[inside], iou[inside] = source.predict_boxes(boxes[inside])
+        source.predictor.reset_image()
     out = []
     for d, m, q in zip(dets, masks, iou, strict=True):
         s = float(d["score"]) * (float(q) if score == "detector*iou" else 1.0)

@@ -42,6 +42,29 @@ def check_image(image: object) -> np.ndarray:
 POSTPROCESS_CHUNK = 4
 
 
+def resize_image(
+    image: np.ndarray, image_size: int, image_format: str = "RGB", model_format: str = "RGB"
+) -> np.ndarray:
+    """The encoder's resized input of an H x W x 3 uint8 image: h x w x 3 uint8 with long side
+    ``image_size`` (SAM's ``ResizeLongestSide.apply_image``), channels in ``model_format``.
+    What :meth:`SamPredictor.set_image` does before normalising and padding, as a plain function
+    (no model) so that a data-loading worker can run it. Raises InputError for a bad image, an
+    unknown ``image_format`` or an image too elongated to resize."""
+    if image_format not in ("RGB", "BGR"):
+        raise InputError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+    image = check_image(image)
+    h, w = image.shape[:2]
+    if min(get_preprocess_shape(h, w, image_size)) < 1:
+        raise InputError(
+            f"image of {w} x {h} is too elongated: resized to a long side of {image_size} its "
+            f"short side would be 0 pixels (the sides may differ by at most {2 * image_size}:1); "
+            "crop or pad it first"
+        )
+    if image_format != model_format:
+        image = np.ascontiguousarray(image[..., ::-1])
+    return ResizeLongestSide(image_size).apply_image(image)
+
+
 class SamPredictor:
     """Drop-in for ``segment_anything.SamPredictor`` that also serves EfficientViT-SAM.
 
@@ -94,20 +117,7 @@ class SamPredictor:
 
     # ------------------------------------------------------------------ images
     def _prepare(self, image: np.ndarray, image_format: str) -> torch.Tensor:
-        if image_format not in ("RGB", "BGR"):
-            raise InputError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        image = check_image(image)
-        h, w = image.shape[:2]
-        if min(get_preprocess_shape(h, w, self.model.image_size)) < 1:
-            limit = 2 * self.model.image_size
-            raise InputError(
-                f"image of {w} x {h} is too elongated: resized to a long side of "
-                f"{self.model.image_size} its short side would be 0 pixels (the sides may differ "
-                f"by at most {limit}:1); crop or pad it first"
-            )
-        if image_format != self.model.image_format:
-            image = np.ascontiguousarray(image[..., ::-1])
-        resized = self.image_transform.apply_image(image)
+        resized = resize_image(image, self.model.image_size, image_format, self.model.image_format)
         return torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
 
     def encoder_input(self, image: np.ndarray, image_format: str = "RGB") -> torch.Tensor:
@@ -132,19 +142,22 @@ class SamPredictor:
                 f"set_torch_image takes one image, 1 x 3 x h x w; got {shape} "
                 "(set_images embeds several)"
             )
-        self._set_torch_images([transformed_image[0]], [tuple(original_image_size)])
+        self.set_torch_images([transformed_image[0]], [tuple(original_image_size)])
 
     def set_images(self, images: Sequence[np.ndarray], image_format: str = "RGB") -> None:
         """Embed several images in one encoder batch; pick one with ``image_index=`` later."""
         if len(images) == 0:
             raise InputError("set_images needs at least one image")
         tensors = [self._prepare(im, image_format) for im in images]
-        self._set_torch_images(tensors, [im.shape[:2] for im in images])
+        self.set_torch_images(tensors, [im.shape[:2] for im in images])
 
     @torch.inference_mode()
-    def _set_torch_images(
-        self, images: list[torch.Tensor], original_sizes: list[tuple[int, ...]]
+    def set_torch_images(
+        self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, ...]]
     ) -> None:
+        """Embed several images already resized (3 x h x w, long side R, pixel values 0..255,
+        e.g. from :func:`resize_image`) in one encoder batch; ``original_sizes`` are their (H, W)
+        before resizing. Raises InputError when a shape does not match its original size."""
         r = self.model.image_size
         batch = []
         for x, size in zip(images, original_sizes, strict=True):

@@ -1,12 +1,14 @@
 """Segment everything over a dataset (SAM's data engine as a tool): many images in, one SA-1B JSON
 per image out, sharded over ``torchrun`` processes, resumable, and readable by ``leansam train``.
 
-Every image is one unit of work. Rank r of W takes images r, r + W, ... of the sorted input list;
-its result ``OUT/sa_<name>.json`` is written atomically, so a killed run resumes where it stopped
-(on any number of ranks) and the outputs do not depend on the number of ranks. An image that cannot
-be read is skipped, counted and named with its reason in ``OUT/summary.json``; it never stops the
-run. Image decoding runs in a background worker (``torch.utils.data.DataLoader``) while the model
-works on the previous image.
+The sorted input list is cut into chunks of ``image_batch`` consecutive images, one encoder batch
+each; rank r of W takes chunks r, r + W, ... (:func:`shard_chunks`), so every image is embedded in
+the same batch whatever the number of ranks and the outputs do not depend on it. Each image's
+result ``OUT/sa_<name>.json`` is written atomically, so a killed run resumes where it stopped (on
+any number of ranks). An image that cannot be read is skipped, counted and named with its reason in
+``OUT/summary.json``; it never stops the run. Throughput: decoding and resizing run in background
+workers (``torch.utils.data.DataLoader``) while the model works, the encoder embeds a chunk in one
+batch, the decoder takes ``points_per_batch`` prompts per call, and writing runs in a thread.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +39,7 @@ from ..io import (
     image_files,
     load_image,
 )
+from ..predictor import SamPredictor, resize_image
 from .files import GENERATOR_ARGS, finite_or_none
 from .generator import SamAutomaticMaskGenerator
 
@@ -96,25 +101,77 @@ def output_name(image: Path, root: Path) -> str:
     return "sa_" + re.sub(r"[^A-Za-z0-9._-]", "_", stem.replace("/", "__"))
 
 
-class _Images(torch.utils.data.Dataset):
-    """(index, image or None, error or None) of a list of files: decoding errors are returned,
-    not raised, so that one bad file does not stop the loader."""
+def default_image_batch(device: torch.device | str) -> int:
+    """Images per encoder call when not given: 1 on a CPU (batches are no faster there, see
+    BENCHMARKS.md), 8 on a GPU."""
+    return 1 if torch.device(device).type == "cpu" else 8
 
-    def __init__(self, files: list[Path]) -> None:
-        self.files = files
+
+def shard_chunks(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """Rank ``rank`` of ``world``'s chunks of the indices 0..n-1: consecutive chunks of
+    ``batch_size`` (the last may be shorter), chunk c to rank c mod world. A chunk is one encoder
+    batch; its images are the same whatever the number of ranks, so the embeddings (and all
+    results) are too, even where a kernel's numerics depend on the batch."""
+    if batch_size < 1:
+        raise InputError(f"the encoder batch size must be at least 1, got {batch_size}")
+    chunks = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    return chunks[rank::world]
+
+
+class _Chunks(torch.utils.data.Dataset):
+    """Chunk k: [(index, image or None, resized image or None, error or None)] of its files.
+    Decoding and resizing run here, in the loader's worker; their errors are returned, not
+    raised, so that one bad file does not stop the loader."""
+
+    def __init__(self, files, chunks, image_size: int, model_format: str) -> None:
+        self.files, self.chunks = files, chunks
+        self.image_size, self.model_format = image_size, model_format
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.chunks)
 
-    def __getitem__(self, i: int):
-        try:
-            return i, load_image(self.files[i]), None
-        except (InputError, OSError) as e:
-            return i, None, str(e)
+    def __getitem__(self, k: int):
+        items = []
+        for i in self.chunks[k]:
+            try:
+                image = load_image(self.files[i])
+                resized = resize_image(image, self.image_size, "RGB", self.model_format)
+            except (InputError, OSError) as e:
+                items.append((i, None, None, str(e)))
+            else:
+                items.append((i, image, resized, None))
+        return items
 
 
 def _as_is(item):
     return item
+
+
+def embed_chunks(
+    predictor: SamPredictor, files: list[Path], chunks: list[list[int]], *, workers: int = 1
+) -> Iterator[tuple[list[tuple[int, np.ndarray | None, str | None]], torch.Tensor | None]]:
+    """For each chunk of indices into ``files``: its ``[(index, image or None, error or None)]``
+    and the embeddings of its readable images in one encoder batch (B x C x h x w in their order;
+    None when none is readable). Images are decoded and resized by ``workers`` background
+    processes (``torch.utils.data.DataLoader``; 0: in this process) while the model works."""
+    loader = torch.utils.data.DataLoader(
+        _Chunks(files, chunks, predictor.model.image_size, predictor.model.image_format),
+        batch_size=None,
+        collate_fn=_as_is,  # keep numpy images (the default converts them to tensors)
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+    )
+    for items in loader:
+        ok = [(image, resized) for _, image, resized, _ in items if image is not None]
+        features = None
+        if ok:
+            predictor.set_torch_images(
+                [torch.as_tensor(r).permute(2, 0, 1) for _, r in ok],
+                [image.shape[:2] for image, _ in ok],
+            )
+            features = predictor.get_image_embedding()
+            predictor.reset_image()
+        yield [(i, image, error) for i, image, _, error in items], features
 
 
 def label_images(
@@ -125,6 +182,7 @@ def label_images(
     write_png: bool = False,
     write_overlay: bool = False,
     workers: int = 1,
+    image_batch: int | None = None,
     progress: bool = True,
     config: dict | None = None,
     fresh: bool = False,
@@ -140,7 +198,8 @@ def label_images(
     masks also go to ``OUT/<name>/<i>.png`` (0/255, by decreasing area), with ``write_overlay``
     to ``OUT/<name>.overlay.png``. Images whose JSON exists are skipped (resume); ``OUT/run.json``
     holds ``config`` and the generator's parameters, and a run with others is refused (``fresh``:
-    discard the earlier results).
+    discard the earlier results). ``image_batch`` images are embedded per encoder call (None:
+    :func:`default_image_batch`), ``workers`` processes decode and resize.
     ``generator_args`` are :class:`SamAutomaticMaskGenerator`'s. Returns the summary that rank 0
     writes to ``OUT/summary.json`` (images; labelled, masks and seconds of this run; images done
     by earlier runs; skipped images with reasons; ``masks_in_dataset``, the masks of every
@@ -161,45 +220,57 @@ def label_images(
         ensure_dir(out)
     barrier()
     gen = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **generator_args)
+    if image_batch is None:
+        image_batch = default_image_batch(sam.device)
     run_config = {
         **(config or {}),
         **{k: getattr(gen, k) for k in GENERATOR_ARGS},
+        "image_batch": image_batch,  # kernels may round differently per batch size
     }
     claim_run_folder(out / "run.json", run_config, fresh=fresh, clear=lambda: _clear(out))
-    mine = list(range(rank, len(files), world))
-    finished = {i for i in mine if (out / f"{names[i]}.json").exists()}  # by earlier runs
-    todo = [i for i in mine if i not in finished]
-    done_before = len(finished)
+    chunks = shard_chunks(len(files), image_batch, rank, world)
+    finished = {i for c in chunks for i in c if (out / f"{names[i]}.json").exists()}
+    done_before = len(finished)  # by earlier runs
     masks_before = sum(
         len(json.loads((out / f"{names[i]}.json").read_text())["annotations"]) for i in finished
     )
-    loader = torch.utils.data.DataLoader(
-        _Images([files[i] for i in todo]),
-        batch_size=None,
-        collate_fn=_as_is,  # keep numpy images (the default converts them to tensors)
-        num_workers=workers,
-        prefetch_factor=2 if workers else None,
-    )
+    # a chunk with any image left is embedded whole: the same batch as in an uninterrupted run
+    todo = [c for c in chunks if any(i not in finished for i in c)]
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(mine), initial=done_before, desc="everything", unit="img")
+        total = sum(map(len, chunks))
+        bar = tqdm(total=total, initial=done_before, desc="everything", unit="img")
     counts = {"labelled": 0, "masks": 0}
     skipped: list[dict] = []
     t0 = time.perf_counter()
-    for j, image, error in loader:
-        i = todo[j]
-        if image is None:
-            skipped.append({"image": os.fspath(files[i]), "reason": error})
-        else:
-            records = gen.generate(image)
-            records.sort(key=lambda r: r["area"], reverse=True)
-            _write(out, names[i], files[i], i, image, records, run_config, write_png, write_overlay)
-            counts["labelled"] += 1
-            counts["masks"] += len(records)
-        if bar is not None:
-            bar.update()
+    # writing (JSON, PNGs, overlays) runs in a thread beside the model, at most one image behind
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for items, features in embed_chunks(gen.predictor, files, todo, workers=workers):
+            k = -1
+            for i, image, error in items:
+                k += image is not None
+                if i in finished:
+                    continue
+                if image is None:
+                    skipped.append({"image": os.fspath(files[i]), "reason": error})
+                else:
+                    records = gen.generate(image, embedding=features[k : k + 1])
+                    records.sort(key=lambda r: r["area"], reverse=True)
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(
+                        _write, out, names[i], files[i], i, image, records, run_config,
+                        write_png, write_overlay,
+                    )  # fmt: skip
+                    counts["labelled"] += 1
+                    counts["masks"] += len(records)
+                if bar is not None:
+                    bar.update()
+        if pending is not None:
+            pending.result()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from ..errors import InputError
 from .parsing import (
+    check_dataset_args,
+    dataset_args,
     dataset_model,
     default_of,
-    fresh_arg,
     model_args,
     print_skipped,
     runtime_args,
@@ -43,13 +44,12 @@ def _no_mask_note(args: argparse.Namespace) -> None:
 
 
 def _cmd_everything(args: argparse.Namespace) -> int:
-    if args.workers < 0:
-        raise InputError(f"--workers must be 0 or more, got {args.workers}")
     if Path(args.image).is_file() and Path(args.image).suffix.lower() != ".txt":
-        if args.png or args.overlay or args.fresh or args.workers != 1:
+        if args.png or args.overlay or args.fresh or args.workers != 1 or args.image_batch:
             raise InputError(
-                "--png, --overlay, --workers and --fresh are for a dataset (a folder, glob or "
-                ".txt list); one image always gets <i>.png, overlay.png and masks.json"
+                "--png, --overlay, --workers, --image-batch and --fresh are for a dataset (a "
+                "folder, glob or .txt list); one image always gets <i>.png, overlay.png and "
+                "masks.json"
             )
         return _one_image(args)
     return _dataset(args)
@@ -85,6 +85,7 @@ def _dataset(args: argparse.Namespace) -> int:
     from ..amg.dataset import label_images, list_images
 
     listed = list_images(args.image)  # a bad input fails before the model loads
+    check_dataset_args(args)
     rank, sam, config = dataset_model(args)
     summary = label_images(
         listed,
@@ -92,11 +93,12 @@ def _dataset(args: argparse.Namespace) -> int:
         args.out,
         write_png=args.png,
         write_overlay=args.overlay,
-        workers=args.workers,
         progress=not args.no_progress,
         config=config,
         fresh=args.fresh,
         runtime=args.runtime,
+        workers=args.workers,
+        image_batch=args.image_batch,
         **_generator_args(args),
     )
     if rank == 0:
@@ -160,13 +162,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--overlay", action="store_true", help="dataset: also OUT/<name>.overlay.png per image"
     )
-    ev.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="dataset: image-decoding worker processes beside the model (0: none)",
-    )
-    fresh_arg(ev)
+    dataset_args(ev)
     ev.add_argument(
         "--device",
         default=None,

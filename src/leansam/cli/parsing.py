@@ -117,6 +117,32 @@ def fresh_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def dataset_args(p: argparse.ArgumentParser) -> None:
+    """``--fresh``, ``--workers`` and ``--image-batch`` of the resumable dataset commands."""
+    fresh_arg(p)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="dataset: processes decoding and resizing images beside the model (0: none)",
+    )
+    p.add_argument(
+        "--image-batch",
+        type=int,
+        default=None,
+        help="dataset: images per encoder call (default 1 on a CPU, where batches are no "
+        "faster, 8 on a GPU)",
+    )
+
+
+def check_dataset_args(args: argparse.Namespace) -> None:
+    """Raise InputError for a bad ``--workers`` or ``--image-batch`` (before a model loads)."""
+    if args.workers < 0:
+        raise InputError(f"--workers must be 0 or more, got {args.workers}")
+    if args.image_batch is not None and args.image_batch < 1:
+        raise InputError(f"--image-batch must be at least 1, got {args.image_batch}")
+
+
 def dataset_model(args: argparse.Namespace):
     """(rank, model, configuration to record) of a sharded dataset command: starts the process
     group under torchrun, loads ``--model`` / ``--checkpoint`` on ``--device`` (default: the

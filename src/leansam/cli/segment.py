@@ -7,7 +7,14 @@ import argparse
 import sys
 
 from ..errors import InputError
-from .parsing import dataset_model, fresh_arg, model_args, print_skipped, runtime_args
+from .parsing import (
+    check_dataset_args,
+    dataset_args,
+    dataset_model,
+    model_args,
+    print_skipped,
+    runtime_args,
+)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -60,6 +67,7 @@ def _detections(args: argparse.Namespace) -> int:
         )
     if args.images is None or args.detections is None:
         raise InputError("boxes to masks needs both --images DIR and --detections FILE")
+    check_dataset_args(args)
     images, dets = read_detections(args.detections, args.images)
     if not dets:
         raise InputError(f"{args.detections} holds no detections")
@@ -74,7 +82,7 @@ def _detections(args: argparse.Namespace) -> int:
     }
     summary = boxes_to_masks(
         predictor, images, dets, args.out, score=args.score, config=config, fresh=args.fresh,
-        progress=not args.no_progress,
+        progress=not args.no_progress, workers=args.workers, image_batch=args.image_batch,
     )  # fmt: skip
     if rank == 0:
         skipped = summary["skipped"]
@@ -132,7 +140,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="detector",
         help="dataset: each record's score (the detector's, or times the predicted IoU)",
     )
-    fresh_arg(s)
+    dataset_args(s)
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument(
         "--device",
