@@ -11,7 +11,7 @@ DATA   ?= ../shared/data
 # The CPU wheel of torch; a GPU user sets TORCH_SPEC to their CUDA build (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint format bench bench-speed bench-service eval-baselines weights \
+.PHONY: demo test test-slow lint format bench bench-speed bench-service bench-label eval-baselines weights \
 	weights-ablation eval-own eval-runtimes bench-quant browser venv clean
 
 venv: $(STAMP)
@@ -67,6 +67,10 @@ bench-speed: $(STAMP)
 bench-service: $(STAMP)
 	$(PY) benchmarks/service_load.py --clients 16 --duration 30 \
 		--out benchmarks/results/service_load.json
+
+bench-label: $(STAMP)
+	$(PY) benchmarks/label_dataset.py --images 2 --rounds 2 \
+		--out benchmarks/results/label_dataset.json
 
 # The baseline rows of EVALUATION.md on coco-mini val (about 30 minutes on 2 cores).
 EVAL_ARGS = --images $(DATA)/coco-mini/val2017 \
