@@ -91,6 +91,20 @@ def test_inputs_glob_list_and_errors(folder, tmp_path):
         list_images(tmp_path / "typo.jpg")
 
 
+def test_bad_throughput_arguments_fail_before_touching_the_output(folder, sam, tmp_path):
+    out = tmp_path / "o"
+    label_images(folder, sam, out, progress=False, workers=0, **GEN)
+    before = _outputs(out)
+    for kw, message in (({"image_batch": 0}, "at least 1, got 0"),
+                        ({"workers": -1}, "workers must be 0 or more, got -1")):  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            label_images(folder, sam, out, progress=False, fresh=True, **{"workers": 0, **kw},
+                         **GEN)  # fmt: skip
+    assert _outputs(out) == before  # --fresh did not discard anything
+    # a run folder of batch 1 records no image_batch (folders from before the option resume)
+    assert "image_batch" not in json.loads((out / "run.json").read_text())
+
+
 def test_shard_chunks_deal_consecutive_batches_round_robin():
     assert shard_chunks(5, 2, 0, 1) == [[0, 1], [2, 3], [4]]
     assert shard_chunks(5, 2, 0, 2) == [[0, 1], [4]]
@@ -226,6 +240,14 @@ def test_cli_refuses_dataset_options_for_one_image(tmp_path):
     image = sorted((COCO_MINI / "val2017").glob("*.jpg"))[0]
     r = subprocess.run(
         [sys.executable, "-m", "leansam.cli", "everything", str(image), "--model", MODEL,
-         "--png", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+         "--png", "--image-batch", "0", "--out", str(tmp_path / "o")], capture_output=True,
+        text=True,
     )  # fmt: skip
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "are for a dataset" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "--png, --image-batch: for a dataset" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "leansam.cli", "segment", str(image), "--model", MODEL,
+         "--box", "1,1,30,30", "--workers", "3", "--out", str(tmp_path / "s")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 2 and "--workers: for --images DIR --detections FILE" in r.stderr

@@ -185,6 +185,17 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+#: the process's umask, read once at import: reading it means setting it, which would race with
+#: files other threads create (labelling writes from a thread beside the model)
+_UMASK = _read_umask()
+
+
 def atomic_replace(path: str | os.PathLike, write) -> Path:
     """Write ``path`` through ``write(temp_path)`` on a temp file in the same folder, then rename:
     no half-written file is ever visible. The file gets the usual permissions (0666 less the
@@ -195,9 +206,7 @@ def atomic_replace(path: str | os.PathLike, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

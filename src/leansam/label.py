@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .amg.dataset import default_image_batch, embed_chunks, shard_chunks
+from .amg.dataset import batch_config, check_throughput_args, embed_chunks, shard_chunks
 from .distributed import all_gather_objects, barrier, claim_run_folder, init_from_env
 from .errors import InputError
 from .eval.dataset import is_results_list
@@ -193,7 +193,7 @@ def boxes_to_masks(
     config: dict | None = None,
     fresh: bool = False,
     workers: int = 1,
-    image_batch: int | None = None,
+    image_batch: int = 1,
     progress: bool = True,
 ) -> dict:
     """Masks for every detection of every image (see the module docstring); writes ``out_file``
@@ -201,22 +201,21 @@ def boxes_to_masks(
     ``out_file.summary.json``; returns the summary (the same on every rank). ``config`` (model,
     detections' digest, ...) is checked against the parts of an earlier run (``fresh``: discard
     them). ``workers`` processes decode and resize images; ``image_batch`` images share an
-    encoder call (None: :func:`~leansam.amg.dataset.default_image_batch`)."""
+    encoder call (1 by default)."""
+    check_throughput_args(workers, image_batch)
     if score not in SCORES:
         raise InputError(f"unknown score {score!r}: choose from {', '.join(SCORES)}")
     out = Path(out_file)
     if out.is_dir():
         raise InputError(f"--out {out} is a folder: name the output .json file")
     rank, world = init_from_env()
-    if image_batch is None:
-        image_batch = default_image_batch(predictor.device)
     parts = out.with_name(out.name + ".parts")
     if rank == 0:
         ensure_dir(parts)
     barrier()
     claim_run_folder(
         parts / "run.json",
-        {**(config or {}), "score": score, "image_batch": image_batch},
+        {**(config or {}), "score": score, **batch_config(image_batch)},
         fresh=fresh,
         clear=lambda: [p.unlink() for p in parts.glob("*.json") if p.name != "run.json"],
     )
@@ -261,7 +260,7 @@ def boxes_to_masks(
         bar.close()
     seconds = time.perf_counter() - t0
     gathered = all_gather_objects(
-        {"labelled": labelled, "already": len(finished), "failures": failures}
+        {"labelled": labelled, "already": len(finished), "failures": failures, "seconds": seconds}
     )
     summary = {
         "images": len(ids),
@@ -270,6 +269,7 @@ def boxes_to_masks(
         "skipped": sorted((f for g in gathered for f in g["failures"]), key=lambda f: f["image"]),
         "detections": sum(len(detections[i]) for i in ids if (parts / f"{i}.json").exists()),
         "seconds_rank0": seconds,
+        "seconds_max": max(g["seconds"] for g in gathered),  # the slowest rank's
         "world_size": world,
     }
     if rank == 0:

@@ -101,10 +101,18 @@ def output_name(image: Path, root: Path) -> str:
     return "sa_" + re.sub(r"[^A-Za-z0-9._-]", "_", stem.replace("/", "__"))
 
 
-def default_image_batch(device: torch.device | str) -> int:
-    """Images per encoder call when not given: 1 on a CPU (batches are no faster there, see
-    BENCHMARKS.md), 8 on a GPU."""
-    return 1 if torch.device(device).type == "cpu" else 8
+def check_throughput_args(workers: int, image_batch: int) -> None:
+    """Raise InputError for fewer than 0 ``workers`` or an ``image_batch`` below 1."""
+    if workers < 0:
+        raise InputError(f"workers must be 0 or more, got {workers}")
+    if image_batch < 1:
+        raise InputError(f"the encoder batch size must be at least 1, got {image_batch}")
+
+
+def batch_config(image_batch: int) -> dict:
+    """What a run records of its encoder batch: nothing at 1 (so that folders of runs from before
+    the option resume), ``{"image_batch": n}`` otherwise (kernels may round differently)."""
+    return {} if image_batch == 1 else {"image_batch": image_batch}
 
 
 def shard_chunks(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
@@ -136,8 +144,8 @@ class _Chunks(torch.utils.data.Dataset):
             try:
                 image = load_image(self.files[i])
                 resized = resize_image(image, self.image_size, "RGB", self.model_format)
-            except (InputError, OSError) as e:
-                items.append((i, None, None, str(e)))
+            except Exception as e:
+                items.append((i, None, None, str(e) or type(e).__name__))
             else:
                 items.append((i, image, resized, None))
         return items
@@ -182,7 +190,7 @@ def label_images(
     write_png: bool = False,
     write_overlay: bool = False,
     workers: int = 1,
-    image_batch: int | None = None,
+    image_batch: int = 1,
     progress: bool = True,
     config: dict | None = None,
     fresh: bool = False,
@@ -198,13 +206,16 @@ def label_images(
     masks also go to ``OUT/<name>/<i>.png`` (0/255, by decreasing area), with ``write_overlay``
     to ``OUT/<name>.overlay.png``. Images whose JSON exists are skipped (resume); ``OUT/run.json``
     holds ``config`` and the generator's parameters, and a run with others is refused (``fresh``:
-    discard the earlier results). ``image_batch`` images are embedded per encoder call (None:
-    :func:`default_image_batch`), ``workers`` processes decode and resize.
+    discard the earlier results). ``image_batch`` images are embedded per encoder call (1 by
+    default: no faster on a CPU, BENCHMARKS.md; try 8 for EfficientViT on a GPU), ``workers``
+    processes decode and resize.
     ``generator_args`` are :class:`SamAutomaticMaskGenerator`'s. Returns the summary that rank 0
     writes to ``OUT/summary.json`` (images; labelled, masks and seconds of this run; images done
     by earlier runs; skipped images with reasons; ``masks_in_dataset``, the masks of every
-    finished image), the same on every rank.
+    finished image; ``seconds_rank0`` and ``seconds_max``, the slowest rank's), the same on
+    every rank.
     """
+    check_throughput_args(workers, image_batch)
     files, root = images if isinstance(images, tuple) else list_images(images)
     out = Path(out_dir)
     inside = out.resolve()
@@ -220,12 +231,10 @@ def label_images(
         ensure_dir(out)
     barrier()
     gen = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **generator_args)
-    if image_batch is None:
-        image_batch = default_image_batch(sam.device)
     run_config = {
         **(config or {}),
         **{k: getattr(gen, k) for k in GENERATOR_ARGS},
-        "image_batch": image_batch,  # kernels may round differently per batch size
+        **batch_config(image_batch),
     }
     claim_run_folder(out / "run.json", run_config, fresh=fresh, clear=lambda: _clear(out))
     chunks = shard_chunks(len(files), image_batch, rank, world)
@@ -275,8 +284,9 @@ def label_images(
         bar.close()
     seconds = time.perf_counter() - t0
     parts = all_gather_objects(
-        {**counts, "skipped": skipped, "already_done": done_before, "masks_before": masks_before}
-    )
+        {**counts, "skipped": skipped, "already_done": done_before, "masks_before": masks_before,
+         "seconds": seconds}
+    )  # fmt: skip
     summary = {
         "images": len(files),
         "labelled": sum(p["labelled"] for p in parts),
@@ -286,6 +296,8 @@ def label_images(
         "masks_in_dataset": sum(p["masks"] + p["masks_before"] for p in parts),
         "skipped": sorted((s for p in parts for s in p["skipped"]), key=lambda s: s["image"]),
         "seconds_rank0": seconds,
+        # the run's labelling time: its slowest rank
+        "seconds_max": max(p["seconds"] for p in parts),
         "world_size": world,
         "config": run_config,
     }

@@ -14,6 +14,7 @@ from .parsing import (
     check_dataset_args,
     dataset_args,
     dataset_model,
+    dataset_only_flags,
     default_of,
     model_args,
     print_skipped,
@@ -45,11 +46,12 @@ def _no_mask_note(args: argparse.Namespace) -> None:
 
 def _cmd_everything(args: argparse.Namespace) -> int:
     if Path(args.image).is_file() and Path(args.image).suffix.lower() != ".txt":
-        if args.png or args.overlay or args.fresh or args.workers != 1 or args.image_batch:
+        flags = [f for f, on in (("--png", args.png), ("--overlay", args.overlay)) if on]
+        flags += dataset_only_flags(args)
+        if flags:
             raise InputError(
-                "--png, --overlay, --workers, --image-batch and --fresh are for a dataset (a "
-                "folder, glob or .txt list); one image always gets <i>.png, overlay.png and "
-                "masks.json"
+                f"{', '.join(flags)}: for a dataset (a folder, glob or .txt list); one image "
+                "always gets <i>.png, overlay.png and masks.json"
             )
         return _one_image(args)
     return _dataset(args)

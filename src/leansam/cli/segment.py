@@ -11,6 +11,7 @@ from .parsing import (
     check_dataset_args,
     dataset_args,
     dataset_model,
+    dataset_only_flags,
     model_args,
     print_skipped,
     runtime_args,
@@ -22,6 +23,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         return _detections(args)
     if args.image is None:
         raise InputError("give an image, or --images DIR --detections FILE for a dataset")
+    flags = dataset_only_flags(args)
+    if flags:
+        raise InputError(f"{', '.join(flags)}: for --images DIR --detections FILE, not one image")
     from ..segment import parse_box, parse_point, segment
 
     record = segment(
