@@ -36,6 +36,7 @@ from leansam.quant import (
     sqnr_db,
 )
 from leansam.quant.integer import IntegerLinearCAG, IntegerLinearHLUQ
+from leansam.quant.io import pack_int4, pack_tensors, unpack_int4, unpack_tensors
 from leansam.quant.modules import QuantConv2d, QuantLayer, QuantLinear
 from leansam.quant.reconstruct import blocks, reconstruct_block, run_block
 
@@ -298,6 +299,104 @@ def test_save_load_and_every_entry_point(tiny, tmp_path):
         load(path, model=other)
     with pytest.raises(CheckpointError, match="not a leansam quantized model"):
         load(REPO / "pyproject.toml")
+
+
+def test_pack_int4_round_trips_every_code():
+    codes = torch.tensor([[-8, -1, 0, 7, 3], [1, -5, 6, -8, 2]], dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == 5  # 10 codes, two per byte
+    assert torch.equal(unpack_int4(packed, (2, 5)), codes)
+    odd = torch.arange(-8, 7, dtype=torch.int8)  # 15 codes: one nibble of padding
+    assert torch.equal(unpack_int4(pack_int4(odd), (15,)), odd)
+
+
+def test_packed_tensors_round_trip_and_damage_is_one_line():
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "codes": (torch.randn(300, 400, generator=g) * 2).round().clamp(-8, 7).to(torch.int8),
+        "half": torch.randn(7, 3, generator=g).half(),
+        "scalar": torch.tensor(3.5),
+        "flags": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
+    blob, index = pack_tensors(state)
+    assert blob.dtype == torch.uint8 and blob.numel() < 0.6 * 300 * 400  # the codes compress
+    back = unpack_tensors(blob, index, "f")
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    with pytest.raises(CheckpointError, match="f: the packed tensors are damaged"):
+        unpack_tensors(blob[:-10], index, "f")
+    bad = [[k, "float64" if k == "half" else d, s, o, n] for k, d, s, o, n in index]
+    with pytest.raises(CheckpointError, match="f: the packed tensors are damaged"):
+        unpack_tensors(blob, bad, "f")
+
+
+def test_quantized_files_hold_integer_codes(tiny, tmp_path):
+    """Version 2: a quantized weight is stored as int8 codes (8 bits) or two 4-bit codes per
+    byte, AdaRound's rounding is not stored, and the loaded model is the same model; a damaged
+    file fails with one line, and a version-1 file (float weights) still loads."""
+    model, samples = tiny
+    for bits in ("w8a8", "w4a4"):
+        q = quantize(model, QuantConfig.from_bits("ahcptq", bits, iters=2), samples,
+                     progress=False)  # fmt: skip
+        path = save(q, tmp_path / f"{bits}.pt")
+        obj = torch.load(path, weights_only=True)
+        state = unpack_tensors(obj["packed"], obj["index"], path)
+        layers = [n for n, m in q.named_modules() if isinstance(m, QuantLayer)]
+        assert layers
+        for name in layers:
+            weight = dict(q.named_modules())[name].weight
+            assert f"{name}.weight" not in state and f"{name}.w_quant.up" not in state
+            if bits == "w8a8":
+                assert state[f"{name}.weight_codes"].dtype == torch.int8
+                assert state[f"{name}.weight_codes"].shape == weight.shape
+            else:
+                assert state[f"{name}.weight_codes4"].numel() == (weight.numel() + 1) // 2
+        back = load(path)
+        for a, b in zip(_outputs(q, samples), _outputs(back, samples), strict=True):
+            assert torch.equal(a, b)
+        # the weights the layers compute with are the same (the float weight behind them is
+        # rebuilt as codes x scale, and AdaRound's rounding relative to it)
+        twins = zip(q.named_modules(), back.named_modules(), strict=True)
+        for (n, x), (_, y) in twins:
+            if isinstance(x, QuantLayer):
+                assert torch.equal(x.quantized_weight(), y.quantized_weight()), n
+    # a damaged file (codes of the wrong shape), a version-1 file, a newer version
+    obj = torch.load(path, weights_only=True)
+    state = unpack_tensors(obj["packed"], obj["index"], path)
+    key = next(k for k in state if k.endswith(".weight_shape"))
+    state[key] = state[key] + 1
+    obj["packed"], obj["index"] = pack_tensors(state)
+    torch.save(obj, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="codes are"):
+        load(tmp_path / "bad.pt")
+    v1 = {k: v for k, v in obj.items() if k not in ("packed", "index")}
+    v1.update(version=1, state_dict={k: v.detach() for k, v in q.state_dict().items()})
+    torch.save(v1, tmp_path / "v1.pt")
+    for a, b in zip(_outputs(q, samples), _outputs(load(tmp_path / "v1.pt"), samples),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+    torch.save({**obj, "version": 3}, tmp_path / "v3.pt")
+    with pytest.raises(CheckpointError, match="version 3; this leansam reads 1, 2"):
+        load(tmp_path / "v3.pt")
+
+
+def test_quantized_student_file_sizes(tmp_path):
+    """The shipped student quantized per layer with MinMax at W8 and W4: its file is at most 0.3x
+    and 0.17x of the float32 state dict's (issue 22), and loads back to the same outputs."""
+    student = create_model("leansam-efficientvit-s", pretrained=True).float().eval()
+    fp32 = tmp_path / "fp32.pt"
+    torch.save(student.state_dict(), fp32)
+    samples = calibration_samples(student, *TRAIN, count=1, max_boxes=2)
+    for bits, limit in (("w8a8", 0.3), ("w4a4", 0.17)):
+        q = quantize(student, QuantConfig.from_bits("minmax", bits), samples, progress=False)
+        path = save(q, tmp_path / f"{bits}.pt")
+        ratio = path.stat().st_size / fp32.stat().st_size
+        assert ratio <= limit, (bits, ratio)
+        back = load(path)
+        for a, b in zip(_outputs(q, samples), _outputs(back, samples), strict=True):
+            assert torch.equal(a, b)
 
 
 def test_keep_8bit_is_mixed_precision_by_tensor_name(tiny, tmp_path):

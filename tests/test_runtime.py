@@ -1,4 +1,4 @@
-"""Image-encoder runtimes: folded BatchNorm, torch.compile, ONNX Runtime, bf16 and INT8."""
+"""Image-encoder runtimes: folded BatchNorm, torch.compile, ONNX Runtime, OpenVINO, bf16, INT8."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_compile_fallback_warns_with_the_text_the_marker_turns_into_an_error(mon
 
 
 @NO_COMPILE_FALLBACK
-@pytest.mark.parametrize("runtime", ["torch-opt", "onnx"])
+@pytest.mark.parametrize("runtime", ["torch-opt", "onnx", "openvino"])
 def test_fp32_runtimes_match_eager(tiny, runtime):
     enc = make_encoder(tiny, runtime)
     for n in (1, 2):  # a second batch size recompiles / uses the dynamic axis
@@ -83,6 +83,22 @@ def test_bf16_runtime_is_close(tiny):
     assert 0 < _rel(got, want) < 0.05
 
 
+def test_openvino_bf16_runs_bf16_where_the_cpu_has_it_and_says_so_where_not(tiny):
+    from leansam.provenance import cpu_has_bf16
+
+    x = _x(tiny)
+    with torch.no_grad():
+        want = tiny.image_encoder(x)
+    if cpu_has_bf16():
+        got = make_encoder(tiny, "openvino-bf16")(x)
+        assert 0 < _rel(got, want) < 0.05  # bf16 really ran: not the fp32 result
+    else:
+        with pytest.warns(UserWarning, match="this CPU has no bf16 units"):
+            got = make_encoder(tiny, "openvino-bf16")(x)
+        assert (got - want).abs().max().item() <= 1e-4
+    assert got.dtype == torch.float32 and got.shape == want.shape
+
+
 def test_int8_runtime_is_calibrated_and_lossy_but_close():
     """On the shipped student and real images: INT8 differs from fp32, but within 30 %."""
     model = create_model("leansam-efficientvit-s", pretrained=True)
@@ -96,19 +112,20 @@ def test_int8_runtime_is_calibrated_and_lossy_but_close():
     assert 0.001 < err < 0.3
 
 
-def test_predictor_on_onnx_gives_the_same_masks(tiny, coco_image):
+def test_predictor_on_onnx_and_openvino_gives_the_same_masks(tiny, coco_image):
     image, anns = coco_image
     boxes = np.array(
         [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + 50, a["bbox"][1] + 40] for a in anns[:3]]
     )
     out = {}
-    for runtime in ("torch", "onnx"):
+    for runtime in ("torch", "onnx", "openvino"):
         pred = SamPredictor(tiny, runtime)
         assert pred.runtime == runtime
         pred.set_image(image)
         out[runtime] = pred.predict(box=boxes, multimask_output=True)
-    assert mask_agreement(out["onnx"][0], out["torch"][0]) >= 0.999
-    np.testing.assert_allclose(out["onnx"][1], out["torch"][1], atol=1e-4)
+    for runtime in ("onnx", "openvino"):
+        assert mask_agreement(out[runtime][0], out["torch"][0]) >= 0.999
+        np.testing.assert_allclose(out[runtime][1], out["torch"][1], atol=1e-4)
 
 
 def test_runtime_errors(tiny, tmp_path):

@@ -15,6 +15,10 @@ torch-opt  BatchNorm folded into the preceding convolutions, channels-last, ``to
 onnx       ONNX Runtime (CPU provider) on the exported fp32 encoder graph
 onnx-int8  ONNX Runtime with the encoder statically quantized to INT8 (QDQ, per-channel weights,
            activations calibrated on the images of ``calibration``) -- a speed/accuracy option
+openvino   OpenVINO (CPU plugin) on the exported fp32 encoder graph, inference precision f32:
+           exact to ~1e-5
+openvino-  OpenVINO with inference precision bf16 (CPUs with AVX512-BF16 or AMX; elsewhere
+bf16       OpenVINO keeps f32, and leansam warns that the runtime is then plain ``openvino``)
 ========== ======================================================================================
 
 BENCHMARKS.md records the speed of each and EVALUATION.md the mIoU cost of the lossy ones.
@@ -35,7 +39,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .errors import InputError, require
 from .modeling.sam import Sam
 
-RUNTIMES = ("torch", "torch-bf16", "torch-opt", "onnx", "onnx-int8")
+RUNTIMES = ("torch", "torch-bf16", "torch-opt", "onnx", "onnx-int8", "openvino", "openvino-bf16")
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -179,6 +183,36 @@ def _onnx(model: Sam, calibration: Sequence[torch.Tensor] | None, int8: bool) ->
     return run
 
 
+def _openvino(model: Sam, bf16: bool) -> Encoder:
+    ov = require("openvino", "openvino")
+    import onnx
+
+    core = ov.Core()
+    graph = ov.convert_model(onnx.load_from_string(_encoder_graph(model)))
+    precision = "bf16" if bf16 else "f32"
+    config = {
+        "INFERENCE_PRECISION_HINT": precision,
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "PERFORMANCE_HINT": "LATENCY",
+    }
+    compiled = core.compile_model(graph, "CPU", config)
+    actual = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+    if bf16 and "bf16" not in actual:
+        warnings.warn(
+            "openvino-bf16: this CPU has no bf16 units (AVX512-BF16 / AMX), OpenVINO runs the "
+            f"encoder in {actual}: the same as runtime openvino",
+            stacklevel=3,
+        )
+    device, dtype = model.device, model.dtype
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        request = compiled.create_infer_request()
+        out = request.infer({0: x.float().cpu().numpy()})[compiled.output(0)]
+        return torch.from_numpy(out.copy()).to(device=device, dtype=dtype)
+
+    return run
+
+
 def calibration_images(folder: str | os.PathLike | None, count: int = 8) -> list:
     """The first ``count`` images (by name) of ``folder`` as H x W x 3 uint8 arrays: calibration
     data for ``onnx-int8``. Raises a one-line :class:`InputError` for a missing or empty folder."""
@@ -210,4 +244,6 @@ def make_encoder(
         return _torch_opt(model)
     if model.device.type != "cpu":
         raise InputError(f"runtime {runtime} runs on the CPU; use torch or torch-opt on a GPU")
+    if runtime.startswith("openvino"):
+        return _openvino(model, bf16=runtime == "openvino-bf16")
     return _onnx(model, calibration, int8=runtime == "onnx-int8")
