@@ -225,3 +225,43 @@ def test_dense_mask_loss():
     x = torch.zeros(1, 1, 32, 32, requires_grad=True)
     mask_loss(x, gt, num_points=0).sum().backward()
     assert bool((x.grad != 0).all())
+
+
+def test_balanced_bce_weighs_object_and_background_alike():
+    """A 4 x 4 object in a 64 x 64 frame: an empty mask costs the plain BCE almost nothing (the
+    object is 0.4 % of the pixels) but half the balanced BCE, whatever the object's size."""
+    empty = torch.full((1, 1, 64, 64), -8.0)
+    costs = {}
+    for side in (4, 32):
+        gt = torch.zeros(1, 64, 64)
+        gt[0, :side, :side] = 1
+        plain = mask_loss(empty, gt, num_points=0, bce_weight=1.0) - mask_loss(
+            empty, gt, num_points=0, bce_weight=0.0
+        )
+        balanced = mask_loss(empty, gt, num_points=0, bce_weight=1.0, bce_balanced=True) - (
+            mask_loss(empty, gt, num_points=0, bce_weight=0.0)
+        )
+        costs[side] = plain.item(), balanced.item()
+        # object pixels cost softplus(8) each, background softplus(-8): their means, averaged
+        sp = torch.nn.functional.softplus
+        expected = 0.5 * (sp(torch.tensor(8.0)) + sp(torch.tensor(-8.0)))
+        torch.testing.assert_close(balanced[0], expected)
+    assert costs[4][0] < 0.04 and costs[4][1] > 3.9  # plain BCE: the small object hardly counts
+    assert costs[32][0] == pytest.approx(2.0, abs=0.01)
+
+
+def test_decoder_lr_scale_splits_the_groups():
+    from leansam import create_model
+    from leansam.train.loop import param_groups
+
+    model = create_model("efficientvit-sam-tiny-l", seed=0)
+    plain = param_groups(model, 0.1, 1e-3)
+    assert [(g["weight_decay"], g["lr"]) for g in plain] == [(0.1, 1e-3), (0.0, 1e-3)]
+    scaled = param_groups(model, 0.1, 1e-3, decoder_lr_scale=0.1)
+    assert [(g["weight_decay"], g["lr"]) for g in scaled] == [
+        (0.1, 1e-3), (0.1, 1e-4), (0.0, 1e-3), (0.0, 1e-4)
+    ]  # fmt: skip
+    decoder = {id(p) for n, p in model.named_parameters() if n.startswith("mask_decoder.")}
+    low = {id(p) for g in scaled if g["lr"] == 1e-4 for p in g["params"]}
+    assert decoder <= low and len(low) < len(list(model.parameters()))
+    assert sum(len(g["params"]) for g in scaled) == len(list(model.parameters()))

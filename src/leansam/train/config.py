@@ -38,6 +38,9 @@ class TrainConfig:
     masks_per_image: int = 64  # stage 2: resampled with replacement when an image has fewer
     #: learning rate per process; the run uses lr x world size (SPEC: 8e-7 for L, 4e-7 for XL)
     lr: float = 8e-7
+    #: the prompt encoder's and mask decoder's learning rate as a multiple of ``lr`` (issue 21: a
+    #: warm-started decoder keeps its box prior while an encoder learns from scratch)
+    decoder_lr_scale: float = 1.0
     weight_decay: float = 0.1
     #: linear warm-up over the first steps before the cosine decay (0: none, as in the paper's
     #: stage 2 that starts from trained weights; useful when training from scratch)
@@ -51,6 +54,10 @@ class TrainConfig:
     #: weight of the BCE (or focal) term next to Dice; SPEC: 20 (fine-tuning a trained SAM). From
     #: scratch, 20 drives every mask to background for hundreds of steps: leansam's own models use 1
     bce_weight: float = 20.0
+    #: class-balanced BCE: the mean over each mask's object pixels and the mean over its
+    #: background, averaged; plain BCE averages over every pixel, where a small object's pixels
+    #: hardly count and an empty mask is nearly free (issue 21's diagnosis)
+    bce_balanced: bool = False
     #: weight of SAM's IoU-head loss (MSE to the masks' actual IoU): 0 in the paper's stage 2,
     #: which starts from SAM's trained head; needed when training a decoder from scratch, or the
     #: best-predicted-IoU choice among multimask outputs is random

@@ -41,7 +41,7 @@ class FinetuneStep(nn.Module):
             g = torch.Generator(device=low.device).manual_seed(seeds[i])
             loss = mask_loss(
                 low.float(), s["gt"], num_points=self.cfg.num_points, focal=self.cfg.focal,
-                bce_weight=self.cfg.bce_weight, generator=g,
+                bce_weight=self.cfg.bce_weight, bce_balanced=self.cfg.bce_balanced, generator=g,
             )  # fmt: skip
             if self.cfg.iou_loss_weight:
                 loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), s["gt"], iou_pred)

@@ -27,17 +27,30 @@ from ..io import atomic_replace, atomic_write_bytes, atomic_write_json
 from ..provenance import cpu_has_bf16, describe_environment
 from .config import TrainConfig
 
+#: the parameters ``decoder_lr_scale`` applies to (SAM's prompt encoder and mask decoder)
+DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on norms and biases (1-D tensors)."""
-    decay, no_decay = [], []
+
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, decoder_lr_scale: float = 1.0
+) -> list[dict]:
+    """AdamW groups: no weight decay on norms and biases (1-D tensors); the prompt encoder's and
+    mask decoder's learning rate ``lr * decoder_lr_scale`` (at 1, the two groups of earlier
+    versions, so that their optimizer states load). Empty groups are left out."""
+    groups: dict[tuple[bool, bool], list] = {}
+    split = decoder_lr_scale != 1.0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        groups.setdefault((no_decay, split and name.startswith(DECODER_PREFIXES)), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": params,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr": lr * (decoder_lr_scale if decoder else 1.0),
+        }
+        for (no_decay, decoder), params in sorted(groups.items())
     ]
 
 
@@ -74,8 +87,9 @@ class Run:
         self.total_steps = math.ceil(cfg.epochs * self.steps_per_epoch)
         self.last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         self.trainable = trainable
+        lr = cfg.lr * self.world
         self.optimizer = torch.optim.AdamW(
-            param_groups(trainable, cfg.weight_decay), lr=cfg.lr * self.world
+            param_groups(trainable, cfg.weight_decay, lr, cfg.decoder_lr_scale), lr=lr
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,

@@ -67,6 +67,7 @@ def mask_loss(
     num_points: int = NUM_POINTS,
     focal: bool = False,
     bce_weight: float = BCE_WEIGHT,
+    bce_balanced: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Loss per prompt, best over the C predicted masks.
@@ -79,6 +80,9 @@ def mask_loss(
         (the ground truth area-averaged onto the logits' grid), which a decoder trained from
         scratch needs: uncertainty sampling rarely hits small objects while every logit is
         still confidently background.
+
+      bce_balanced: the BCE term as the mean of its mean over the target's object and over its
+        background (soft targets weight both), so that small objects count as much as large ones.
 
     Returns B losses: min over C of (20 x BCE + Dice), or (20 x focal + Dice) with ``focal``
     (``bce_weight`` replaces the 20).
@@ -95,6 +99,11 @@ def mask_loss(
         target = target.expand(b, c, h * w).reshape(b * c, h * w)
     if focal:
         first = _focal(pred, target)
+    elif bce_balanced:
+        bce = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+        pos = (bce * target).sum(-1) / target.sum(-1).clamp(min=1e-6)
+        neg = (bce * (1 - target)).sum(-1) / (1 - target).sum(-1).clamp(min=1e-6)
+        first = 0.5 * (pos + neg)
     else:
         first = F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean(-1)
     loss = bce_weight * first + _dice(pred, target)
