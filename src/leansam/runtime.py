@@ -184,11 +184,15 @@ def _onnx(model: Sam, calibration: Sequence[torch.Tensor] | None, int8: bool) ->
 
 
 def _openvino(model: Sam, bf16: bool) -> Encoder:
-    ov = require("openvino", "openvino")
-    import onnx
+    import tempfile
+    from pathlib import Path
 
+    ov = require("openvino", "openvino")
     core = ov.Core()
-    graph = ov.convert_model(onnx.load_from_string(_encoder_graph(model)))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "encoder.onnx"
+        path.write_bytes(_encoder_graph(model))
+        graph = core.read_model(str(path))
     precision = "bf16" if bf16 else "f32"
     config = {
         "INFERENCE_PRECISION_HINT": precision,
@@ -196,7 +200,8 @@ def _openvino(model: Sam, bf16: bool) -> Encoder:
         "PERFORMANCE_HINT": "LATENCY",
     }
     compiled = core.compile_model(graph, "CPU", config)
-    actual = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: f32, bf16, ...
+    actual = hint.to_string() if hasattr(hint, "to_string") else str(hint)
     if bf16 and "bf16" not in actual:
         warnings.warn(
             "openvino-bf16: this CPU has no bf16 units (AVX512-BF16 / AMX), OpenVINO runs the "
