@@ -244,7 +244,7 @@ def test_cli_refuses_dataset_options_for_one_image(tmp_path):
         text=True,
     )  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "--png, --image-batch: for a dataset" in r.stderr
+    assert "--png, --image-batch: only for a dataset" in r.stderr and "not one image" in r.stderr
     r = subprocess.run(
         [sys.executable, "-m", "leansam.cli", "segment", str(image), "--model", MODEL,
          "--box", "1,1,30,30", "--workers", "3", "--out", str(tmp_path / "s")],

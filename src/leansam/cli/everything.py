@@ -50,8 +50,8 @@ def _cmd_everything(args: argparse.Namespace) -> int:
         flags += dataset_only_flags(args)
         if flags:
             raise InputError(
-                f"{', '.join(flags)}: for a dataset (a folder, glob or .txt list); one image "
-                "always gets <i>.png, overlay.png and masks.json"
+                f"{', '.join(flags)}: only for a dataset (a folder, glob or .txt list), not one "
+                "image file, which always gets <i>.png, overlay.png and masks.json in --out"
             )
         return _one_image(args)
     return _dataset(args)
