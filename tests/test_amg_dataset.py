@@ -15,7 +15,14 @@ import torch
 from conftest import COCO_MINI, cli_one_and_two_ranks
 
 from leansam import SamAutomaticMaskGenerator, create_model
-from leansam.amg.dataset import embed_chunks, label_images, list_images, output_name, shard_chunks
+from leansam.amg.dataset import (
+    embed_chunks,
+    label_images,
+    list_images,
+    output_name,
+    shard_chunks,
+    write_behind,
+)
 from leansam.amg.files import finite_or_none
 from leansam.errors import InputError
 from leansam.io import coco_rle_to_mask, load_image
@@ -105,6 +112,24 @@ def test_bad_throughput_arguments_fail_before_touching_the_output(folder, sam, t
     assert "image_batch" not in json.loads((out / "run.json").read_text())
 
 
+def test_write_behind_runs_in_order_and_raises_the_writers_errors():
+    done = []
+
+    def fails():
+        raise OSError("disk full")
+
+    with write_behind() as submit:
+        submit(done.append, 1)
+        submit(done.append, 2)
+    assert done == [1, 2]
+    with pytest.raises(OSError, match="disk full"), write_behind() as submit:
+        submit(fails)
+        submit(done.append, 3)  # waits for the failed write first, and raises its error
+    assert done == [1, 2]
+    with pytest.raises(OSError, match="disk full"), write_behind() as submit:
+        submit(fails)  # the last write's error is raised on leaving
+
+
 def test_shard_chunks_deal_consecutive_batches_round_robin():
     assert shard_chunks(5, 2, 0, 1) == [[0, 1], [2, 3], [4]]
     assert shard_chunks(5, 2, 0, 2) == [[0, 1], [4]]
@@ -117,15 +142,23 @@ def test_shard_chunks_deal_consecutive_batches_round_robin():
 def test_batched_encoder_gives_the_per_image_results(folder, sam, tmp_path):
     files, _ = list_images(folder)
     predictor = SamAutomaticMaskGenerator(sam).predictor
+    batches, real = [], predictor.set_torch_images
+
+    def recorded(images, sizes):
+        batches.append(len(images))
+        return real(images, sizes)
+
+    predictor.set_torch_images = recorded
     got = list(embed_chunks(predictor, files, [[0, 1], [2]], workers=1))
-    assert [[i for i, _, _ in items] for items, _ in got] == [[0, 1], [2]]
-    assert [f.shape[0] for _, f in got] == [2, 1]
-    for items, features in got:
-        for k, (i, image, error) in enumerate(items):
-            assert error is None and image.shape == load_image(files[i]).shape
-            predictor.set_image(image)
-            single = predictor.get_image_embedding()
-            torch.testing.assert_close(features[k : k + 1], single, rtol=0, atol=1e-5)
+    del predictor.set_torch_images
+    assert batches == [2, 1]  # one encoder call per chunk
+    assert [i for i, _, _, _ in got] == [0, 1, 2]
+    for i, image, embedding, error in got:
+        assert error is None and image.shape == load_image(files[i]).shape
+        predictor.set_image(image)
+        single = predictor.get_image_embedding()
+        assert embedding.shape == single.shape
+        torch.testing.assert_close(embedding, single, rtol=0, atol=1e-5)
     one, two = tmp_path / "one", tmp_path / "two"
     label_images(folder, sam, one, progress=False, workers=0, image_batch=1, **GEN)
     summary = label_images(folder, sam, two, progress=False, workers=2, image_batch=2, **GEN)

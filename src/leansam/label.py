@@ -23,12 +23,17 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .amg.dataset import batch_config, check_throughput_args, embed_chunks, shard_chunks
+from .amg.dataset import (
+    batch_config,
+    check_throughput_args,
+    embed_chunks,
+    shard_chunks,
+    write_behind,
+)
 from .distributed import all_gather_objects, barrier, claim_run_folder, init_from_env
 from .errors import InputError
 from .eval.dataset import is_results_list
@@ -235,27 +240,19 @@ def boxes_to_masks(
     failures: list[dict] = []
     t0 = time.perf_counter()
     files = [images[i] for i in ids]
-    with ThreadPoolExecutor(max_workers=1) as writer:  # writing beside the model
-        pending = None
-        for items, features in embed_chunks(predictor, files, todo, workers=workers):
-            k = -1
-            for j, image, error in items:
-                k += image is not None
-                i = ids[j]
-                if i in finished:
-                    continue
-                if image is None:
-                    failures.append({"image": os.fspath(images[i]), "reason": error})
-                else:
-                    records = _records(source, image, features[k : k + 1], detections[i], score)
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(atomic_write_json, parts / f"{i}.json", records)
-                    labelled += 1
-                if bar is not None:
-                    bar.update()
-        if pending is not None:
-            pending.result()
+    with write_behind() as submit:  # writing beside the model
+        for j, image, embedding, error in embed_chunks(predictor, files, todo, workers=workers):
+            i = ids[j]
+            if i in finished:
+                continue
+            if image is None:
+                failures.append({"image": os.fspath(images[i]), "reason": error})
+            else:
+                records = _records(source, image, embedding, detections[i], score)
+                submit(atomic_write_json, parts / f"{i}.json", records)
+                labelled += 1
+            if bar is not None:
+                bar.update()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0

@@ -13,6 +13,7 @@ batch, the decoder takes ``points_per_batch`` prompts per call, and writing runs
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -20,7 +21,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -101,12 +102,16 @@ def output_name(image: Path, root: Path) -> str:
     return "sa_" + re.sub(r"[^A-Za-z0-9._-]", "_", stem.replace("/", "__"))
 
 
+def _check_image_batch(image_batch: int) -> None:
+    if image_batch < 1:
+        raise InputError(f"the encoder batch size must be at least 1, got {image_batch}")
+
+
 def check_throughput_args(workers: int, image_batch: int) -> None:
     """Raise InputError for fewer than 0 ``workers`` or an ``image_batch`` below 1."""
     if workers < 0:
         raise InputError(f"workers must be 0 or more, got {workers}")
-    if image_batch < 1:
-        raise InputError(f"the encoder batch size must be at least 1, got {image_batch}")
+    _check_image_batch(image_batch)
 
 
 def batch_config(image_batch: int) -> dict:
@@ -120,8 +125,7 @@ def shard_chunks(n: int, batch_size: int, rank: int, world: int) -> list[list[in
     ``batch_size`` (the last may be shorter), chunk c to rank c mod world. A chunk is one encoder
     batch; its images are the same whatever the number of ranks, so the embeddings (and all
     results) are too, even where a kernel's numerics depend on the batch."""
-    if batch_size < 1:
-        raise InputError(f"the encoder batch size must be at least 1, got {batch_size}")
+    _check_image_batch(batch_size)
     chunks = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     return chunks[rank::world]
 
@@ -157,11 +161,12 @@ def _as_is(item):
 
 def embed_chunks(
     predictor: SamPredictor, files: list[Path], chunks: list[list[int]], *, workers: int = 1
-) -> Iterator[tuple[list[tuple[int, np.ndarray | None, str | None]], torch.Tensor | None]]:
-    """For each chunk of indices into ``files``: its ``[(index, image or None, error or None)]``
-    and the embeddings of its readable images in one encoder batch (B x C x h x w in their order;
-    None when none is readable). Images are decoded and resized by ``workers`` background
-    processes (``torch.utils.data.DataLoader``; 0: in this process) while the model works."""
+) -> Iterator[tuple[int, np.ndarray | None, torch.Tensor | None, str | None]]:
+    """``(index, image, embedding, None)`` for every readable image of the chunks of indices into
+    ``files`` (embedding 1 x C x h x w, from one encoder batch per chunk), ``(index, None, None,
+    reason)`` for the others, in chunk order. Images are decoded and resized by ``workers``
+    background processes (``torch.utils.data.DataLoader``; 0: in this process) while the model
+    works."""
     loader = torch.utils.data.DataLoader(
         _Chunks(files, chunks, predictor.model.image_size, predictor.model.image_format),
         batch_size=None,
@@ -171,15 +176,35 @@ def embed_chunks(
     )
     for items in loader:
         ok = [(image, resized) for _, image, resized, _ in items if image is not None]
-        features = None
+        embeddings = iter(())
         if ok:
             predictor.set_torch_images(
                 [torch.as_tensor(r).permute(2, 0, 1) for _, r in ok],
                 [image.shape[:2] for image, _ in ok],
             )
-            features = predictor.get_image_embedding()
+            embeddings = iter(predictor.get_image_embedding().split(1))
             predictor.reset_image()
-        yield [(i, image, error) for i, image, _, error in items], features
+        for i, image, _, error in items:
+            yield i, image, None if image is None else next(embeddings), error
+
+
+@contextlib.contextmanager
+def write_behind() -> Iterator[Callable[..., None]]:
+    """``submit(fn, *args)`` running ``fn(*args)`` in one thread beside the caller, at most one
+    call behind: each submit first waits for the previous call, whose error it raises; leaving
+    the block waits for the last one (and raises its error)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+
+        def submit(fn: Callable[..., None], *args) -> None:
+            nonlocal pending
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(fn, *args)
+
+        yield submit
+        if pending is not None:
+            pending.result()
 
 
 def label_images(
@@ -255,31 +280,21 @@ def label_images(
     skipped: list[dict] = []
     t0 = time.perf_counter()
     # writing (JSON, PNGs, overlays) runs in a thread beside the model, at most one image behind
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending = None
-        for items, features in embed_chunks(gen.predictor, files, todo, workers=workers):
-            k = -1
-            for i, image, error in items:
-                k += image is not None
-                if i in finished:
-                    continue
-                if image is None:
-                    skipped.append({"image": os.fspath(files[i]), "reason": error})
-                else:
-                    records = gen.generate(image, embedding=features[k : k + 1])
-                    records.sort(key=lambda r: r["area"], reverse=True)
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(
-                        _write, out, names[i], files[i], i, image, records, run_config,
-                        write_png, write_overlay,
-                    )  # fmt: skip
-                    counts["labelled"] += 1
-                    counts["masks"] += len(records)
-                if bar is not None:
-                    bar.update()
-        if pending is not None:
-            pending.result()
+    with write_behind() as submit:
+        for i, image, embedding, error in embed_chunks(gen.predictor, files, todo, workers=workers):
+            if i in finished:
+                continue
+            if image is None:
+                skipped.append({"image": os.fspath(files[i]), "reason": error})
+            else:
+                records = gen.generate(image, embedding=embedding)
+                records.sort(key=lambda r: r["area"], reverse=True)
+                submit(_write, out, names[i], files[i], i, image, records, run_config,
+                       write_png, write_overlay)  # fmt: skip
+                counts["labelled"] += 1
+                counts["masks"] += len(records)
+            if bar is not None:
+                bar.update()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0

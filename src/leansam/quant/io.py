@@ -132,20 +132,39 @@ def compact_state_dict(model: Sam) -> dict[str, torch.Tensor]:
     return {k: _compact_float(v) for k, v in state.items()}
 
 
-def _restore_weights(model: Sam, state: dict[str, torch.Tensor], path) -> dict:
+#: state-dict entries of the weight codes (version 2)
+CODE_SUFFIXES = (".weight_codes", ".weight_codes4", ".weight_shape")
+
+
+def _load_compact(model: Sam, state: dict[str, torch.Tensor], path) -> None:
+    """Load a version-2 state dict into the prepared ``model``: every entry but the codes, then
+    each coded layer's weight rebuilt from its codes. Raises RuntimeError naming missing or
+    unexpected entries."""
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in state.items() if not k.endswith(CODE_SUFFIXES)}, strict=False
+    )
+    coded = {k.rsplit(".", 1)[0] for k in state if k.endswith(CODE_SUFFIXES)}
+    rebuilt = {f"{n}.weight" for n in coded} | {f"{n}.w_quant.up" for n in coded}
+    if unexpected or set(missing) - rebuilt:
+        raise RuntimeError(
+            f"missing {sorted(set(missing) - rebuilt)[:3]}, unexpected {unexpected[:3]}"
+        )
+    _restore_weights(model, state, path)
+
+
+def _restore_weights(model: Sam, state: dict[str, torch.Tensor], path) -> None:
     """Rebuild each coded layer's float weight (and AdaRound's rounding) from its codes, after
-    the quantizers' scales are loaded; returns ``state`` without the code entries."""
-    state = dict(state)
+    the quantizers' scales are loaded."""
     for name, layer in _coded_layers(model).items():
         expected = tuple(layer.weight.shape)
         if f"{name}.weight_codes4" in state:
-            shape = tuple(state.pop(f"{name}.weight_shape").tolist())
-            packed = state.pop(f"{name}.weight_codes4")
+            shape = tuple(state[f"{name}.weight_shape"].tolist())
+            packed = state[f"{name}.weight_codes4"]
             if shape != expected or packed.numel() != (layer.weight.numel() + 1) // 2:
                 raise CheckpointError(f"{path}: {name} codes are {shape}, the layer {expected}")
             codes = unpack_int4(packed, shape)
         elif f"{name}.weight_codes" in state:
-            codes = state.pop(f"{name}.weight_codes")
+            codes = state[f"{name}.weight_codes"]
             if tuple(codes.shape) != expected:
                 raise CheckpointError(
                     f"{path}: {name} codes are {tuple(codes.shape)}, the layer {expected}"
@@ -164,7 +183,6 @@ def _restore_weights(model: Sam, state: dict[str, torch.Tensor], path) -> dict:
             layer.weight.data = w.to(layer.weight.dtype)
         if not torch.equal(wq.codes(layer.weight), codes.float()):
             raise CheckpointError(f"{path}: {name} codes do not rebuild their weights")
-    return state
 
 
 def save(model: Sam, path: str | os.PathLike) -> Path:
@@ -210,25 +228,11 @@ def load(
         raise CheckpointError(f"{path} holds a quantized {obj['model']}, not {model}")
     cfg = QuantConfig.from_dict(obj["config"])
     q = prepare(create_model(obj["model"], seed=0), cfg)
-    packed = version >= 2
-    state = unpack_tensors(obj["packed"], obj["index"], path) if packed else obj["state_dict"]
     try:
         if version == 1:
-            q.load_state_dict(state, strict=True)
+            q.load_state_dict(obj["state_dict"], strict=True)
         else:
-            coded = [k for k in state if k.endswith((".weight_codes", ".weight_codes4"))]
-            rest = {k: v for k, v in state.items() if not k.endswith(".weight_shape")}
-            rest = {k: v for k, v in rest.items() if k not in coded}
-            missing, unexpected = q.load_state_dict(rest, strict=False)
-            coded_layers = {k.rsplit(".", 1)[0] for k in coded}
-            allowed = {f"{n}.weight" for n in coded_layers} | {
-                f"{n}.w_quant.up" for n in coded_layers
-            }
-            if unexpected or set(missing) - allowed:
-                raise RuntimeError(
-                    f"missing {sorted(set(missing) - allowed)[:3]}, unexpected {unexpected[:3]}"
-                )
-            _restore_weights(q, state, path)
+            _load_compact(q, unpack_tensors(obj["packed"], obj["index"], path), path)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match {obj['model']}: {e}") from None
     for _, qz in quantizers(q):
