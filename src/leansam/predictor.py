@@ -74,8 +74,11 @@ class SamPredictor:
     Beyond SAM: :meth:`predict` takes N x 4 boxes (or N x K x 2 points) and decodes them in one
     batched call, :meth:`set_images` embeds several images in one encoder batch, and ``runtime``
     picks how the image encoder runs (:mod:`leansam.runtime`: ``torch``, ``torch-bf16``,
-    ``torch-opt``, ``onnx``, ``onnx-int8``; the last needs ``calibration_images``, a few H x W x 3
-    uint8 images). Prompt decoding always runs in PyTorch (compiled for ``torch-opt``).
+    ``torch-opt``, ``onnx``, ``onnx-int8``, ``openvino``, ``openvino-bf16``, ``openvino-int8``).
+    The INT8 runtimes take ``calibration_images`` (a few H x W x 3 uint8 images): ``onnx-int8``
+    always, ``openvino-int8`` unless the model is a W8A8 quantized one. A quantized model runs
+    on ``torch`` (fake quantization) or an INT8 runtime. Prompt decoding always runs in PyTorch
+    (compiled for ``torch-opt``).
     """
 
     def __init__(
@@ -87,11 +90,6 @@ class SamPredictor:
     ) -> None:
         self.model = sam_model
         self.runtime = check_runtime(runtime)
-        if getattr(sam_model, "quant_config", None) is not None and runtime != "torch":
-            raise InputError(
-                "a quantized model runs on the 'torch' runtime (fake quantization), "
-                f"not {runtime!r}"
-            )
         self.transform = ResizeLongestSide(sam_model.prompt_frame)
         self.image_transform = ResizeLongestSide(sam_model.image_size)
         calibration = None

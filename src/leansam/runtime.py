@@ -13,8 +13,11 @@ torch-opt  BatchNorm folded into the preceding convolutions, channels-last, ``to
            calls with the same input shape are fast. SamPredictor also compiles the decoder
            (:func:`compile_decoder`) for this runtime
 onnx       ONNX Runtime (CPU provider) on the exported fp32 encoder graph
-onnx-int8  ONNX Runtime with the encoder statically quantized to INT8 (QDQ, per-channel weights,
-           activations calibrated on the images of ``calibration``) -- a speed/accuracy option
+onnx-int8  ONNX Runtime on an INT8 encoder graph (QDQ pairs fused into QLinearConv /
+           QLinearMatMul): a W8A8 leansam-quantized model's own scales, zero points and
+           (AdaRound-)rounded weights (:mod:`leansam.quant.deploy`), or for a float model
+           leansam's own W8A8 calibration of the encoder on ``calibration``; the layer outputs
+           ONNX Runtime's kernels requantize are calibrated on ``calibration`` too (required)
 openvino   OpenVINO (CPU plugin) on the exported fp32 encoder graph, inference precision f32:
            exact to ~1e-5
 openvino-  OpenVINO with inference precision bf16 (CPUs with AVX512-BF16 or AMX; elsewhere
@@ -39,7 +42,19 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .errors import InputError, require
 from .modeling.sam import Sam
 
-RUNTIMES = ("torch", "torch-bf16", "torch-opt", "onnx", "onnx-int8", "openvino", "openvino-bf16")
+RUNTIMES = (
+    "torch",
+    "torch-bf16",
+    "torch-opt",
+    "onnx",
+    "onnx-int8",
+    "openvino",
+    "openvino-bf16",
+    "openvino-int8",
+)
+
+#: the runtimes on integer kernels: the only ones a quantized model runs on besides ``torch``
+INT8_RUNTIMES = ("onnx-int8", "openvino-int8")
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -134,9 +149,73 @@ def _encoder_graph(model: Sam) -> bytes:
     return buf.getvalue()
 
 
+def int8_weight_format(target: str, vnni: bool | None = None) -> str:
+    """How the INT8 graph for ``target`` (``onnx`` or ``openvino``) stores its weight codes on a
+    CPU with or without VNNI (default: this CPU): int8 where VNNI / AMX kernels multiply u8 x s8
+    exactly; without VNNI, uint8 for ONNX Runtime (exact) and 7-bit codes for OpenVINO (NNCF's
+    overflow fix), whose u8 x s8 kernels saturate there (:func:`~leansam.quant.deploy.
+    integer_encoder`)."""
+    from .quant.deploy import cpu_has_vnni
+
+    if vnni if vnni is not None else cpu_has_vnni():
+        return "s8"
+    return "u8" if target == "onnx" else "s7"
+
+
+def int8_encoder_graph(
+    model: Sam,
+    calibration: Sequence[torch.Tensor] | None,
+    requantize_outputs: bool,
+    weights: str = "s8",
+) -> tuple[bytes, dict]:
+    """The QDQ INT8 encoder graph of ``model`` and its deployment report: a W8A8
+    leansam-quantized model as it is, a float model after
+    :func:`leansam.quant.deploy.calibrate_encoder` on ``calibration``. ``requantize_outputs``
+    (ONNX Runtime) also quantizes each layer's output, ranges observed on ``calibration``;
+    ``weights``: see :func:`leansam.quant.deploy.integer_encoder`. Raises InputError when
+    calibration images are needed and missing, or the quantized model is not W8A8."""
+    from .export.onnx import export_module
+    from .quant.deploy import calibrate_encoder, integer_encoder
+    from .quant.wrap import is_quantized
+
+    model = copy.deepcopy(model).float().cpu().eval()
+    if not calibration and requantize_outputs:
+        raise InputError(
+            "onnx-int8 needs calibration images (ONNX Runtime's integer convolutions requantize "
+            "their outputs, whose ranges are measured on them): pass --calib-images DIR (or "
+            "calibration_images=[...])"
+        )
+    if not calibration and not is_quantized(model):
+        raise InputError(
+            "openvino-int8 needs calibration images to quantize a float model (or a W8A8 file "
+            "from `leansam quantize` as --checkpoint): pass --calib-images DIR (or "
+            "calibration_images=[...])"
+        )
+    report = {"calibrated_by": "leansam.quant" if is_quantized(model) else "calibrate_encoder"}
+    if not is_quantized(model):
+        model = calibrate_encoder(model, calibration)
+    enc, deployed = integer_encoder(
+        model, calibration if requantize_outputs else None, weights=weights
+    )
+    report.update(deployed)
+    buf = io.BytesIO()
+    x = torch.zeros(1, 3, model.image_size, model.image_size)
+    export_module(
+        enc,
+        (x,),
+        buf,
+        input_names=["images"],
+        output_names=["image_embeddings"],
+        dynamic_axes={"images": {0: "batch"}, "image_embeddings": {0: "batch"}},
+    )
+    return buf.getvalue(), report
+
+
 def quantize_encoder_int8(graph: bytes, calibration: Sequence[torch.Tensor]) -> bytes:
-    """Static INT8 quantization (QDQ, per-channel symmetric weights, uint8 activations with MinMax
-    calibration over ``calibration``: preprocessed 1 x 3 x R x R images) of an encoder graph."""
+    """ONNX Runtime's own static INT8 quantization (QDQ, per-channel symmetric weights, uint8
+    activations with MinMax calibration over ``calibration``: preprocessed 1 x 3 x R x R images)
+    of an encoder graph: the peer ``benchmarks/int8.py`` compares leansam's INT8 with (the
+    ``onnx-int8`` runtime before issue 22)."""
     require("onnx", "export")
     ortq = require("onnxruntime.quantization", "export")
     import tempfile
@@ -170,9 +249,12 @@ def quantize_encoder_int8(graph: bytes, calibration: Sequence[torch.Tensor]) -> 
 
 
 def _onnx(model: Sam, calibration: Sequence[torch.Tensor] | None, int8: bool) -> Encoder:
-    graph = _encoder_graph(model)
     if int8:
-        graph = quantize_encoder_int8(graph, list(calibration or []))
+        graph, _ = int8_encoder_graph(
+            model, calibration, requantize_outputs=True, weights=int8_weight_format("onnx")
+        )
+    else:
+        graph = _encoder_graph(model)
     session = _ort_session(graph)
     device, dtype = model.device, model.dtype
 
@@ -183,15 +265,23 @@ def _onnx(model: Sam, calibration: Sequence[torch.Tensor] | None, int8: bool) ->
     return run
 
 
-def _openvino(model: Sam, bf16: bool) -> Encoder:
+def _openvino(
+    model: Sam, bf16: bool, int8: bool = False, calibration: Sequence[torch.Tensor] | None = None
+) -> Encoder:
     import tempfile
     from pathlib import Path
 
     ov = require("openvino", "openvino")
     core = ov.Core()
+    if int8:
+        onnx_graph, _ = int8_encoder_graph(
+            model, calibration, requantize_outputs=False, weights=int8_weight_format("openvino")
+        )
+    else:
+        onnx_graph = _encoder_graph(model)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "encoder.onnx"
-        path.write_bytes(_encoder_graph(model))
+        path.write_bytes(onnx_graph)
         graph = core.read_model(str(path))
     precision = "bf16" if bf16 else "f32"
     config = {
@@ -218,15 +308,14 @@ def _openvino(model: Sam, bf16: bool) -> Encoder:
     return run
 
 
-def calibration_images(folder: str | os.PathLike | None, count: int = 8) -> list:
+def calibration_images(folder: str | os.PathLike, count: int = 8) -> list:
     """The first ``count`` images (by name) of ``folder`` as H x W x 3 uint8 arrays: calibration
-    data for ``onnx-int8``. Raises a one-line :class:`InputError` for a missing or empty folder."""
+    data for the INT8 runtimes. Raises a one-line :class:`InputError` for a missing or empty
+    folder."""
     from pathlib import Path
 
     from .io import IMAGE_SUFFIXES, load_image
 
-    if folder is None:
-        raise InputError("runtime onnx-int8 needs calibration images: pass --calib-images DIR")
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"calibration folder not found: {root}")
@@ -236,11 +325,28 @@ def calibration_images(folder: str | os.PathLike | None, count: int = 8) -> list
     return [load_image(p) for p in files]
 
 
+def runtime_calibration(runtime: str, folder: str | os.PathLike | None) -> list | None:
+    """The calibration images of ``folder`` when ``runtime`` is an INT8 runtime and a folder is
+    given, else None (:func:`make_encoder` says when they are required)."""
+    check_runtime(runtime)
+    if runtime not in INT8_RUNTIMES or folder is None:
+        return None
+    return calibration_images(folder)
+
+
 def make_encoder(
     model: Sam, runtime: str = "torch", *, calibration: Sequence[torch.Tensor] | None = None
 ) -> Encoder:
-    """The image encoder of ``model`` on ``runtime`` (see the module table)."""
+    """The image encoder of ``model`` on ``runtime`` (see the module table). A leansam-quantized
+    model runs on ``torch`` (fake quantization) or an INT8 runtime (W8A8 only). Raises
+    InputError for other combinations and for missing calibration images."""
     check_runtime(runtime)
+    quantized = getattr(model, "quant_config", None) is not None
+    if quantized and runtime not in ("torch", *INT8_RUNTIMES):
+        raise InputError(
+            "a quantized model runs on the 'torch' runtime (fake quantization) or on "
+            f"{' / '.join(INT8_RUNTIMES)} (W8A8), not {runtime!r}"
+        )
     if runtime == "torch":
         return model.image_encoder
     if runtime == "torch-bf16":
@@ -250,5 +356,10 @@ def make_encoder(
     if model.device.type != "cpu":
         raise InputError(f"runtime {runtime} runs on the CPU; use torch or torch-opt on a GPU")
     if runtime.startswith("openvino"):
-        return _openvino(model, bf16=runtime == "openvino-bf16")
+        return _openvino(
+            model,
+            bf16=runtime == "openvino-bf16",
+            int8=runtime == "openvino-int8",
+            calibration=calibration,
+        )
     return _onnx(model, calibration, int8=runtime == "onnx-int8")

@@ -129,15 +129,15 @@ def segment(
     - ``overlay.png``: the image with every prompt's mask, box and points drawn;
     - ``result.json``: COCO RLE, scores, prompts and the full configuration.
 
-    ``runtime`` picks the image encoder's runtime (:mod:`leansam.runtime`); ``onnx-int8`` takes
-    its calibration images from the folder ``calib_images``.
+    ``runtime`` picks the image encoder's runtime (:mod:`leansam.runtime`); the INT8 runtimes
+    take their calibration images from the folder ``calib_images``.
 
     Returns the JSON record.
     """
     from .loading import load_model
     from .predictor import SamPredictor
     from .registry import get_config
-    from .runtime import calibration_images, check_runtime
+    from .runtime import check_runtime, runtime_calibration
 
     image = load_image(image_path)
     h, w = image.shape[:2]
@@ -145,7 +145,7 @@ def segment(
     validate_prompts(prompts, h, w)
     get_config(model)  # unknown names fail before any work
     check_runtime(runtime)
-    calib = calibration_images(calib_images) if runtime == "onnx-int8" else None
+    calib = runtime_calibration(runtime, calib_images)
 
     sam = load_model(model, checkpoint, device=device)
     checkpoint = sam.checkpoint_path

@@ -36,13 +36,15 @@ def quick_bench(
     from ..predictor import SamPredictor
     from ..progress import progress_bar
     from ..provenance import describe_environment
-    from ..runtime import calibration_images, check_runtime, make_encoder
+    from ..runtime import INT8_RUNTIMES, check_runtime, make_encoder, runtime_calibration
 
     for r in runtimes:
         check_runtime(r)
     if batch < 1 or runs < 1 or any(n < 1 for n in boxes):
         raise InputError("--batch, --runs and --boxes must be positive")
-    calib = calibration_images(calib_images) if "onnx-int8" in runtimes else None
+    calib = next(
+        (runtime_calibration(r, calib_images) for r in runtimes if r in INT8_RUNTIMES), None
+    )
     model = load_model(model_name, checkpoint)
     checkpoint = model.checkpoint_path
     if image is None:

@@ -63,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="timed rounds (median reported)",
     )
     b.add_argument("--image", help="image to use (default: random pixels, 640 x 480)")
-    b.add_argument("--calib-images", metavar="DIR", help="calibration folder for onnx-int8")
+    b.add_argument("--calib-images", metavar="DIR", help="calibration folder for the INT8 runtimes")
     b.add_argument("--json", metavar="FILE", help="also write the full record here")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_bench)

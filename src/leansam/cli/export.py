@@ -9,6 +9,32 @@ from ..errors import InputError, require
 from .parsing import model_args
 
 
+def _cmd_export_int8(args: argparse.Namespace) -> int:
+    from ..export.int8 import export_int8
+    from ..loading import load_model
+    from ..predictor import SamPredictor
+    from ..quant.deploy import check_int8
+    from ..runtime import calibration_images
+
+    if args.format == "onnx" and args.calib_images is None:
+        raise InputError(
+            "--format onnx needs --calib-images DIR: ONNX Runtime's integer convolutions "
+            "requantize their outputs, whose ranges are measured on those images"
+        )
+    calib = calibration_images(args.calib_images) if args.calib_images else None
+    model = load_model(args.model, args.checkpoint)
+    check_int8(model)
+    calibration = None
+    if calib is not None:
+        predictor = SamPredictor(model)
+        calibration = [predictor.encoder_input(im) for im in calib]
+    vnni = {"auto": None, "vnni": True, "avx2": False}[args.cpu]
+    written = export_int8(model, args.out, args.format, calibration=calibration, vnni=vnni)
+    for name, path in written.items():
+        print(f"{name:<12} {path}")
+    return 0
+
+
 def _export_model(args: argparse.Namespace):
     """The model of an export command (--model / --checkpoint), warning on random weights."""
     from ..io import ensure_dir
@@ -21,8 +47,8 @@ def _export_model(args: argparse.Namespace):
         raise InputError(
             f"{model.checkpoint_path} is a quantized model (fake quantization in float): its "
             "graph would be a float graph larger than the fp32 one, so leansam does not write "
-            "it; export the full-precision weights (integer export does not exist yet, README: "
-            "Quantization)"
+            "it; export a W8A8 one with `leansam export int8`, or the full-precision weights "
+            "(README: Deploy on CPU)"
         )
     return model
 
@@ -82,6 +108,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="decoders return one mask per prompt set, as SAM's export option",
     )
     xo.set_defaults(func=_cmd_export_onnx)
+    xi = x.add_parser(
+        "int8",
+        help="the image encoder of a W8A8 `leansam quantize` file as an integer graph for ONNX "
+        "Runtime or OpenVINO (encoder_int8.onnx or .xml/.bin, and int8.json)",
+        description="QDQ graph carrying the quantized model's own scales, zero points and "
+        "rounded weights; README: Deploy on CPU.",
+    )
+    model_args(xi)
+    xi.add_argument("--format", choices=("onnx", "openvino"), default="onnx")
+    xi.add_argument("--out", required=True, help="output folder")
+    xi.add_argument(
+        "--calib-images",
+        metavar="DIR",
+        help="--format onnx: measure the output ranges ONNX Runtime requantizes on the first 8 "
+        "images of DIR (required there)",
+    )
+    xi.add_argument(
+        "--cpu",
+        choices=("auto", "vnni", "avx2"),
+        default="auto",
+        help="target CPU: vnni (AVX512-VNNI / AMX: int8 weights), avx2 (no VNNI: uint8 weights "
+        "for ONNX Runtime, 7-bit for OpenVINO, against 16-bit saturation); auto: this CPU",
+    )
+    xi.set_defaults(func=_cmd_export_int8)
     xa = x.add_parser(
         "anylabeling",
         help="encoder (uint8 H x W x 3 in, preprocessing inside) + decoder ONNX and the YAML "

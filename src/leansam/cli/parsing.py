@@ -56,8 +56,8 @@ def runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib-images",
         metavar="DIR",
-        help="--runtime onnx-int8: calibrate on the first 8 images of DIR (e.g. coco-mini "
-        "train2017)",
+        help="INT8 runtimes: calibrate on the first 8 images of DIR (e.g. coco-mini train2017); "
+        "needed by onnx-int8, and by openvino-int8 unless --checkpoint is a W8A8 quantized file",
     )
 
 

@@ -60,7 +60,7 @@ def _detections(args: argparse.Namespace) -> int:
 
     from ..label import boxes_to_masks, file_digest, read_detections
     from ..predictor import SamPredictor
-    from ..runtime import calibration_images, check_runtime
+    from ..runtime import check_runtime, runtime_calibration
 
     if args.image is not None or args.box or args.point:
         raise InputError("--detections takes its boxes from the file: no image or --box / --point")
@@ -76,7 +76,7 @@ def _detections(args: argparse.Namespace) -> int:
     if not dets:
         raise InputError(f"{args.detections} holds no detections")
     check_runtime(args.runtime)
-    calib = calibration_images(args.calib_images) if args.runtime == "onnx-int8" else None
+    calib = runtime_calibration(args.runtime, args.calib_images)
     rank, sam, config = dataset_model(args)
     predictor = SamPredictor(sam, args.runtime, calibration_images=calib)
     config = {

@@ -219,10 +219,10 @@ def make_mask_source(
         return GrabCut()
     from ..loading import load_model
     from ..predictor import SamPredictor
-    from ..runtime import calibration_images, check_runtime
+    from ..runtime import check_runtime, runtime_calibration
 
     check_runtime(runtime)
-    calib = calibration_images(calib_images) if runtime == "onnx-int8" else None
+    calib = runtime_calibration(runtime, calib_images)
     sam = load_model(model, checkpoint, device=device)
     predictor = SamPredictor(sam, runtime, calibration_images=calib)
     return SamMaskSource(predictor, name=model_label(sam, model), batch_size=batch_size)
