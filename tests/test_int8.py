@@ -25,7 +25,7 @@ from leansam.quant.deploy import (
     check_int8,
     integer_encoder,
 )
-from leansam.quant.modules import QuantConv2d, QuantLayer
+from leansam.quant.modules import QuantConv2d, QuantLayer, QuantLinear
 from leansam.runtime import calibration_images, int8_encoder_graph, make_encoder
 
 TRAIN = (COCO_MINI / "train2017", COCO_MINI / "annotations" / "instances_train2017.json")
@@ -229,3 +229,63 @@ def test_cli_export_int8(setup, tmp_path):
 
 def _text() -> dict:
     return {"capture_output": True, "text": True}
+
+
+def test_vit_encoder_linears_run_on_integer_kernels(tmp_path):
+    """SAM-ViT: every quantized linear runs integer matrix products in ONNX Runtime
+    (MatMulIntegerToFloat) and OpenVINO (u8 FullyConnected); the log2-quantized softmax output
+    stays float, and the report says so."""
+    import onnx
+    import onnxruntime as ort
+
+    model = randomize_(create_model("sam-vit-tiny", seed=0), seed=1).eval()
+    samples = calibration_samples(model, *TRAIN, count=1, max_boxes=2)
+    q = quantize(model, QuantConfig.from_bits("minmax", "w8a8"), samples, progress=False)
+    calib = [SamPredictor(model).encoder_input(im) for im in calibration_images(TRAIN[0], 1)]
+    linears = sum(isinstance(m, QuantLinear) for m in q.image_encoder.modules())
+    graph, rep = int8_encoder_graph(q, calib, requantize_outputs=True, weights="u8")
+    assert rep["approximated"] == [f"blocks.{i}.attn.attn (float)" for i in range(2)]
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+    assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == linears
+    graph, _ = int8_encoder_graph(q, None, requantize_outputs=False, weights="s7")
+    (tmp_path / "encoder.onnx").write_bytes(graph)
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(tmp_path / "encoder.onnx")), "CPU")
+    info = [op.get_rt_info() for op in compiled.get_runtime_model().get_ops()]
+    fc = [
+        i["runtimePrecision"].astype(str)
+        for i in info
+        if i["layerType"].astype(str) == "FullyConnected"
+    ]
+    assert fc.count("u8") == linears
+
+
+def test_cli_commands_run_a_quantized_file_on_the_int8_runtimes(setup, tmp_path):
+    """The forms users type: --checkpoint q.pt --runtime openvino-int8 (no calibration images
+    for a W8A8 file) or onnx-int8 --calib-images DIR, for segment, everything and eval."""
+    q = save(setup.minmax, tmp_path / "q.pt")
+    img = sorted((COCO_MINI / "val2017").glob("*.jpg"))[0]
+    base = [sys.executable, "-m", "leansam.cli"]
+    model = ["--model", "efficientvit-sam-tiny-l", "--checkpoint", str(q)]
+    runs = {
+        "segment": ["segment", str(img), *model, "--box", "10,20,200,220"],
+        "everything": ["everything", str(img), *model, "--points-per-side", "4"],
+        "eval": ["eval", *model, "--images", str(img.parent), "--protocol", "box", "--limit", "1",
+                 "--annotations", str(COCO_MINI / "annotations" / "instances_val2017.json")],
+    }  # fmt: skip
+    for name, args in runs.items():
+        for runtime, extra in (
+            ("openvino-int8", []),
+            ("onnx-int8", ["--calib-images", str(TRAIN[0])]),
+        ):
+            out = tmp_path / f"{name}-{runtime}"
+            cmd = [*base, *args, "--runtime", runtime, *extra, "--out", str(out)]
+            r = subprocess.run(cmd, **_text())
+            assert r.returncode == 0, (name, runtime, r.stderr)
+    r = subprocess.run([*base, *runs["everything"], "--runtime", "onnx-int8", "--out",
+                        str(tmp_path / "no-calib")], **_text())  # fmt: skip
+    assert r.returncode == 2 and r.stderr.startswith("leansam: error: onnx-int8 needs calibration")

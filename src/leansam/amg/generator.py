@@ -52,7 +52,8 @@ def _xywh(box) -> list:
 # ---------------------------------------------------------------------------- the generator
 class SamAutomaticMaskGenerator:
     """Drop-in for ``segment_anything.SamAutomaticMaskGenerator`` (same arguments and records)
-    for every leansam model; ``runtime`` selects the image encoder's runtime."""
+    for every leansam model; ``runtime`` selects the image encoder's runtime
+    (``calibration_images``: for the INT8 runtimes, :class:`SamPredictor`)."""
 
     def __init__(
         self,
@@ -73,6 +74,7 @@ class SamAutomaticMaskGenerator:
         runtime: str = "torch",
         predictor: SamPredictor | None = None,
         progress: bool = False,
+        calibration_images: list[np.ndarray] | None = None,
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise InputError("give exactly one of points_per_side and point_grids")
@@ -99,7 +101,9 @@ class SamAutomaticMaskGenerator:
         self.point_grids = point_grids
         self.points_per_side = points_per_side  # None when point_grids were given
         #: ``predictor`` shares an existing one (its runtime, compiled graphs) instead
-        self.predictor = predictor if predictor is not None else SamPredictor(model, runtime)
+        if predictor is None:
+            predictor = SamPredictor(model, runtime, calibration_images=calibration_images)
+        self.predictor = predictor
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh

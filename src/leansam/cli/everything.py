@@ -23,7 +23,10 @@ from .parsing import (
 
 
 def _generator_args(args: argparse.Namespace) -> dict:
+    from ..runtime import runtime_calibration
+
     return dict(
+        calibration_images=runtime_calibration(args.runtime, args.calib_images),
         points_per_side=args.points_per_side,
         points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh,

@@ -55,11 +55,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.queue,
         timeout_s=args.timeout,
     )
+    from ..runtime import runtime_calibration
+
     _check_port_free(args.host, args.port)  # before loading the model
+    calib = runtime_calibration(args.runtime, args.calib_images)
     model = load_model(args.model, args.checkpoint, device=args.device)
     engine = Engine(
         model, name=args.model, runtime=args.runtime, size=args.concurrency,
-        checkpoint=model.checkpoint_path,
+        checkpoint=model.checkpoint_path, calibration_images=calib,
     )  # fmt: skip
     if args.host not in LOOPBACK_HOSTS:
         print(
@@ -104,6 +107,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=default_of(Engine, "runtime"),
         choices=RUNTIMES,
         help="image-encoder runtime",
+    )
+    sv.add_argument(
+        "--calib-images",
+        metavar="DIR",
+        help="INT8 runtimes: calibration images (needed by onnx-int8, and by openvino-int8 "
+        "unless --checkpoint is a W8A8 quantized file)",
     )
     sv.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")

@@ -136,7 +136,16 @@ class LRUCache:
 class Engine:
     """A model and ``size`` predictors sharing it (one per concurrent inference job)."""
 
-    def __init__(self, model, *, name: str, runtime: str = "torch", size: int = 1, **info) -> None:
+    def __init__(
+        self,
+        model,
+        *,
+        name: str,
+        runtime: str = "torch",
+        size: int = 1,
+        calibration_images: list | None = None,
+        **info,
+    ) -> None:
         from ..predictor import SamPredictor
 
         self.model, self.name, self.runtime = model, name, runtime
@@ -144,7 +153,7 @@ class Engine:
         self._pool: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # guards the per-image mask-input memories
         for _ in range(size):
-            self._pool.put(SamPredictor(model, runtime))
+            self._pool.put(SamPredictor(model, runtime, calibration_images=calibration_images))
 
     def _with_predictor(self, fn: Callable):
         predictor = self._pool.get()
