@@ -26,7 +26,12 @@ from leansam.quant.deploy import (
     integer_encoder,
 )
 from leansam.quant.modules import QuantConv2d, QuantLayer, QuantLinear
-from leansam.runtime import calibration_images, int8_encoder_graph, make_encoder
+from leansam.runtime import (
+    calibration_images,
+    int8_encoder_graph,
+    int8_weight_format,
+    make_encoder,
+)
 
 TRAIN = (COCO_MINI / "train2017", COCO_MINI / "annotations" / "instances_train2017.json")
 
@@ -120,7 +125,7 @@ def test_onnx_runtime_graph_runs_integer_convolutions(setup, tmp_path):
 
 
 def test_openvino_compiles_the_quantized_convolutions_to_int8(setup, tmp_path):
-    minmax = setup.minmax
+    minmax, x = setup.minmax, setup.x
     graph, _ = int8_encoder_graph(minmax, None, requantize_outputs=False, weights="s8")
     (tmp_path / "encoder.onnx").write_bytes(graph)
     core = ov.Core()
@@ -132,6 +137,14 @@ def test_openvino_compiles_the_quantized_convolutions_to_int8(setup, tmp_path):
     )
     convs = sum(isinstance(m, QuantConv2d) for m in minmax.image_encoder.modules())
     assert precisions["u8"] + precisions["i8"] == convs, precisions
+    # on this CPU's weight format (7-bit codes without VNNI: int8 would saturate there)
+    graph, _ = int8_encoder_graph(minmax, None, False, weights=int8_weight_format("openvino"))
+    (tmp_path / "auto.onnx").write_bytes(graph)
+    compiled = core.compile_model(core.read_model(str(tmp_path / "auto.onnx")), "CPU")
+    got = torch.from_numpy(compiled.create_infer_request().infer({0: x.numpy()})[0].copy())
+    with torch.no_grad():
+        want = minmax.image_encoder(x)
+    assert _rel(got, want) < 0.1
 
 
 @pytest.mark.parametrize("runtime", ["openvino-int8", "onnx-int8"])
@@ -218,6 +231,9 @@ def test_cli_export_int8(setup, tmp_path):
         assert all((out / f).stat().st_size > 10_000 for f in files)
         info = json.loads((out / "int8.json").read_text())
         assert info["format"] == fmt and info["bits"] == "w8a8" and info["exact"] > 0
+        # an integer graph, never a float one
+        text = (out / files[0]).read_bytes()
+        assert (b"FakeQuantize" if fmt == "openvino" else b"QuantizeLinear") in text
     r = subprocess.run([*cmd, "--format", "onnx", "--out", str(tmp_path / "x")], **_text())
     assert r.returncode == 2 and r.stderr.startswith("leansam: error: --format onnx needs")
     float_cmd = [sys.executable, "-m", "leansam.cli", "export", "int8", "--model"]
