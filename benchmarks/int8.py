@@ -14,9 +14,11 @@ image (batch 8: 8 val images), every row interleaved round by round with the oth
   encoder graph, calibrated on the calibration images;
 - ``ort-int8``: ONNX Runtime's ``quantize_static`` of the same graph (per-channel weights, MinMax,
   the ``onnx-int8`` runtime before issue 22);
-- ``leansam openvino-int8`` / ``leansam onnx-int8``: leansam's INT8 graph of the model's W8A8
-  ``--quantized`` file, or, for a model without one, of leansam's own calibration
-  (``calibrate_encoder``).
+- ``nncf-int8 (model_type transformer)``: the same with NNCF's transformer preset (the defaults
+  give NaN embeddings on the shipped student: BENCHMARKS.md);
+- ``leansam openvino-int8`` / ``leansam onnx-int8``: leansam's INT8 graph of the float model
+  with leansam's own calibration (``calibrate_encoder``), and of the model's W8A8
+  ``--quantized`` file where one is given.
 
 Models without pretrained weights (``efficientvit-sam-l0``) use random weights (seed 0): speed
 only. Accuracy (``--accuracy-models``): box protocol on coco-mini val (SPEC section 6) for every
@@ -41,8 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 COCO = REPO.parent / "shared" / "data" / "coco-mini"
 
 
-def nncf_encoder(model, calibration: list[torch.Tensor]):
-    """OpenVINO + NNCF INT8 (default settings) of leansam's exported fp32 encoder graph."""
+def nncf_encoder(model, calibration: list[torch.Tensor], **options):
+    """OpenVINO + NNCF INT8 (default settings, or ``options`` for ``nncf.quantize``) of
+    leansam's exported fp32 encoder graph."""
     import nncf
     import openvino as ov
 
@@ -54,7 +57,7 @@ def nncf_encoder(model, calibration: list[torch.Tensor]):
         path.write_bytes(_encoder_graph(model))
         graph = core.read_model(str(path))
     data = nncf.Dataset([x.float().numpy() for x in calibration])
-    quantized = nncf.quantize(graph, data, subset_size=len(calibration))
+    quantized = nncf.quantize(graph, data, subset_size=len(calibration), **options)
     config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
     compiled = core.compile_model(quantized, "CPU", config)
 
@@ -91,12 +94,18 @@ def build_rows(name: str, quantized: str | None, calibration: list[torch.Tensor]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # openvino-bf16 on a CPU without bf16 says so
             rows[runtime] = (make_encoder(fp, runtime), fp)
+    import nncf
+
     rows["nncf-int8"] = (nncf_encoder(fp, calibration), fp)
+    transformer = nncf_encoder(fp, calibration, model_type=nncf.ModelType.TRANSFORMER)
+    rows["nncf-int8 (model_type transformer)"] = (transformer, fp)
     rows["ort-int8"] = (ort_own_encoder(fp, calibration), fp)
-    source = q if q is not None else fp
     for runtime in ("openvino-int8", "onnx-int8"):
-        encoder = make_encoder(source, runtime, calibration=calibration)
-        rows[f"leansam {runtime}"] = (encoder, source)
+        encoder = make_encoder(fp, runtime, calibration=calibration)
+        rows[f"leansam {runtime} (own calibration)"] = (encoder, fp)
+        if q is not None:
+            encoder = make_encoder(q, runtime, calibration=calibration)
+            rows[f"leansam {runtime} ({q.quant_config.method} W8A8 file)"] = (encoder, q)
     if q is not None:
         rows["fake-quantized (torch)"] = (make_encoder(q, "torch"), q)
     return rows
@@ -108,6 +117,7 @@ def speed(rows: dict, x: torch.Tensor, runs: int, warmup: int) -> dict:
     timed = {k: v for k, v in rows.items() if k != "fake-quantized (torch)"}
     with torch.inference_mode():
         ref = rows["torch"][0](x)
+        # NaN where a row's embedding holds NaN (float() of a NaN max is NaN, not an error)
         diffs = {k: float((enc(x).float() - ref).abs().max()) for k, (enc, _) in timed.items()}
         fns = {k: (lambda enc=enc: enc(x)) for k, (enc, _) in timed.items()}
         stats = interleaved_timings(fns, runs=runs, warmup=warmup)

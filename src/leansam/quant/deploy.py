@@ -9,9 +9,9 @@ PyTorch (``torch.fake_quantize_*`` ops, which export as QDQ pairs):
 ============================ ===================================================================
 leansam quantizer            deployed as
 ============================ ===================================================================
-weights (round to nearest or int8 per output channel, symmetric, zero point 0: the same codes
-AdaRound), any bit width     and scales, hence **exact**
-<= 8
+weights (8 bits, round to    int8 per output channel, symmetric, zero point 0: the same codes
+nearest or AdaRound)         and scales, hence **exact** (``weights="u8"``: the same codes + 128
+                             with zero point 128, exact too; ``"s7"``: halved, not exact)
 plain activation (per        uint8 per tensor with the same scale and zero point: **exact**
 tensor, 8 bits)
 CAG (channel groups)         uint8 per tensor covering every group's range (integer kernels take
@@ -25,8 +25,8 @@ log2 (softmax output, ViT)   kept float (no uint8 grid holds the small probabili
 
 ONNX Runtime fuses a convolution only when its output is quantized too; ``calibration`` adds
 an 8-bit per-tensor quantization of every quantized layer's output, its range observed on the
-calibration images (``output_ranges``). OpenVINO needs none: its convolutions take u8/i8 inputs
-and give float outputs. The deployed encoder's difference from the fake-quantized one is
+calibration images. OpenVINO needs none: its convolutions take u8/i8 inputs and give float
+outputs. The deployed encoder's difference from the fake-quantized one is
 measured in the tests and in ``benchmarks/int8.py`` (QUANTIZATION.md, "Deployed INT8").
 """
 
@@ -113,8 +113,7 @@ def activation_qdq(q: nn.Module) -> ActivationQDQ:
 
 def check_int8(model: nn.Module) -> QuantConfig:
     """The model's quantization settings, or a one-line InputError when it cannot be deployed on
-    8-bit integer kernels (not quantized, or activations / weights wider than 8 or narrower
-    activations that int8 kernels would not reproduce)."""
+    8-bit integer kernels: a float model, or one quantized at other widths than W8A8."""
     if not is_quantized(model):
         raise InputError(
             "not a quantized model: make one with `leansam quantize --bits w8a8` and pass it as "
