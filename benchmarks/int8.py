@@ -158,6 +158,33 @@ def inputs(model_name: str, count: int, folder: str) -> list[torch.Tensor]:
     return [predictor.encoder_input(load_image(p)) for p in files[:count]]
 
 
+def markdown(paths: list[str]) -> str:
+    """The BENCHMARKS.md / QUANTIZATION.md tables of the given records."""
+    lines = []
+    for path in paths:
+        record = json.loads(Path(path).read_text())
+        for name, entry in record["models"].items():
+            acc = entry.get("box_mIoU")
+            if acc:
+                lines += [f"{name} (box mIoU x 100, coco-mini val)", ""]
+                lines += ["| row | all | small | medium | large |", "|---|---:|---:|---:|---:|"]
+                for row, m in acc.items():
+                    cells = " | ".join(f"{m[k]:.2f}" for k in ("all", "small", "medium", "large"))
+                    lines.append(f"| {row} | {cells} |")
+                lines.append("")
+            for batch, rows in entry.get("speed", {}).items():
+                lines += [f"{name}, {batch} (s per call)", ""]
+                lines += ["| row | median [min-max] | vs eager | max abs diff to eager |"]
+                lines.append("|---|---:|---:|---:|")
+                for row, t in rows.items():
+                    lines.append(
+                        f"| {row} | {t['median']:.3f} [{t['min']:.3f}-{t['max']:.3f}] | "
+                        f"{t['speedup_vs_eager']:.2f}x | {t['max_abs_diff_to_eager']:.1e} |"
+                    )
+                lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="efficientvit-sam-l0,leansam-efficientvit-s")
@@ -170,7 +197,11 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="accuracy: first N val images")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--markdown", nargs="+", metavar="RECORD", help="print the tables and exit")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return 0
 
     from leansam.io import atomic_write_json
     from leansam.provenance import describe_environment
