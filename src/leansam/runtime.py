@@ -175,9 +175,11 @@ def int8_encoder_graph(
     ``weights``: see :func:`leansam.quant.deploy.integer_encoder`. Raises InputError when
     calibration images are needed and missing, or the quantized model is not W8A8."""
     from .export.onnx import export_module
-    from .quant.deploy import calibrate_encoder, integer_encoder
+    from .quant.deploy import calibrate_encoder, check_int8, integer_encoder
     from .quant.wrap import is_quantized
 
+    if is_quantized(model):
+        check_int8(model)  # a W4A4 file is refused before anything else is asked for
     model = copy.deepcopy(model).float().cpu().eval()
     if not calibration and requantize_outputs:
         raise InputError(
