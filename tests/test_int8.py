@@ -194,6 +194,8 @@ def test_int8_errors_are_one_line(setup, tmp_path):
     )
     with pytest.raises(InputError, match=r"^INT8 kernels need a W8A8 model, this one is W4A4"):
         make_encoder(w4, "openvino-int8")
+    with pytest.raises(InputError, match=r"^INT8 kernels need a W8A8 model"):
+        make_encoder(w4, "onnx-int8")  # before it asks for calibration images
     with pytest.raises(InputError, match=r"runtime \(fake quantization\) or on .* not 'onnx'"):
         make_encoder(minmax, "onnx")
 
