@@ -36,10 +36,9 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import InputError, require
+from .modeling.efficientvit import fold_batchnorm
 from .modeling.sam import Sam
 
 RUNTIMES = (
@@ -63,20 +62,6 @@ def check_runtime(runtime: str) -> str:
     if runtime not in RUNTIMES:
         raise InputError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     return runtime
-
-
-@torch.no_grad()
-def fold_batchnorm(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` with every eval-mode BatchNorm2d that directly follows a Conv2d (as
-    ``conv`` / ``norm`` attributes of one layer, EfficientViT's ``ConvLayer``) folded into the
-    convolution's weight and bias with PyTorch's ``fuse_conv_bn_eval``. Same function up to
-    float rounding."""
-    module = copy.deepcopy(module).eval()
-    for layer in module.modules():
-        conv, bn = getattr(layer, "conv", None), getattr(layer, "norm", None)
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-            layer.conv, layer.norm = fuse_conv_bn_eval(conv, bn), None
-    return module
 
 
 def compiled_or_eager(fn: Callable, what: str, **compile_args) -> Callable:

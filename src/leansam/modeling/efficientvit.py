@@ -7,11 +7,13 @@ Module and attribute names mirror the upstream module tree (``stages.{s}.op_list
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..configs import EMBED_DIM, EMBED_SIZE, BlockType, EfficientViTConfig
 from .common import LayerNorm2d, QuantPoints, quant_point
@@ -461,3 +463,17 @@ class EfficientViTImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.neck(self.backbone(x)))
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every eval-mode BatchNorm2d that directly follows a Conv2d (as
+    ``conv`` / ``norm`` attributes of one layer, EfficientViT's ``ConvLayer``) folded into the
+    convolution's weight and bias with PyTorch's ``fuse_conv_bn_eval``. Same function up to
+    float rounding."""
+    module = copy.deepcopy(module).eval()
+    for layer in module.modules():
+        conv, bn = getattr(layer, "conv", None), getattr(layer, "norm", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            layer.conv, layer.norm = fuse_conv_bn_eval(conv, bn), None
+    return module

@@ -16,19 +16,10 @@ from ..modeling.sam import Sam
 from .calibrate import CalibSample, calibration_samples, run_hooked, run_samples
 from .config import QuantConfig
 from .io import save
-from .modules import QuantLayer
-from .quantizers import HLUQ, sign_fold
+from .quantizers import sign_fold
 from .reconstruct import reconstruct, set_enabled
 from .report import check_active, report
-from .wrap import prepare, quantizers
-
-
-def _observe(model: Sam, on: bool) -> None:
-    """Activation quantizers observe (weight quantizers are set from the weights)."""
-    weights = {id(m.w_quant) for m in model.modules() if isinstance(m, QuantLayer)}
-    for _, q in quantizers(model):
-        if id(q) not in weights:
-            q.observe(on)
+from .wrap import init_activations, init_weights, observe_activations, prepare
 
 
 @torch.no_grad()
@@ -64,32 +55,6 @@ def _fold_signs(model: Sam, samples: list[CalibSample]) -> list[str]:
     return folded
 
 
-@torch.no_grad()
-def _init_weights(model: Sam) -> None:
-    for mod in model.modules():
-        if isinstance(mod, QuantLayer):
-            mod.w_quant.init_params(mod.weight)
-
-
-@torch.no_grad()
-def _init_activations(model: Sam) -> None:
-    for mod in model.modules():
-        if not isinstance(mod, QuantLayer):
-            continue
-        a = mod.a_quant
-        if isinstance(a, HLUQ):
-            sample = mod.input_sample()
-            a.init_params(mod.fp, sample.to(mod.weight.device))
-        elif a is not None:
-            a.init_params()
-        mod.release()
-    for _, q in quantizers(model):
-        if not bool(q.initialized):
-            q.init_params()
-        if hasattr(q, "release"):
-            q.release()
-
-
 def quantize(
     model: Sam,
     config: QuantConfig,
@@ -105,11 +70,11 @@ def quantize(
     torch.manual_seed(config.seed)
     q = prepare(model, config)
     folded = _fold_signs(q, samples) if config.reconstruct and config.sign_fold else []
-    _init_weights(q)
-    _observe(q, True)  # activation ranges seen through the quantized weights
+    init_weights(q)
+    observe_activations(q, True)  # activation ranges seen through the quantized weights
     run_samples(q, samples, progress="calibrate" if progress else None)
-    _observe(q, False)
-    _init_activations(q)
+    observe_activations(q, False)
+    init_activations(q)
     t_calib = time.perf_counter() - t0
     losses: dict[str, float] = {}
     kept: dict[str, str] = {}

@@ -44,7 +44,14 @@ from ..modeling.sam import Sam
 from .config import QuantConfig
 from .modules import QuantLayer
 from .quantizers import HLUQ, CAGQuantizer, Log2Quantizer, UniformQuantizer
-from .wrap import is_quantized, prepare, quantizers
+from .wrap import (
+    init_activations,
+    init_weights,
+    is_quantized,
+    observe_activations,
+    prepare,
+    quantizers,
+)
 
 
 class ActivationQDQ(nn.Module):
@@ -250,12 +257,10 @@ def calibrate_encoder(
     cfg = QuantConfig(method=method, w_bits=8, a_bits=8, iters=0)
     q = prepare(model.float(), cfg)
     q.mask_decoder = copy.deepcopy(model.mask_decoder)
-    from .api import _init_activations, _init_weights, _observe
-
-    _init_weights(q)
-    _observe(q, True)
+    init_weights(q)
+    observe_activations(q, True)
     for x in images:
         q.image_encoder(x.float())
-    _observe(q, False)
-    _init_activations(q)
+    observe_activations(q, False)
+    init_activations(q)
     return q.eval()

@@ -35,11 +35,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from ..errors import InputError
 from ..modeling import efficientvit, transformer, vit
 from ..modeling.common import MLPBlock, QuantPoints
+from ..modeling.efficientvit import fold_batchnorm
 from ..modeling.sam import Sam
 from .config import QuantConfig
 from .modules import (
@@ -150,8 +152,6 @@ def _wrap_efficientvit(encoder: efficientvit.EfficientViTImageEncoder, cfg: Quan
 def prepare(model: Sam, config: QuantConfig) -> Sam:
     """A copy of ``model`` with the quantized layers in place (quantizers not yet calibrated).
     EfficientViT's BatchNorms are folded into their convolutions first."""
-    from ..runtime import fold_batchnorm
-
     q = copy.deepcopy(model).eval()
     if isinstance(q.image_encoder, efficientvit.EfficientViTImageEncoder):
         q.image_encoder = fold_batchnorm(q.image_encoder)
@@ -202,3 +202,38 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
 
 def is_quantized(model: nn.Module) -> bool:
     return getattr(model, "quant_config", None) is not None
+
+
+def observe_activations(model: Sam, on: bool) -> None:
+    """Activation quantizers observe (``on``) or stop (weight quantizers are set from the
+    weights)."""
+    weights = {id(m.w_quant) for m in model.modules() if isinstance(m, QuantLayer)}
+    for _, q in quantizers(model):
+        if id(q) not in weights:
+            q.observe(on)
+
+
+@torch.no_grad()
+def init_weights(model: Sam) -> None:
+    for mod in model.modules():
+        if isinstance(mod, QuantLayer):
+            mod.w_quant.init_params(mod.weight)
+
+
+@torch.no_grad()
+def init_activations(model: Sam) -> None:
+    for mod in model.modules():
+        if not isinstance(mod, QuantLayer):
+            continue
+        a = mod.a_quant
+        if isinstance(a, HLUQ):
+            sample = mod.input_sample()
+            a.init_params(mod.fp, sample.to(mod.weight.device))
+        elif a is not None:
+            a.init_params()
+        mod.release()
+    for _, q in quantizers(model):
+        if not bool(q.initialized):
+            q.init_params()
+        if hasattr(q, "release"):
+            q.release()
