@@ -210,8 +210,28 @@ def main() -> int:
 
     quantized = dict(item.split("=", 1) for item in args.quantized)
     models = list(dict.fromkeys(args.models.split(",") + args.accuracy_models.split(",")))
+    import hashlib
+    import importlib.metadata
+
+    versions = {}
+    for package in ("onnxruntime", "openvino", "nncf", "onnx"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    files = {}
+    for name, path in quantized.items():
+        from leansam.quant import load
+
+        files[name] = {
+            "path": path,
+            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "quant_config": load(path).quant_config.to_dict(),
+        }
     record = {
         "config": vars(args),
+        "versions": versions,
+        "quantized_files": files,
         "vnni": cpu_has_vnni(),
         "weights": {t: int8_weight_format(t) for t in ("onnx", "openvino")},
         "environment": describe_environment(),

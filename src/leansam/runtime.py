@@ -165,7 +165,6 @@ def int8_encoder_graph(
 
     if is_quantized(model):
         check_int8(model)  # a W4A4 file is refused before anything else is asked for
-    model = copy.deepcopy(model).float().cpu().eval()
     if not calibration and requantize_outputs:
         raise InputError(
             "onnx-int8 needs calibration images (ONNX Runtime's integer convolutions requantize "
@@ -178,6 +177,7 @@ def int8_encoder_graph(
             "from `leansam quantize` as --checkpoint): pass --calib-images DIR (or "
             "calibration_images=[...])"
         )
+    model = copy.deepcopy(model).float().cpu().eval()
     report = {"calibrated_by": "leansam.quant" if is_quantized(model) else "calibrate_encoder"}
     if not is_quantized(model):
         model = calibrate_encoder(model, calibration)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import InputError, require
 from .parsing import model_args
@@ -21,7 +22,13 @@ def _cmd_export_int8(args: argparse.Namespace) -> int:
             "--format onnx needs --calib-images DIR: ONNX Runtime's integer convolutions "
             "requantize their outputs, whose ranges are measured on those images"
         )
-    calib = calibration_images(args.calib_images) if args.calib_images else None
+    if args.format == "openvino" and args.calib_images is not None:
+        print(
+            "note: --calib-images is not used for --format openvino: OpenVINO's INT8 "
+            "convolutions need no output ranges",
+            file=sys.stderr,
+        )
+    calib = calibration_images(args.calib_images) if args.format == "onnx" else None
     model = load_model(args.model, args.checkpoint)
     check_int8(model)
     calibration = None

@@ -79,7 +79,9 @@ def export_int8(
     cfg = model.quant_config
     info = {
         "format": fmt,
-        "checkpoint": str(getattr(model, "checkpoint_path", None)),
+        "checkpoint": os.fspath(path)
+        if (path := getattr(model, "checkpoint_path", None))
+        else None,
         "method": cfg.method,
         "bits": cfg.bits,
         "target_cpu": "vnni" if weights == "s8" else "no vnni",

@@ -251,11 +251,13 @@ def calibrate_encoder(
     for the integer runtimes given a float model: ``prepare`` with ``method`` (``percentile`` by
     default: measured better than ONNX Runtime's min-max, QUANTIZATION.md) keeps leansam's fp32
     islands (stem, LayerNorms, LiteMLA's division, the neck's resize); the mask decoder stays
-    float. ``images``: preprocessed 1 x 3 x R x R tensors."""
+    float. ``images``: preprocessed 1 x 3 x R x R tensors. The percentile ranges come from the
+    values the observers keep, which the first image fills (QUANTIZATION.md, "Deployed INT8");
+    ``model`` is left as it is."""
     if not images:
         raise InputError("INT8 calibration needs images: pass calibration=[...] / --calib-images")
     cfg = QuantConfig(method=method, w_bits=8, a_bits=8, iters=0)
-    q = prepare(model.float(), cfg)
+    q = prepare(model if model.dtype == torch.float32 else copy.deepcopy(model).float(), cfg)
     q.mask_decoder = copy.deepcopy(model.mask_decoder)
     init_weights(q)
     observe_activations(q, True)
