@@ -3,8 +3,8 @@
 speed and box mIoU, one run, one machine.
 
     .venv/bin/python benchmarks/int8.py --quantized leansam-efficientvit-s=q_w8a8.pt \\
-        --out benchmarks/results/int8.json
-    make bench-int8     # quantizes the student (AHCPTQ W8A8) first, then runs this
+        --accuracy-models "" --out benchmarks/results/int8-speed.json
+    make bench-int8     # quantizes both own models (AHCPTQ W8A8), then accuracy and speed
 
 Speed (``--models``, ``--batches``): each model's image encoder on a preprocessed coco-mini val
 image (batch 8: 8 val images), every row interleaved round by round with the others:
