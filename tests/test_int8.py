@@ -307,3 +307,25 @@ def test_cli_commands_run_a_quantized_file_on_the_int8_runtimes(setup, tmp_path)
     r = subprocess.run([*base, *runs["everything"], "--runtime", "onnx-int8", "--out",
                         str(tmp_path / "no-calib")], **_text())  # fmt: skip
     assert r.returncode == 2 and r.stderr.startswith("leansam: error: onnx-int8 needs calibration")
+
+
+def test_exported_onnx_stores_integer_weights_and_computes_the_same(setup):
+    import onnx
+    import onnxruntime as ort
+
+    from leansam.export.int8 import fold_weight_quantization
+
+    graph, _ = int8_encoder_graph(setup.minmax, setup.calib, requantize_outputs=True, weights="u8")
+    folded = fold_weight_quantization(graph)
+    model = onnx.load_from_string(folded)
+    codes = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT8]
+    convs = sum(isinstance(m, QuantConv2d) for m in setup.minmax.image_encoder.modules())
+    assert len([i for i in codes if len(i.dims) == 4]) == convs  # one uint8 weight per conv
+    assert len(folded) < 0.5 * len(graph)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    x = {"images": setup.x.numpy()}
+    runs = [
+        ort.InferenceSession(g, opts, providers=["CPUExecutionProvider"]) for g in (graph, folded)
+    ]
+    np.testing.assert_array_equal(runs[0].run(None, x)[0], runs[1].run(None, x)[0])
