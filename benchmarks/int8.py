@@ -150,12 +150,12 @@ def accuracy(rows: dict, limit: int | None) -> dict:
 
 
 def inputs(model_name: str, count: int, folder: str) -> list[torch.Tensor]:
+    """The encoder inputs of the first ``count`` images (by name) of a coco-mini folder."""
     from leansam import SamPredictor, create_model
-    from leansam.io import IMAGE_SUFFIXES, load_image
+    from leansam.runtime import calibration_images
 
     predictor = SamPredictor(create_model(model_name))
-    files = sorted(p for p in (COCO / folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    return [predictor.encoder_input(load_image(p)) for p in files[:count]]
+    return [predictor.encoder_input(im) for im in calibration_images(COCO / folder, count)]
 
 
 def markdown(paths: list[str]) -> str:

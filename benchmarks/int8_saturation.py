@@ -35,16 +35,16 @@ def main() -> int:
 
     from leansam import SamPredictor, create_model
     from leansam.export.onnx import export_module
-    from leansam.io import IMAGE_SUFFIXES, atomic_write_json, load_image
+    from leansam.io import atomic_write_json
     from leansam.provenance import describe_environment
     from leansam.quant.deploy import calibrate_encoder, cpu_has_vnni, integer_encoder
+    from leansam.runtime import calibration_images
 
     model = create_model("leansam-efficientvit-s", pretrained=True).float().eval()
     pred = SamPredictor(model)
 
     def images(folder: str, n: int) -> list[torch.Tensor]:
-        files = sorted(p for p in (COCO / folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        return [pred.encoder_input(load_image(p)) for p in files[:n]]
+        return [pred.encoder_input(im) for im in calibration_images(COCO / folder, n)]
 
     calibration = images("train2017", 8)
     q = calibrate_encoder(model, calibration)

@@ -42,9 +42,9 @@ def quick_bench(
         check_runtime(r)
     if batch < 1 or runs < 1 or any(n < 1 for n in boxes):
         raise InputError("--batch, --runs and --boxes must be positive")
-    calib = next(
-        (runtime_calibration(r, calib_images) for r in runtimes if r in INT8_RUNTIMES), None
-    )
+    # one set of calibration images serves every INT8 runtime asked for
+    int8 = [r for r in runtimes if r in INT8_RUNTIMES]
+    calib = runtime_calibration(int8[0], calib_images) if int8 else None
     model = load_model(model_name, checkpoint)
     checkpoint = model.checkpoint_path
     if image is None:
