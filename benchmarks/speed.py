@@ -233,9 +233,9 @@ def bench_decoder(runs: int) -> dict:
     image = load_image(IMAGE)
     rp, op = EfficientViTSamPredictor(ref), SamPredictor(ours)
     opt = SamPredictor(ours, "torch-opt")  # compiled decoder
-    rp.set_image(image)
-    op.set_image(image)
-    opt.set_image(image)
+    ovp = SamPredictor(ours, "openvino")  # the decoder's transformer on OpenVINO f32
+    for p in (rp, op, opt, ovp):
+        p.set_image(image)
     g = np.random.default_rng(0)
     h, w = image.shape[:2]
     xy = g.uniform(0, [w * 0.8, h * 0.8], size=(64, 2))
@@ -252,23 +252,29 @@ def bench_decoder(runs: int) -> dict:
         "leansam x16": lambda: op.predict(box=boxes[:16], multimask_output=True),
         "leansam x64": lambda: op.predict(box=boxes, multimask_output=True),
         "leansam torch-opt x64": lambda: opt.predict(box=boxes, multimask_output=True),
+        "leansam openvino x64": lambda: ovp.predict(box=boxes, multimask_output=True),
     }
     with torch.inference_mode():
         a = rp.predict(box=boxes[0], multimask_output=True)
         b = op.predict(box=boxes[0], multimask_output=True)
         agreement = float((a[0] == b[0]).mean())
         c = opt.predict(box=boxes, multimask_output=True)  # compiles the decoder
-        agreement_opt = float((op.predict(box=boxes, multimask_output=True)[0] == c[0]).mean())
+        eager = op.predict(box=boxes, multimask_output=True)[0]
+        agreement_opt = float((eager == c[0]).mean())
+        agreement_ov = float((eager == ovp.predict(box=boxes, multimask_output=True)[0]).mean())
         stats = interleaved_timings(fns, runs=runs)
     per_box = {k: s.median / int(k.split("x")[1]) for k, s in stats.items()}
     return {
         "mask_agreement_single_box": agreement,
         "mask_agreement_torch_opt_x64": agreement_opt,
+        "mask_agreement_openvino_x64": agreement_ov,
         "ms_per_box": {k: 1000 * v for k, v in per_box.items()},
         "stats": {k: _stats(s) for k, s in stats.items()},
         "speedup_x64_vs_reference_x1": per_box["reference x1"] / per_box["leansam x64"],
         "speedup_torch_opt_x64_vs_reference_x1": per_box["reference x1"]
         / per_box["leansam torch-opt x64"],
+        "speedup_openvino_x64_vs_reference_x1": per_box["reference x1"]
+        / per_box["leansam openvino x64"],
     }
 
 
@@ -287,7 +293,7 @@ def _match(a: list[dict], b: list[dict]) -> float:
     return hits / len(a)
 
 
-def bench_amg(runs: int) -> dict:
+def bench_amg(runs: int, settings: list[str] | None = None, openvino: bool = True) -> dict:
     _stubs()
     sys.path.insert(0, str(REPO / "tests"))
     from efficientsam.models.efficientvit.sam import EfficientViTSamAutomaticMaskGenerator
@@ -304,10 +310,16 @@ def bench_amg(runs: int) -> dict:
         "sam-defaults": {},
         "relaxed (iou 0, stability 0.3)": dict(pred_iou_thresh=0.0, stability_score_thresh=0.3),
     }.items():
+        if settings and setting.split()[0] not in settings:
+            continue
         gens = {
             "reference": EfficientViTSamAutomaticMaskGenerator(ref, points_per_side=32, **kw),
             "leansam": SamAutomaticMaskGenerator(ours, points_per_side=32, **kw),
         }
+        if openvino:  # encoder and decoder transformer on OpenVINO f32
+            gens["leansam openvino"] = SamAutomaticMaskGenerator(
+                ours, points_per_side=32, runtime="openvino", **kw
+            )
         # Each run is a full generate() (minutes when the filters are relaxed): no warm-up
         # round; the order alternates between runs.
         results, samples = {}, {k: [] for k in gens}
@@ -324,6 +336,16 @@ def bench_amg(runs: int) -> dict:
             "stats": {k: _stats(s) for k, s in stats.items()},
             "speedup": stats["reference"].median / stats["leansam"].median,
         }
+        if openvino:
+            ov = results["leansam openvino"]
+            out[setting]["openvino"] = {
+                "torch_matched": _match(results["leansam"], ov),
+                "openvino_matched": _match(ov, results["leansam"]),
+                "speedup_vs_leansam": stats["leansam"].median / stats["leansam openvino"].median,
+                "speedup_vs_reference": stats["reference"].median
+                / stats["leansam openvino"].median,
+            }
+        out[setting]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         print(f"amg {setting}: speedup {out[setting]['speedup']:.2f}", file=sys.stderr)
     return out
 
@@ -379,7 +401,13 @@ def markdown(record: dict) -> str:
             "",
             f"Cost per box, 64 per call vs the reference's single box: leansam eager "
             f"{d['speedup_x64_vs_reference_x1']:.2f}x lower, torch-opt "
-            f"{d.get('speedup_torch_opt_x64_vs_reference_x1', float('nan')):.2f}x lower.",
+            f"{d.get('speedup_torch_opt_x64_vs_reference_x1', float('nan')):.2f}x lower"
+            + (
+                f", openvino {d['speedup_openvino_x64_vs_reference_x1']:.2f}x lower (masks "
+                f"{100 * d['mask_agreement_openvino_x64']:.4f} % identical to eager's)."
+                if "speedup_openvino_x64_vs_reference_x1" in d
+                else "."
+            ),
             "",
         ]
     if "amg" in res:
@@ -391,7 +419,7 @@ def markdown(record: dict) -> str:
             "|---|---:|---:|---:|---|---|",
         ]
         for k, r in res["amg"].items():
-            if not isinstance(r, dict):  # "measured_at"
+            if not isinstance(r, dict) or "stats" not in r:  # "measured_at", "environment"
                 continue
             s = r["stats"]
             lines.append(
@@ -400,6 +428,25 @@ def markdown(record: dict) -> str:
                 f"{100 * r['reference_matched']:.0f} % / {100 * r['leansam_matched']:.0f} % |"
             )
         lines.append("")
+        ov_rows = {k: r for k, r in res["amg"].items() if isinstance(r, dict) and "openvino" in r}
+        if ov_rows:
+            lines += [
+                "leansam on runtime `openvino` (the encoder and the decoder's transformer on "
+                "OpenVINO f32, the same run):",
+                "",
+                "| thresholds | leansam openvino median s | vs leansam torch | vs reference | "
+                "masks | matched (torch->openvino / openvino->torch) |",
+                "|---|---:|---:|---:|---:|---|",
+            ]
+            for k, r in ov_rows.items():
+                o = r["openvino"]
+                lines.append(
+                    f"| {k} | {r['stats']['leansam openvino']['median']:.2f} | "
+                    f"{o['speedup_vs_leansam']:.2f}x | {o['speedup_vs_reference']:.2f}x | "
+                    f"{r['masks']['leansam openvino']} | {100 * o['torch_matched']:.0f} % / "
+                    f"{100 * o['openvino_matched']:.0f} % |"
+                )
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -422,6 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/speed.json"))
+    ap.add_argument(
+        "--amg-settings",
+        default="sam-defaults,relaxed",
+        help="segment-everything threshold settings to measure (a setting measured earlier "
+        "stays in --out)",
+    )
     ap.add_argument("--encoder-child", help=argparse.SUPPRESS)
     ap.add_argument(
         "--report", action="store_true", help="print the tables of --out, measure nothing"
@@ -443,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     if "decoder" in sections:
         results["decoder"] = bench_decoder(args.runs)
     if "amg" in sections:
-        results["amg"] = bench_amg(max(1, args.runs // 3))
+        results["amg"] = bench_amg(max(1, args.runs // 3), args.amg_settings.split(","))
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     env = describe_environment()
     for r in results.values():
@@ -457,7 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if os.path.exists(args.out):  # keep sections measured by an earlier run with other flags
         old = json.loads(Path(args.out).read_text())
-        record["results"] = {**old.get("results", {}), **results}
+        kept = old.get("results", {})
+        if "amg" in results and "amg" in kept:  # settings not measured now keep their record
+            results["amg"] = {**kept["amg"], **results["amg"]}
+        record["results"] = {**kept, **results}
     atomic_write_json(args.out, record)
     print(markdown(record))
     return 0

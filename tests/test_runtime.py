@@ -177,3 +177,54 @@ def test_torch_opt_predictor_compiles_the_decoder(tiny, coco_image):
         assert b[0].shape == (n, 3, *image.shape[:2])
         assert mask_agreement(a[0], b[0]) >= 0.999
         np.testing.assert_allclose(a[1], b[1], atol=1e-4)
+
+
+def test_openvino_runtime_runs_the_decoder_on_openvino_with_eagers_masks(tiny, coco_image):
+    """runtime openvino: the decoder's transformer runs on OpenVINO (the call is counted) for any
+    number of prompt sets (one shared image embedding, above and below the 16-prompt chunk) and
+    of points, and gives eager's logits to 1e-4."""
+    image, _ = coco_image
+    eager, ov = SamPredictor(tiny), SamPredictor(tiny, "openvino")
+    calls = []
+    impl = ov.decode_impl
+    ov.decode_impl = lambda *a: calls.append(a[2].shape) or impl(*a)
+    for p in (eager, ov):
+        p.set_image(image)
+    g = np.random.default_rng(1)
+    for n in (1, 20):
+        xy = g.uniform(0, 300, size=(n, 2))
+        boxes = np.concatenate([xy, xy + g.uniform(20, 120, size=(n, 2))], 1)
+        a = eager.predict(box=boxes, return_logits=True)
+        b = ov.predict(box=boxes, return_logits=True)
+        np.testing.assert_allclose(b[0], a[0], atol=1e-4)
+        np.testing.assert_allclose(b[1], a[1], atol=1e-5)
+    points = g.uniform(0, 300, size=(5, 3, 2))  # 5 prompt sets of 3 points
+    labels = np.array([[1, 0, 1]] * 5)
+    a = eager.predict(points, labels, multimask_output=False, return_logits=True)
+    b = ov.predict(points, labels, multimask_output=False, return_logits=True)
+    np.testing.assert_allclose(b[0], a[0], atol=1e-4)
+    assert [s[0] for s in calls] == [1, 16, 4, 5]  # prompt sets per call: chunks of 16
+
+
+def test_segment_everything_on_openvino_gives_eagers_masks(tiny, coco_image):
+    from leansam.amg import SamAutomaticMaskGenerator
+
+    image, _ = coco_image
+    kw = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    a = SamAutomaticMaskGenerator(tiny, **kw).generate(image)
+    b = SamAutomaticMaskGenerator(tiny, runtime="openvino", **kw).generate(image)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert mask_agreement(x["segmentation"], y["segmentation"]) >= 0.999
+        assert abs(x["predicted_iou"] - y["predicted_iou"]) < 1e-4
+
+
+def test_decoder_impl_per_runtime(tiny):
+    from leansam.runtime import make_decoder
+
+    assert make_decoder(tiny, "torch") is None
+    assert make_decoder(tiny, "onnx") is None
+    assert callable(make_decoder(tiny, "openvino"))
+    q = create_model("efficientvit-sam-tiny-l")
+    q.quant_config = object()  # what make_decoder checks: a quantized model's decoder stays
+    assert make_decoder(q, "openvino-int8") is None

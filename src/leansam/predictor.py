@@ -9,7 +9,7 @@ import torch
 
 from .errors import InputError
 from .modeling.sam import Sam
-from .runtime import check_runtime, compile_decoder, make_encoder
+from .runtime import check_runtime, make_decoder, make_encoder
 from .transforms import ResizeLongestSide, get_preprocess_shape
 
 
@@ -77,8 +77,9 @@ class SamPredictor:
     ``torch-opt``, ``onnx``, ``onnx-int8``, ``openvino``, ``openvino-bf16``, ``openvino-int8``).
     The INT8 runtimes take ``calibration_images`` (a few H x W x 3 uint8 images): ``onnx-int8``
     always, ``openvino-int8`` unless the model is a W8A8 quantized one. A quantized model runs
-    on ``torch`` (fake quantization) or an INT8 runtime. Prompt decoding always runs in PyTorch
-    (compiled for ``torch-opt``).
+    on ``torch`` (fake quantization) or an INT8 runtime. Prompt decoding runs in PyTorch (compiled
+    for ``torch-opt``), except for the ``openvino`` runtimes, where the decoder's transformer runs
+    on OpenVINO in f32 too (a float model; exact to ~1e-5).
     """
 
     def __init__(
@@ -96,8 +97,9 @@ class SamPredictor:
         if calibration_images is not None:
             calibration = [self.encoder_input(im) for im in calibration_images]
         self._encode = make_encoder(sam_model, runtime, calibration=calibration)
-        #: the decoder's inference pass (None: eager); compiled for torch-opt
-        self.decode_impl = compile_decoder(sam_model) if runtime == "torch-opt" else None
+        #: the decoder's inference pass (None: eager PyTorch): compiled for torch-opt, OpenVINO f32
+        #: for the openvino runtimes (:func:`leansam.runtime.make_decoder`)
+        self.decode_impl = make_decoder(sam_model, runtime)
         self.reset_image()
 
     @property

@@ -52,8 +52,9 @@ def _xywh(box) -> list:
 # ---------------------------------------------------------------------------- the generator
 class SamAutomaticMaskGenerator:
     """Drop-in for ``segment_anything.SamAutomaticMaskGenerator`` (same arguments and records)
-    for every leansam model; ``runtime`` selects the image encoder's runtime
-    (``calibration_images``: for the INT8 runtimes, :class:`SamPredictor`)."""
+    for every leansam model; ``runtime`` selects the image encoder's runtime, and the decoder's for
+    ``torch-opt`` and the ``openvino`` runtimes (``calibration_images``: for the INT8 runtimes,
+    :class:`SamPredictor`)."""
 
     def __init__(
         self,

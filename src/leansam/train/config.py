@@ -41,6 +41,12 @@ class TrainConfig:
     #: the prompt encoder's and mask decoder's learning rate as a multiple of ``lr`` (issue 21: a
     #: warm-started decoder keeps its box prior while an encoder learns from scratch)
     decoder_lr_scale: float = 1.0
+    #: start the image encoder's last LayerNorm at weight and bias 0 (an encoder trained from
+    #: scratch): the image embedding is then zero at step 0, so training starts from exactly the
+    #: warm-started decoder's content-free box prior instead of random features that scramble it
+    #: (issue 21), and the encoder's contribution grows from nothing (ControlNet's zero
+    #: convolution; the architecture is unchanged)
+    embedding_zero_init: bool = False
     weight_decay: float = 0.1
     #: linear warm-up over the first steps before the cosine decay (0: none, as in the paper's
     #: stage 2 that starts from trained weights; useful when training from scratch)
@@ -153,6 +159,11 @@ class TrainConfig:
                     "a prompt encoder trained from scratch: not in stage distill, nor with "
                     "init_checkpoint or decoder_checkpoint"
                 )
+        if self.embedding_zero_init and (self.stage != "finetune" or self.init_checkpoint):
+            raise InputError(
+                "embedding_zero_init starts an image encoder trained from scratch at zero: stage "
+                "finetune only, without init_checkpoint"
+            )
         if self.eval_every < 0 or self.eval_limit < 1:
             raise InputError("eval_every must be 0 or positive and eval_limit at least 1")
         if self.eval_every and not (self.eval_images and self.eval_annotations):

@@ -13,6 +13,7 @@ from torch import nn
 from ..checkpoint import load_state_dict
 from ..configs import PIXEL_MEAN
 from ..errors import InputError
+from ..modeling.common import LayerNorm2d
 from ..registry import create_model
 from ..transforms import ResizeLongestSide
 from .config import TrainConfig
@@ -141,14 +142,25 @@ def redraw_positional_encoding(model: nn.Module, cfg: TrainConfig) -> None:
     matrix.copy_(new.to(matrix))
 
 
-def finetune(
-    cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
-) -> dict:
-    """Stage 2: end-to-end training on SA-1B folders. Writes ``checkpoint.pt`` (resumable),
-    ``metrics.jsonl`` and, at the end, ``model.pt`` (a plain state dict for ``create_model``)."""
+def zero_image_embedding(model: nn.Module) -> None:
+    """Set the affine parameters of the image encoder's last LayerNorm2d (SAM-ViT: ``neck.3``,
+    EfficientViT-SAM: ``norm``) to zero, so that the model's image embedding is exactly zero
+    until training moves them (``TrainConfig.embedding_zero_init``)."""
+    norms = [m for m in model.image_encoder.modules() if isinstance(m, LayerNorm2d)]
+    if not norms:
+        raise InputError(
+            f"{type(model.image_encoder).__name__} has no LayerNorm2d to start at zero"
+        )
+    with torch.no_grad():
+        norms[-1].weight.zero_()
+        norms[-1].bias.zero_()
+
+
+def training_items(cfg: TrainConfig) -> tuple[list, list[tuple[int, int]]]:
+    """The SA-1B folders of ``cfg.data`` (``SA1BDataset``) and one epoch's items, (folder, index)
+    pairs with each folder listed ``cfg.data_repeat`` times."""
     from ..data.sa1b import SA1BDataset
 
-    device = train_device()
     datasets = [
         SA1BDataset(
             d,
@@ -161,11 +173,23 @@ def finetune(
     items = [
         (k, i) for k, ds in enumerate(datasets) for _ in range(repeat[k]) for i in range(len(ds))
     ]
+    return datasets, items
+
+
+def finetune(
+    cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
+) -> dict:
+    """Stage 2: end-to-end training on SA-1B folders. Writes ``checkpoint.pt`` (resumable),
+    ``metrics.jsonl`` and, at the end, ``model.pt`` (a plain state dict for ``create_model``)."""
+    device = train_device()
+    datasets, items = training_items(cfg)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
     if cfg.decoder_checkpoint:
         load_prompt_decoder(model, cfg.decoder_checkpoint)
     redraw_positional_encoding(model, cfg)
+    if cfg.embedding_zero_init:
+        zero_image_embedding(model)
     step_module = FinetuneStep(model, cfg)
     run = Run(cfg, len(items), model, step_module)
     resumed = run.resume(resume)

@@ -1,5 +1,6 @@
 """Prompt warm start: a mask decoder trained from scratch learns where a box is, on synthetic boxes
-over a content-free image embedding, before stage 2."""
+over a content-free image embedding, before stage 2; then, optionally, the box prior of real objects
+(their masks from their boxes, still without the image: ``data`` given to stage ``prompt``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ from torch import nn
 from ..errors import InputError
 from ..registry import create_model
 from .config import TrainConfig
-from .finetune import load_prompt_decoder, redraw_positional_encoding
+from .finetune import (
+    load_prompt_decoder,
+    prepare_sample,
+    redraw_positional_encoding,
+    training_items,
+)
 from .loop import Run, curve_evaluator, finish_run, train_autocast, train_device
 from .losses import iou_loss, mask_loss
 
@@ -59,7 +65,11 @@ class PromptStep(nn.Module):
         if cfg.grid > full:
             raise InputError(f"grid {cfg.grid} exceeds the model's {full} x {full} embedding grid")
 
-    def forward(self, boxes: torch.Tensor, multimask: bool) -> torch.Tensor:
+    def forward(
+        self, boxes: torch.Tensor, multimask: bool, gt: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loss of N ``boxes`` (N x 4, XYXY in the 1024 frame) against ``gt`` (N x H x W masks
+        covering the padded square frame, any resolution), or against the boxes themselves."""
         # Not Sam.decode: the warm start runs the decoder on a small g x g grid of zero image
         # embeddings with the positional encoding of that grid, not on a 64 x 64 image embedding.
         pe, g = self.prompt_encoder, self.cfg.grid
@@ -68,7 +78,8 @@ class PromptStep(nn.Module):
         image_pe = pe.pe_layer((g, g)).unsqueeze(0)  # resolution-free: any grid
         emb = dense.new_zeros((1, pe.embed_dim, g, g))
         low, iou_pred = self.mask_decoder(emb, image_pe, sparse, dense, multimask)
-        gt = box_target(boxes, 16 * g)  # 4x the logits' side: soft edges after area averaging
+        if gt is None:  # 4x the logits' side: soft edges after area averaging
+            gt = box_target(boxes, 16 * g)
         loss = mask_loss(low.float(), gt, num_points=0, bce_weight=self.cfg.bce_weight)
         if self.cfg.iou_loss_weight:
             loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), gt, iou_pred)
@@ -95,10 +106,12 @@ def prompt_warmup(
     prompt_parts = nn.ModuleDict(
         {"prompt_encoder": model.prompt_encoder, "mask_decoder": model.mask_decoder}
     )
-    run = Run(cfg, cfg.items_per_epoch, prompt_parts, PromptStep(model, cfg))
+    datasets, items = training_items(cfg) if cfg.data else ([], [])
+    per_epoch = len(items) if cfg.data else cfg.items_per_epoch
+    run = Run(cfg, per_epoch, prompt_parts, PromptStep(model, cfg))
     resumed = run.resume(resume)
 
-    def compute(step: int, indices: list[int]) -> torch.Tensor:
+    def synthetic(step: int, indices: list[int]) -> tuple[torch.Tensor, None]:
         boxes = np.stack(
             [
                 synthetic_box(
@@ -109,10 +122,55 @@ def prompt_warmup(
                 for i in indices
             ]
         )
+        return torch.as_tensor(boxes, device=device), None
+
+    def real(step: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        boxes, gts = [], []
+        for i in indices:
+            k, j = items[i]
+            raw = datasets[k][j]
+            if raw is None:
+                continue
+            rng = np.random.default_rng([cfg.seed, step, i])
+            s = prepare_sample(raw, model.image_size, cfg, rng, device)
+            boxes.append(s["boxes"])
+            gts.append(s["gt"])
+        if not boxes:
+            raise InputError(f"step {step}: no readable training sample in its batch")
+        return torch.cat(boxes), torch.cat(gts)
+
+    def compute(step: int, indices: list[int]) -> torch.Tensor:
+        boxes, gt = (real if cfg.data else synthetic)(step, indices)
         if on_step is not None:
             on_step(step)
         with train_autocast(cfg, device):
-            return run.step_module(torch.as_tensor(boxes, device=device), step % 2 == 1)
+            return run.step_module(boxes, step % 2 == 1, gt)
 
-    records = run.loop(compute, curve_evaluator(cfg, model))
-    return finish_run(run, model, records, resumed)
+    records = run.loop(compute, curve_evaluator(cfg, content_free(model)))
+    return finish_run(run, model, records, resumed, datasets)
+
+
+class _ZeroEmbedding(nn.Module):
+    """An image encoder whose embedding is all zeros (D x 64 x 64 per image)."""
+
+    def __init__(self, img_size: int, dim: int, side: int) -> None:
+        super().__init__()
+        self.img_size, self.dim, self.side = img_size, dim, side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros((x.shape[0], self.dim, self.side, self.side))
+
+
+def content_free(model: nn.Module) -> nn.Module:
+    """A view of ``model`` that shares its prompt encoder and mask decoder and replaces the image
+    encoder by an all-zero embedding: what the warm start trains, measured on real images by the
+    learning curve (how much of the box mIoU the prompt alone gives)."""
+    import copy
+
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    side = max(model.prompt_encoder.image_embedding_size)
+    view.image_encoder = _ZeroEmbedding(
+        model.image_encoder.img_size, model.prompt_encoder.embed_dim, side
+    )
+    return view
