@@ -539,3 +539,61 @@ def test_amp_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
     assert ctx._enabled and ctx.fast_dtype == torch.bfloat16
     with pytest.raises(InputError, match="amp must be none, bf16, fp16 or auto"):
         TrainConfig(stage="prompt", model="m", data=[], out="o", amp="fp8")
+
+
+def test_prompt_stage_on_real_masks_trains_the_content_free_prior(sa1b_small, tmp_path):
+    """`leansam train prompt` with data: real objects' masks from their boxes on a zero image
+    embedding; the curve measures that content-free model (step 0: the starting decoder on a zero
+    embedding, not the random image encoder), and the encoder is untouched."""
+    from leansam import create_model
+    from leansam.eval.diagnose import diagnose_boxes
+    from leansam.train.warmup import content_free, prompt_warmup
+
+    val = COCO_MINI / "val2017"
+    ann = COCO_MINI / "annotations" / "instances_val2017.json"
+    cfg = TrainConfig(
+        stage="prompt", model=STUDENT, data=[str(sa1b_small)], out=str(tmp_path / "p"), grid=16,
+        epochs=2, batch_size=2, masks_per_image=3, lr=1e-3, bce_weight=1.0, box_prob=1.0,
+        save_every=100, eval_every=100, eval_images=str(val), eval_annotations=str(ann),
+        eval_limit=2,
+    )  # fmt: skip
+    start = create_model(STUDENT, seed=0)
+    result = prompt_warmup(cfg)
+    assert result["steps"] == result["total_steps"] == len(SA1BDataset(sa1b_small))  # 2 epochs
+    curve = [json.loads(x) for x in (tmp_path / "p" / "curve.jsonl").read_text().splitlines()]
+    assert curve[0]["mIoU"] == diagnose_boxes(content_free(start), _val_subset())["mIoU"]
+    assert curve[0]["mIoU"] != diagnose_boxes(start, _val_subset())["mIoU"]
+    after = create_model(STUDENT, checkpoint=tmp_path / "p" / "model.pt")
+    assert curve[-1]["mIoU"] == diagnose_boxes(content_free(after), _val_subset())["mIoU"]
+    for a, b in zip(
+        start.image_encoder.state_dict().values(),
+        after.image_encoder.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    assert not torch.equal(
+        start.mask_decoder.output_upscaling[0].weight, after.mask_decoder.output_upscaling[0].weight
+    )
+
+
+def test_embedding_zero_init_starts_training_from_the_decoders_prior(sa1b_small, tmp_path):
+    """embedding_zero_init: the encoder's last LayerNorm starts at zero (the embedding is zero,
+    so step 0 is the content-free model) and then trains."""
+    from leansam import create_model
+    from leansam.train.finetune import zero_image_embedding
+    from leansam.train.warmup import content_free
+
+    for name in (STUDENT, "sam-vit-tiny"):
+        m = create_model(name, seed=0).eval()
+        zero_image_embedding(m)
+        x = torch.randn(1, 3, m.image_size, m.image_size)
+        assert m.image_encoder(x).abs().max() == 0
+        with torch.no_grad():
+            tokens = content_free(m).image_encoder(x)
+        assert torch.equal(m.image_encoder(x), tokens)
+    cfg = _ft_cfg(sa1b_small, tmp_path / "z", embedding_zero_init=True, epochs=1)
+    finetune(cfg)
+    trained = create_model(STUDENT, checkpoint=tmp_path / "z" / "model.pt")
+    assert trained.image_encoder.norm.weight.abs().max() > 0
+    with pytest.raises(InputError, match="embedding_zero_init starts an image encoder"):
+        _ft_cfg(sa1b_small, tmp_path / "y", embedding_zero_init=True, init_checkpoint="x.pt")
