@@ -4,6 +4,7 @@ and OpenVINO run on integer kernels, the onnx-int8 / openvino-int8 runtimes, `ex
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -304,6 +305,13 @@ def test_cli_commands_run_a_quantized_file_on_the_int8_runtimes(setup, tmp_path)
             cmd = [*base, *args, "--runtime", runtime, *extra, "--out", str(out)]
             r = subprocess.run(cmd, **_text())
             assert r.returncode == 0, (name, runtime, r.stderr)
+            record = out / {"segment": "result.json", "everything": "masks.json"}.get(
+                name, "run.json"
+            )
+            config = json.loads(record.read_text())
+            config = config.get("config", config)  # segment nests it
+            calib = os.path.realpath(TRAIN[0]) if extra else None
+            assert (config["runtime"], config.get("calib_images")) == (runtime, calib), name
     r = subprocess.run([*base, *runs["everything"], "--runtime", "onnx-int8", "--out",
                         str(tmp_path / "no-calib")], **_text())  # fmt: skip
     assert r.returncode == 2 and r.stderr.startswith("leansam: error: onnx-int8 needs calibration")

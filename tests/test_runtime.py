@@ -228,3 +228,28 @@ def test_decoder_impl_per_runtime(tiny):
     q = create_model("efficientvit-sam-tiny-l")
     q.quant_config = object()  # what make_decoder checks: a quantized model's decoder stays
     assert make_decoder(q, "openvino-int8") is None
+
+
+def test_predictor_copy_and_the_service_pool_share_one_runtime(tiny, coco_image, monkeypatch):
+    """SamPredictor.copy shares the encoder and decoder but not the image; the service's pool of
+    N predictors builds the OpenVINO graphs once, not N times."""
+    import leansam.runtime as rt
+    from leansam.service import Engine
+
+    image, _ = coco_image
+    built = []
+    for name in ("_openvino", "openvino_decoder"):
+        real = getattr(rt, name)
+        monkeypatch.setattr(
+            rt, name, lambda *a, _r=real, _n=name, **k: built.append(_n) or _r(*a, **k)
+        )
+    a = SamPredictor(tiny, "openvino")
+    b = a.copy()
+    assert b._encode is a._encode and b.decode_impl is a.decode_impl
+    a.set_image(image)
+    assert a.is_image_set and not b.is_image_set and b.features is None
+    built.clear()
+    engine = Engine(tiny, name="tiny", runtime="openvino", size=3)
+    assert sorted(built) == ["_openvino", "openvino_decoder"]
+    pool = [engine._pool.get() for _ in range(3)]
+    assert len({id(p) for p in pool}) == 3 and len({id(p._encode) for p in pool}) == 1

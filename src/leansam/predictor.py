@@ -106,6 +106,19 @@ class SamPredictor:
     def device(self) -> torch.device:
         return self.model.device
 
+    def copy(self) -> SamPredictor:
+        """A predictor of the same model and runtime that shares this one's encoder and decoder
+        (runtime sessions, converted graphs: nothing is built again) and has its own image
+        state, for another thread. The ONNX Runtime sessions and OpenVINO compiled models
+        behind the runtimes may be called from several threads at once (each call makes its
+        own inference request); ``torch.compile``'s functions (``torch-opt``) are shared too,
+        so warm them up (one call per input shape) before threads use them."""
+        import copy
+
+        twin = copy.copy(self)
+        twin.reset_image()
+        return twin
+
     def reset_image(self) -> None:
         """Forget the current image(s) and their embeddings."""
         self.is_image_set = False

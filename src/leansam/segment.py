@@ -199,6 +199,7 @@ def segment(
             "separate_points": separate_points,
             "device": str(sam.device),
             "runtime": runtime,
+            "calib_images": os.path.realpath(calib_images) if calib else None,
             "prompts": [asdict(p) for p in prompts],
         },
         "timing_ms": {"embed": 1000 * (t1 - t0), "decode": 1000 * (t2 - t1)},

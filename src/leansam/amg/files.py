@@ -23,13 +23,15 @@ def everything(
     checkpoint=None,
     device: str | None = None,
     runtime: str = "torch",
+    calib_images=None,
     progress: bool = False,
     **generator_args,
 ) -> dict:
     """Segment everything in one image and write into ``out_dir``: ``NNN.png`` per mask (0/255, by
     decreasing area, as SAM's ``amg.py``), ``metadata.csv`` (SAM's columns), ``masks.json`` (the
-    records with COCO RLE, the configuration and timings) and ``overlay.png``. Returns the JSON
-    record."""
+    records with COCO RLE, the configuration and timings) and ``overlay.png``. The INT8 runtimes
+    take their calibration images from the folder ``calib_images`` (:func:`leansam.segment.
+    segment`). Returns the JSON record."""
     import os
     import time
 
@@ -45,14 +47,21 @@ def everything(
     from ..loading import load_model
     from ..provenance import describe_environment
     from ..registry import get_config
+    from ..runtime import runtime_calibration
 
     image = load_image(image_path)
     get_config(model)
     out = ensure_dir(out_dir)
     sam = load_model(model, checkpoint, device=device)
     checkpoint = sam.checkpoint_path
+    calib = runtime_calibration(runtime, calib_images)
     gen = SamAutomaticMaskGenerator(
-        sam, output_mode="coco_rle", runtime=runtime, progress=progress, **generator_args
+        sam,
+        output_mode="coco_rle",
+        runtime=runtime,
+        calibration_images=calib,
+        progress=progress,
+        **generator_args,
     )
     t0 = time.perf_counter()
     records = gen.generate(image)
@@ -86,6 +95,7 @@ def everything(
             "model": model,
             "checkpoint": os.fspath(checkpoint) if checkpoint else None,
             "runtime": runtime,
+            "calib_images": os.path.realpath(calib_images) if calib else None,
             "device": str(sam.device),
             **{k: getattr(gen, k) for k in GENERATOR_ARGS},
         },

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from .parsing import default_of, int_list, runtime_args
+from .parsing import default_of, int_list, runtime_args, runtime_record
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -40,7 +40,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             config={
                 "checkpoint": getattr(source, "checkpoint", None),
                 "limit": args.limit,
-                "runtime": args.runtime,
+                **runtime_record(args),
             },
         )
     except KeyboardInterrupt:

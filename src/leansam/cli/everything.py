@@ -23,10 +23,7 @@ from .parsing import (
 
 
 def _generator_args(args: argparse.Namespace) -> dict:
-    from ..runtime import runtime_calibration
-
     return dict(
-        calibration_images=runtime_calibration(args.runtime, args.calib_images),
         points_per_side=args.points_per_side,
         points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh,
@@ -70,6 +67,7 @@ def _one_image(args: argparse.Namespace) -> int:
         out_dir=args.out,
         device=args.device,
         runtime=args.runtime,
+        calib_images=args.calib_images,
         progress=not args.no_progress,
         **_generator_args(args),
     )
@@ -88,6 +86,7 @@ def _dataset(args: argparse.Namespace) -> int:
     import os
 
     from ..amg.dataset import label_images, list_images
+    from ..runtime import runtime_calibration
 
     listed = list_images(args.image)  # a bad input fails before the model loads
     check_dataset_args(args)
@@ -104,6 +103,7 @@ def _dataset(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         workers=args.workers,
         image_batch=args.image_batch,
+        calibration_images=runtime_calibration(args.runtime, args.calib_images),
         **_generator_args(args),
     )
     if rank == 0:

@@ -51,7 +51,8 @@ def runtime_args(p: argparse.ArgumentParser) -> None:
         "--runtime",
         default="torch",
         choices=RUNTIMES,
-        help="image-encoder runtime (README: Runtimes); default torch (eager)",
+        help="runtime of the image encoder, and of the decoder for torch-opt and the openvino "
+        "runtimes (README: Runtimes); default torch (eager)",
     )
     p.add_argument(
         "--calib-images",
@@ -59,6 +60,17 @@ def runtime_args(p: argparse.ArgumentParser) -> None:
         help="INT8 runtimes: calibrate on the first 8 images of DIR (e.g. coco-mini train2017); "
         "needed by onnx-int8, and by openvino-int8 unless --checkpoint is a W8A8 quantized file",
     )
+
+
+def runtime_record(args: argparse.Namespace) -> dict:
+    """``--runtime`` and, for an INT8 runtime, the resolved ``--calib-images`` folder: what a
+    run's record keeps (and what a resumed run must match)."""
+    from ..runtime import INT8_RUNTIMES
+
+    record = {"runtime": args.runtime}
+    if args.runtime in INT8_RUNTIMES and args.calib_images:
+        record["calib_images"] = os.path.realpath(args.calib_images)
+    return record
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -163,7 +175,7 @@ def dataset_model(args: argparse.Namespace):
     config = {
         "model": args.model,
         "checkpoint": os.fspath(sam.checkpoint_path) if sam.checkpoint_path else None,
-        "runtime": args.runtime,
+        **runtime_record(args),
     }
     return rank, sam, config
 

@@ -134,7 +134,9 @@ class LRUCache:
 
 # ---------------------------------------------------------------------------------------- engine
 class Engine:
-    """A model and ``size`` predictors sharing it (one per concurrent inference job)."""
+    """A model and ``size`` predictors sharing it (one per concurrent inference job); except
+    for ``torch-opt``, they share one encoder and decoder runtime too
+    (:meth:`SamPredictor.copy`)."""
 
     def __init__(
         self,
@@ -152,8 +154,16 @@ class Engine:
         self.info = {"name": name, "runtime": runtime, "image_size": model.image_size, **info}
         self._pool: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # guards the per-image mask-input memories
-        for _ in range(size):
-            self._pool.put(SamPredictor(model, runtime, calibration_images=calibration_images))
+        first = SamPredictor(model, runtime, calibration_images=calibration_images)
+        self._pool.put(first)
+        for _ in range(size - 1):
+            # torch-opt compiles per predictor (a shared torch.compile function would be
+            # compiled by the first concurrent calls at once); every other runtime is built once
+            # (an INT8 graph's calibration, a runtime session) and shared by the pool
+            if runtime == "torch-opt":
+                self._pool.put(SamPredictor(model, runtime))
+            else:
+                self._pool.put(first.copy())
 
     def _with_predictor(self, fn: Callable):
         predictor = self._pool.get()
