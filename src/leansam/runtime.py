@@ -19,7 +19,8 @@ onnx-int8  ONNX Runtime on an INT8 encoder graph (QDQ pairs fused into QLinearCo
            leansam's own W8A8 calibration of the encoder on ``calibration``; the layer outputs
            ONNX Runtime's kernels requantize are calibrated on ``calibration`` too (required)
 openvino   OpenVINO (CPU plugin) on the exported fp32 encoder graph, inference precision f32:
-           exact to ~1e-5
+           exact to ~1e-5. SamPredictor also runs the decoder's transformer on OpenVINO f32
+           (:func:`openvino_decoder`) for this runtime and the two below
 openvino-  OpenVINO with inference precision bf16 (CPUs with AVX512-BF16 or AMX; elsewhere
 bf16       OpenVINO keeps f32, and leansam warns that the runtime is then plain ``openvino``)
 ========== ======================================================================================
