@@ -147,13 +147,15 @@ def test_cli_bench(tmp_path):
 
     cmd = [sys.executable, "-m", "leansam.cli", "bench", "--model", "efficientvit-sam-tiny-l"]
     out = tmp_path / "bench.json"
-    args = ["--runtime", "torch", "--runtime", "onnx", "--boxes", "1,4", "--runs", "1"]
+    args = ["--runtime", "torch", "--runtime", "openvino", "--boxes", "1,4", "--runs", "1"]
     r = subprocess.run([*cmd, *args, "--json", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "ms/box at 4 per call" in r.stdout
+    assert "decoder on openvino (multimask, masks at full size): " in r.stdout
     record = json.loads(out.read_text())
-    assert set(record["encoder"]) == {"torch", "onnx"}
-    assert record["encoder"]["onnx"]["max_abs_diff_vs_eager"] <= 1e-4
+    assert set(record["encoder"]) == {"torch", "openvino"}
+    assert record["encoder"]["openvino"]["max_abs_diff_vs_eager"] <= 1e-4
+    assert set(record["decoder_ms_per_box_by_runtime"]) == {"openvino"}
+    assert set(record["decoder_ms_per_box_by_runtime"]["openvino"]) == {"1", "4"}
     assert record["encoder"]["torch"]["seconds_per_image"] > 0
     assert set(record["decoder_ms_per_box"]) == {"1", "4"}
     r = subprocess.run([*cmd, "--boxes", "1,x"], capture_output=True, text=True)

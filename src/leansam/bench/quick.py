@@ -30,13 +30,20 @@ def quick_bench(
 ) -> dict:
     """Median seconds per image of the image encoder on each runtime (interleaved, same input),
     each runtime's max abs difference from eager, the set-up time (compilation, export,
-    calibration), and the decoder's milliseconds per box for the given boxes-per-call counts.
+    calibration), and the decoder's milliseconds per box for the given boxes-per-call counts:
+    eager, and on each runtime with its own decoder pass (``make_decoder``: torch-opt, openvino*).
     ``progress``: a bar on stderr over set-ups and timed calls."""
     from ..loading import load_model
     from ..predictor import SamPredictor
     from ..progress import progress_bar
     from ..provenance import describe_environment
-    from ..runtime import INT8_RUNTIMES, check_runtime, make_encoder, runtime_calibration
+    from ..runtime import (
+        INT8_RUNTIMES,
+        check_runtime,
+        make_decoder,
+        make_encoder,
+        runtime_calibration,
+    )
 
     for r in runtimes:
         check_runtime(r)
@@ -55,7 +62,13 @@ def quick_bench(
     if calib is not None:
         prepared = [pred.encoder_input(im) for im in calib]
     encoders, setup = {}, {}
-    calls = len(runtimes) * (1 + (runs + 1)) + len(boxes) * (runs + 1)
+    # the decoder eagerly, and on every asked-for runtime that has its own decoder pass
+    impls = {"torch": None}
+    for r in runtimes:
+        impl = make_decoder(model, r)
+        if impl is not None:
+            impls[r] = impl
+    calls = len(runtimes) * (1 + (runs + 1)) + len(impls) * len(boxes) * (runs + 1)
     bar = progress_bar(total=calls, desc="bench", enabled=progress, unit="call")
     with torch.inference_mode():
         want = model.image_encoder(x)
@@ -78,13 +91,21 @@ def quick_bench(
         n_max = max(boxes)
         xy = g.uniform(0, [w * 0.8, h * 0.8], size=(n_max, 2))
         box_arr = np.concatenate([xy, xy + g.uniform(8, [w * 0.2, h * 0.2], size=(n_max, 2))], 1)
+
+        def decode(impl, n):
+            pred.decode_impl = impl
+            return pred.predict(box=box_arr[:n], multimask_output=True)
+
         dec_stats = interleaved_timings(
-            {n: (lambda n=n: pred.predict(box=box_arr[:n], multimask_output=True)) for n in boxes},
+            {(r, n): (lambda i=i, n=n: decode(i, n)) for r, i in impls.items() for n in boxes},
             runs=runs,
             warmup=1,
             after_call=bar.update,
         )
     bar.close()
+    per_box = {r: {} for r in impls}
+    for (r, n), st in dec_stats.items():
+        per_box[r][str(n)] = 1000 * st.median / n
     return {
         "model": model_name,
         "checkpoint": checkpoint,
@@ -99,7 +120,9 @@ def quick_bench(
             }
             for r, s in enc_stats.items()
         },
-        "decoder_ms_per_box": {str(n): 1000 * s.median / n for n, s in dec_stats.items()},
+        "decoder_ms_per_box": per_box["torch"],
+        # runtimes with their own decoder pass (torch-opt, openvino*): README "Runtimes"
+        "decoder_ms_per_box_by_runtime": {r: v for r, v in per_box.items() if r != "torch"},
         "environment": describe_environment(),
     }
 
@@ -115,8 +138,8 @@ def format_bench(result: dict) -> str:
             f"{r:<12} {e['seconds_per_image']:>9.3f} {e['min']:>7.3f}-{e['max']:<7.3f} "
             f"{e['setup_s']:>9.1f} {e['max_abs_diff_vs_eager']:>9.1e}"
         )
-    per_box = ", ".join(
-        f"{v:.1f} ms/box at {n} per call" for n, v in result["decoder_ms_per_box"].items()
-    )
-    lines.append(f"decoder (multimask, masks at full size): {per_box}")
+    decoders = {"torch": result["decoder_ms_per_box"], **result["decoder_ms_per_box_by_runtime"]}
+    for r, ms in decoders.items():
+        per_box = ", ".join(f"{v:.1f} ms/box at {n} per call" for n, v in ms.items())
+        lines.append(f"decoder on {r} (multimask, masks at full size): {per_box}")
     return "\n".join(lines)
