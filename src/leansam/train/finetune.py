@@ -176,6 +176,25 @@ def training_items(cfg: TrainConfig) -> tuple[list, list[tuple[int, int]]]:
     return datasets, items
 
 
+def batch_samples(
+    datasets: list, items: list[tuple[int, int]], step: int, indices: list[int], image_size: int,
+    cfg: TrainConfig, device,
+) -> tuple[list[dict], list[int]]:  # fmt: skip
+    """The prepared samples (:func:`prepare_sample`) of one step's ``indices`` into ``items``,
+    unreadable ones left out, and a loss seed per sample; seeded by (``cfg.seed``, step, index),
+    so a resumed or multi-process run draws the same ones."""
+    samples, seeds = [], []
+    for i in indices:
+        k, j = items[i]
+        raw = datasets[k][j]
+        if raw is None:
+            continue
+        rng = np.random.default_rng([cfg.seed, step, i])
+        samples.append(prepare_sample(raw, image_size, cfg, rng, device))
+        seeds.append(int(rng.integers(2**62)))
+    return samples, seeds
+
+
 def finetune(
     cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
 ) -> dict:
@@ -195,15 +214,9 @@ def finetune(
     resumed = run.resume(resume)
 
     def compute(step: int, indices: list[int]) -> torch.Tensor:
-        samples, seeds = [], []
-        for i in indices:
-            k, j = items[i]
-            raw = datasets[k][j]
-            if raw is None:
-                continue
-            rng = np.random.default_rng([cfg.seed, step, i])
-            samples.append(prepare_sample(raw, model.image_size, cfg, rng, device))
-            seeds.append(int(rng.integers(2**62)))
+        samples, seeds = batch_samples(
+            datasets, items, step, indices, model.image_size, cfg, device
+        )
         if on_step is not None:
             on_step(step)
         with train_autocast(cfg, device):

@@ -14,8 +14,8 @@ from ..errors import InputError
 from ..registry import create_model
 from .config import TrainConfig
 from .finetune import (
+    batch_samples,
     load_prompt_decoder,
-    prepare_sample,
     redraw_positional_encoding,
     training_items,
 )
@@ -124,25 +124,19 @@ def prompt_warmup(
         )
         return torch.as_tensor(boxes, device=device), None
 
-    def real(step: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        boxes, gts = [], []
-        for i in indices:
-            k, j = items[i]
-            raw = datasets[k][j]
-            if raw is None:
-                continue
-            rng = np.random.default_rng([cfg.seed, step, i])
-            s = prepare_sample(raw, model.image_size, cfg, rng, device)
-            boxes.append(s["boxes"])
-            gts.append(s["gt"])
-        if not boxes:
-            raise InputError(f"step {step}: no readable training sample in its batch")
-        return torch.cat(boxes), torch.cat(gts)
+    def real(step: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        samples, _ = batch_samples(datasets, items, step, indices, model.image_size, cfg, device)
+        if not samples:
+            return None
+        return torch.cat([s["boxes"] for s in samples]), torch.cat([s["gt"] for s in samples])
 
     def compute(step: int, indices: list[int]) -> torch.Tensor:
-        boxes, gt = (real if cfg.data else synthetic)(step, indices)
+        batch = (real if cfg.data else synthetic)(step, indices)
         if on_step is not None:
             on_step(step)
+        if batch is None:  # keep every process in step: a zero loss that touches all weights
+            return sum(p.sum() for p in prompt_parts.parameters()) * 0.0
+        boxes, gt = batch
         with train_autocast(cfg, device):
             return run.step_module(boxes, step % 2 == 1, gt)
 
