@@ -4,8 +4,10 @@
 
 Prints the markdown rows of ``leansam.eval.diagnose`` (predicted-IoU choice, best of 3 by true
 IoU, single-mask output, box-fill; empty masks, area ratio, IoU with the box) and writes them as
-JSON with ``--json``. ``--box-drawing`` measures instead how well the decoder alone draws boxes of
-each size on a zero image embedding.
+JSON with ``--json``. ``--content-free`` diagnoses the model with an all-zero image embedding (its
+prompt encoder and decoder's box prior alone: ``leansam.train.warmup.content_free``).
+``--box-drawing`` measures instead how well the decoder alone draws boxes of each size on a zero
+image embedding.
 """
 
 from __future__ import annotations
@@ -36,8 +38,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the decoder's box drawing on a zero embedding (diagnose.box_drawing)",
     )
+    ap.add_argument(
+        "--content-free",
+        action="store_true",
+        help="replace the image embedding by zeros: the prompt's box prior alone",
+    )
     args = ap.parse_args(argv)
     model = leansam.load_model(args.model, checkpoint=args.checkpoint)
+    if args.content_free:
+        from leansam.train.warmup import content_free
+
+        model = content_free(model)
     if args.box_drawing:
         drawn = box_drawing(model)
         print("| box side (px of 1024) | " + " | ".join(str(k) for k in drawn) + " |")
