@@ -393,10 +393,14 @@ def markdown(record: dict) -> str:
         lines += [
             "### Prompt decoding (boxes, multimask, masks at full resolution)",
             "",
-            "| call | median ms per box |",
+            "| call | median ms per box (min-max) |",
             "|---|---:|",
         ]
-        lines += [f"| {k} | {v:.1f} |" for k, v in d["ms_per_box"].items()]
+        for k, v in d["ms_per_box"].items():
+            st, n = d["stats"][k], int(k.split("x")[-1])
+            lines.append(
+                f"| {k} | {v:.1f} ({1000 * st['min'] / n:.1f}-{1000 * st['max'] / n:.1f}) |"
+            )
         lines += [
             "",
             f"Cost per box, 64 per call vs the reference's single box: leansam eager "
@@ -414,16 +418,17 @@ def markdown(record: dict) -> str:
         lines += [
             "### Segment everything (32 x 32 grid, no crops)",
             "",
-            "| thresholds | reference median s | leansam median s | speed-up | masks "
-            "(ref / leansam) | matched (ref->ours / ours->ref) |",
+            "| thresholds | reference median s (min-max) | leansam median s (min-max) | speed-up "
+            "| masks (ref / leansam) | matched (ref->ours / ours->ref) |",
             "|---|---:|---:|---:|---|---|",
         ]
         for k, r in res["amg"].items():
             if not isinstance(r, dict) or "stats" not in r:  # "measured_at", "environment"
                 continue
             s = r["stats"]
+            span = {g: f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})" for g, v in s.items()}
             lines.append(
-                f"| {k} | {s['reference']['median']:.2f} | {s['leansam']['median']:.2f} | "
+                f"| {k} | {span['reference']} | {span['leansam']} | "
                 f"{r['speedup']:.2f}x | {r['masks']['reference']} / {r['masks']['leansam']} | "
                 f"{100 * r['reference_matched']:.0f} % / {100 * r['leansam_matched']:.0f} % |"
             )
@@ -434,14 +439,15 @@ def markdown(record: dict) -> str:
                 "leansam on runtime `openvino` (the encoder and the decoder's transformer on "
                 "OpenVINO f32, the same run):",
                 "",
-                "| thresholds | leansam openvino median s | vs leansam torch | vs reference | "
-                "masks | matched (torch->openvino / openvino->torch) |",
+                "| thresholds | leansam openvino median s (min-max) | vs leansam torch "
+                "| vs reference | masks | matched (torch->openvino / openvino->torch) |",
                 "|---|---:|---:|---:|---:|---|",
             ]
             for k, r in ov_rows.items():
                 o = r["openvino"]
+                ov = r["stats"]["leansam openvino"]
                 lines.append(
-                    f"| {k} | {r['stats']['leansam openvino']['median']:.2f} | "
+                    f"| {k} | {ov['median']:.2f} ({ov['min']:.2f}-{ov['max']:.2f}) | "
                     f"{o['speedup_vs_leansam']:.2f}x | {o['speedup_vs_reference']:.2f}x | "
                     f"{r['masks']['leansam openvino']} | {100 * o['torch_matched']:.0f} % / "
                     f"{100 * o['openvino_matched']:.0f} % |"

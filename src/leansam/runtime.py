@@ -112,51 +112,62 @@ def openvino_decoder(model: Sam) -> Callable:
     """The mask decoder's inference pass up to the up-scaling (:meth:`MaskDecoder.decode_tokens`:
     the two-way transformer and the heads) on OpenVINO's CPU plugin at inference precision f32,
     for ``MaskDecoder.forward(impl=...)``. Any number of prompt sets and of prompt tokens without
-    recompiling (dynamic batch and token axes); the image grid is the models' 64 x 64. The
-    up-scaling stays leansam's tiled one. Exact to ~1e-5 (float summation order); 1.2-1.6x
-    faster than eager on the CPUs measured (BENCHMARKS.md, "Segment everything"). Converted from
-    the model's own module once (a few seconds). The model's weights are copied: later changes
-    to them are not seen."""
+    recompiling (dynamic batch and token axes); the image grid is the models' 64 x 64. Two graphs,
+    as the eager code has two paths: one image embedding shared by every prompt set (its image
+    side computed once: points and boxes) and one embedding per prompt set (mask inputs; built on
+    first use). The up-scaling stays leansam's tiled one. Exact to ~1e-5 (float summation
+    order); speed: BENCHMARKS.md, "Prompt decoding" and "Segment everything". Converted from the
+    model's own module (a few seconds); the weights are copied, so later changes to the model's
+    weights are not seen."""
     ov = require("openvino", "openvino")
-    dec = model.mask_decoder
+    core = ov.Core()
+    dec = copy.deepcopy(model.mask_decoder).float().eval()  # the caller's model is left as it is
     c = dec.transformer_dim
     g = max(model.prompt_encoder.image_embedding_size)
-
-    class DecodeTokens(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.decoder = copy.deepcopy(dec).float()  # the caller's model is left as it is
-
-        def forward(self, src, image_pe, tokens):
-            return self.decoder.decode_tokens(src, image_pe, tokens)
-
-    # traced with 2 prompt sets (the output tokens and 2 prompt tokens each), then declared
-    # dynamic on those axes
-    n = 1 + dec.num_mask_tokens + 2
-    example = (torch.zeros(2, c, g, g), torch.zeros(1, c, g, g), torch.zeros(2, n, c))
-    shapes = [ov.PartialShape([-1, c, g, g]), ov.PartialShape([1, c, g, g])]
-    shapes.append(ov.PartialShape([-1, -1, c]))
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace, inside OpenVINO
-        graph = ov.convert_model(DecodeTokens().eval(), example_input=example, input=shapes)
+    n = 1 + dec.num_mask_tokens + 2  # the output tokens and 2 prompt tokens
     config = {
         "INFERENCE_PRECISION_HINT": "f32",
         "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         "PERFORMANCE_HINT": "LATENCY",
+        # subnormal numbers as zero, as the eager inference path flushes the attention weights
+        # below 1.2e-38 (BENCHMARKS.md, "Subnormal attention weights"; a traced graph keeps them)
+        "CPU_DENORMALS_OPTIMIZATION": True,
     }
-    compiled = ov.Core().compile_model(graph, "CPU", config)
-    outputs = [compiled.output(i) for i in range(3)]
+
+    class DecodeTokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoder = dec
+
+        def forward(self, src, image_pe, tokens):
+            return self.decoder.decode_tokens(src, image_pe, tokens)
+
+    def build(shared: bool):
+        # traced with 2 prompt sets (src: 1 shared or 2), then declared dynamic on those axes
+        example = (torch.zeros(1 if shared else 2, c, g, g), torch.zeros(1, c, g, g))
+        example += (torch.zeros(2, n, c),)
+        shapes = [ov.PartialShape([1 if shared else -1, c, g, g]), ov.PartialShape([1, c, g, g])]
+        shapes.append(ov.PartialShape([-1, -1, c]))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace, inside OpenVINO
+            graph = ov.convert_model(DecodeTokens(), example_input=example, input=shapes)
+        return core.compile_model(graph, "CPU", config)
+
+    graphs = {True: build(True)}
 
     def run(src: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor):
         dtype, device = src.dtype, src.device
-        b = tokens.shape[0]
-        if src.shape[0] == 1 < b:  # one image embedding shared by every prompt set
-            src = src.expand(b, -1, -1, -1)
+        shared = src.shape[0] == 1
+        if shared not in graphs:
+            graphs[shared] = build(shared)
+        compiled = graphs[shared]
         arrays = [t.detach().float().cpu().contiguous().numpy() for t in (src, image_pe, tokens)]
         result = compiled.create_infer_request().infer(dict(enumerate(arrays)))
         # copies: the request's output buffers are not ours to keep
-        return tuple(torch.from_numpy(result[o].copy()).to(device, dtype) for o in outputs)
+        return tuple(
+            torch.from_numpy(result[compiled.output(i)].copy()).to(device, dtype) for i in range(3)
+        )
 
     return run
 
