@@ -293,6 +293,12 @@ def _match(a: list[dict], b: list[dict]) -> float:
     return hits / len(a)
 
 
+AMG_SETTINGS = {
+    "sam-defaults": {},
+    "relaxed (iou 0, stability 0.3)": dict(pred_iou_thresh=0.0, stability_score_thresh=0.3),
+}
+
+
 def bench_amg(runs: int, settings: list[str] | None = None, openvino: bool = True) -> dict:
     _stubs()
     sys.path.insert(0, str(REPO / "tests"))
@@ -306,10 +312,7 @@ def bench_amg(runs: int, settings: list[str] | None = None, openvino: bool = Tru
     ref.load_state_dict(ours.state_dict())
     image = load_image(IMAGE)
     out = {}
-    for setting, kw in {
-        "sam-defaults": {},
-        "relaxed (iou 0, stability 0.3)": dict(pred_iou_thresh=0.0, stability_score_thresh=0.3),
-    }.items():
+    for setting, kw in AMG_SETTINGS.items():
         if settings and setting.split()[0] not in settings:
             continue
         gens = {
@@ -346,6 +349,7 @@ def bench_amg(runs: int, settings: list[str] | None = None, openvino: bool = Tru
                 / stats["leansam openvino"].median,
             }
         out[setting]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        out[setting]["environment"] = describe_environment()
         print(f"amg {setting}: speedup {out[setting]['speedup']:.2f}", file=sys.stderr)
     return out
 
@@ -407,8 +411,8 @@ def markdown(record: dict) -> str:
             f"{d['speedup_x64_vs_reference_x1']:.2f}x lower, torch-opt "
             f"{d.get('speedup_torch_opt_x64_vs_reference_x1', float('nan')):.2f}x lower"
             + (
-                f", openvino {d['speedup_openvino_x64_vs_reference_x1']:.2f}x lower (masks "
-                f"{100 * d['mask_agreement_openvino_x64']:.4f} % identical to eager's)."
+                f", openvino {d['speedup_openvino_x64_vs_reference_x1']:.2f}x lower (mask "
+                f"pixels identical to eager's: {100 * d['mask_agreement_openvino_x64']:.5f} %)."
                 if "speedup_openvino_x64_vs_reference_x1" in d
                 else "."
             ),
@@ -492,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.encoder_child:
         print(json.dumps(encoder_child(args.encoder_child, args.runs, args.threads)))
         return 0
+    known = {name.split()[0] for name in AMG_SETTINGS}
+    unknown = set(args.amg_settings.split(",")) - known
+    if unknown:
+        ap.error(f"--amg-settings: unknown {', '.join(sorted(unknown))}; choose from {known}")
     torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
     results = {}
@@ -517,7 +525,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(args.out):  # keep sections measured by an earlier run with other flags
         old = json.loads(Path(args.out).read_text())
         kept = old.get("results", {})
-        if "amg" in results and "amg" in kept:  # settings not measured now keep their record
+        if "amg" in results and "amg" in kept:  # settings not measured now keep their record,
+            # with the machine and time of the run that measured them
+            for setting in kept["amg"].values():
+                if isinstance(setting, dict) and "stats" in setting:
+                    setting.setdefault("environment", kept["amg"].get("environment"))
+                    setting.setdefault("measured_at", kept["amg"].get("measured_at"))
             results["amg"] = {**kept["amg"], **results["amg"]}
         record["results"] = {**kept, **results}
     atomic_write_json(args.out, record)

@@ -182,14 +182,12 @@ def test_torch_opt_predictor_compiles_the_decoder(tiny, coco_image):
 
 
 def test_openvino_runtime_runs_the_decoder_on_openvino_with_eagers_masks(tiny, coco_image):
-    """runtime openvino: the decoder's transformer runs on OpenVINO (the call is counted) for any
-    number of prompt sets (one shared image embedding, above and below the 16-prompt chunk) and
-    of points, and gives eager's logits to 1e-4."""
+    """runtime openvino: the decoder's transformer runs on OpenVINO (its calls are counted) for
+    any number of prompt sets (one shared image embedding, above and below the 16-prompt chunk;
+    one prompt set runs eagerly), of points, and with mask inputs (one embedding per prompt set),
+    and gives eager's logits to 1e-4."""
     image, _ = coco_image
     eager, ov = SamPredictor(tiny), SamPredictor(tiny, "openvino")
-    calls = []
-    impl = ov.decode_impl
-    ov.decode_impl = lambda *a: calls.append(a[2].shape) or impl(*a)
     for p in (eager, ov):
         p.set_image(image)
     g = np.random.default_rng(1)
@@ -205,7 +203,14 @@ def test_openvino_runtime_runs_the_decoder_on_openvino_with_eagers_masks(tiny, c
     a = eager.predict(points, labels, multimask_output=False, return_logits=True)
     b = ov.predict(points, labels, multimask_output=False, return_logits=True)
     np.testing.assert_allclose(b[0], a[0], atol=1e-4)
-    assert [s[0] for s in calls] == [1, 16, 4, 5]  # prompt sets per call: chunks of 16
+    boxes_t = ov.transform.apply_boxes_torch(
+        torch.as_tensor(boxes[:3], dtype=torch.float), image.shape[:2]
+    )
+    masks_in = torch.as_tensor(a[2][:3, :1])  # 3 x 1 x 256 x 256 low-res logits as mask inputs
+    a = eager.predict_torch(None, None, boxes_t, masks_in, return_logits=True)
+    b = ov.predict_torch(None, None, boxes_t, masks_in, return_logits=True)
+    torch.testing.assert_close(b[0], a[0], atol=1e-4, rtol=0)
+    assert ov.decode_impl.openvino_calls == [16, 4, 5, 3]  # prompt sets per OpenVINO call
 
 
 def test_segment_everything_on_openvino_gives_eagers_masks(tiny, coco_image):
@@ -214,7 +219,9 @@ def test_segment_everything_on_openvino_gives_eagers_masks(tiny, coco_image):
     image, _ = coco_image
     kw = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
     a = SamAutomaticMaskGenerator(tiny, **kw).generate(image)
-    b = SamAutomaticMaskGenerator(tiny, runtime="openvino", **kw).generate(image)
+    gen = SamAutomaticMaskGenerator(tiny, runtime="openvino", **kw)
+    b = gen.generate(image)
+    assert sum(gen.predictor.decode_impl.openvino_calls) == 64  # every point on OpenVINO
     assert len(a) == len(b) > 0
     for x, y in zip(a, b, strict=True):
         assert mask_agreement(x["segmentation"], y["segmentation"]) >= 0.999
@@ -226,7 +233,8 @@ def test_decoder_impl_per_runtime(tiny):
 
     assert make_decoder(tiny, "torch") is None
     assert make_decoder(tiny, "onnx") is None
-    assert callable(make_decoder(tiny, "openvino"))
+    for runtime in ("openvino", "openvino-bf16", "openvino-int8"):  # a float model: f32 decoder
+        assert make_decoder(tiny, runtime).openvino_calls == []
     q = create_model("efficientvit-sam-tiny-l")
     q.quant_config = object()  # what make_decoder checks: a quantized model's decoder stays
     assert make_decoder(q, "openvino-int8") is None

@@ -47,6 +47,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+#: configuration fields recorded only by later versions: a run folder whose record lacks one was
+#: written before it existed and resumes whatever its value now
+LATER_FIELDS = ("calib_images",)
+
+
 def claim_run_folder(
     run_file: str | os.PathLike,
     config: dict,
@@ -68,7 +73,11 @@ def claim_run_folder(
     rank = dist.get_rank() if dist.is_initialized() else 0
     if run_file.exists() and not fresh:
         old = json.loads(run_file.read_text())
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        diff = sorted(
+            k
+            for k in set(old) | set(config)
+            if old.get(k) != config.get(k) and not (k in LATER_FIELDS and k not in old)
+        )
         if diff:
             raise InputError(
                 f"{run_file.parent} holds results of another configuration (differs in "

@@ -111,17 +111,30 @@ def compile_decoder(model: Sam) -> Callable:
 def openvino_decoder(model: Sam) -> Callable:
     """The mask decoder's inference pass up to the up-scaling (:meth:`MaskDecoder.decode_tokens`:
     the two-way transformer and the heads) on OpenVINO's CPU plugin at inference precision f32,
-    for ``MaskDecoder.forward(impl=...)``. Any number of prompt sets and of prompt tokens without
-    recompiling (dynamic batch and token axes); the image grid is the models' 64 x 64. Two graphs,
-    as the eager code has two paths: one image embedding shared by every prompt set (its image
-    side computed once: points and boxes) and one embedding per prompt set (mask inputs; built on
-    first use). The up-scaling stays leansam's tiled one. Exact to ~1e-5 (float summation
-    order); speed: BENCHMARKS.md, "Prompt decoding" and "Segment everything". Converted from the
-    model's own module (a few seconds); the weights are copied, so later changes to the model's
-    weights are not seen."""
+    for ``MaskDecoder.forward(impl=...)``.
+
+    The returned ``run(src, image_pe, tokens)`` takes ``src`` 1 x C x 64 x 64 (one image
+    embedding shared by every prompt set) or B x C x 64 x 64 (one per prompt set: mask inputs),
+    ``image_pe`` 1 x C x 64 x 64 and ``tokens`` B x N x C (the output and prompt tokens; any B
+    and N without recompiling), and returns the image tokens B x 4096 x C, the hypernetwork
+    inputs B x M x C/8 and the IoU predictions B x M (M mask tokens), in ``src``'s dtype and
+    device. Two graphs, as the eager code has two paths: shared embedding (its image side
+    computed once) and per-prompt embedding (built on first use, under a lock: the runtime is
+    shared by a service's predictors, :meth:`SamPredictor.copy`). A single prompt set runs
+    eagerly (leansam's folded single-prompt path is faster there). The up-scaling stays leansam's
+    tiled one. Exact to ~1e-5 (float summation order; tests: logits within 1e-4); speed:
+    BENCHMARKS.md, "Prompt decoding" and "Segment everything". Converted from a CPU fp32 copy of
+    the model's decoder (a few seconds): later changes to the model's weights are not seen.
+    ``run.openvino_calls`` lists the prompt-set count of every call that OpenVINO ran.
+
+    Raises :class:`InputError` without the ``openvino`` extra."""
+    import threading
+
     ov = require("openvino", "openvino")
     core = ov.Core()
-    dec = copy.deepcopy(model.mask_decoder).float().eval()  # the caller's model is left as it is
+    eager = model.mask_decoder.decode_tokens
+    # a CPU fp32 copy: the caller's model is left as it is
+    dec = copy.deepcopy(model.mask_decoder).float().cpu().eval()
     c = dec.transformer_dim
     g = max(model.prompt_encoder.image_embedding_size)
     n = 1 + dec.num_mask_tokens + 2  # the output tokens and 2 prompt tokens
@@ -155,13 +168,20 @@ def openvino_decoder(model: Sam) -> Callable:
         return core.compile_model(graph, "CPU", config)
 
     graphs = {True: build(True)}
+    lock = threading.Lock()
+    calls: list[int] = []
 
     def run(src: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor):
+        if tokens.shape[0] == 1:
+            return eager(src, image_pe, tokens)
         dtype, device = src.dtype, src.device
         shared = src.shape[0] == 1
         if shared not in graphs:
-            graphs[shared] = build(shared)
+            with lock:
+                if shared not in graphs:
+                    graphs[shared] = build(shared)
         compiled = graphs[shared]
+        calls.append(tokens.shape[0])
         arrays = [t.detach().float().cpu().contiguous().numpy() for t in (src, image_pe, tokens)]
         result = compiled.create_infer_request().infer(dict(enumerate(arrays)))
         # copies: the request's output buffers are not ours to keep
@@ -169,6 +189,7 @@ def openvino_decoder(model: Sam) -> Callable:
             torch.from_numpy(result[compiled.output(i)].copy()).to(device, dtype) for i in range(3)
         )
 
+    run.openvino_calls = calls
     return run
 
 

@@ -51,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ("finetune", "stage 2: end to end on SA-1B folders (20 x BCE + Dice)"),
         (
             "prompt",
-            "warm start of a from-scratch mask decoder: synthetic boxes, no data (MODEL_CARD.md)",
+            "warm start of a from-scratch mask decoder on a zero image embedding: synthetic boxes, "
+            "or real masks from their boxes with data (MODEL_CARD.md)",
         ),
     ):
         t = train.add_parser(stage, help=text)

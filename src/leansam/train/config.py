@@ -164,6 +164,11 @@ class TrainConfig:
                 "embedding_zero_init starts an image encoder trained from scratch at zero: stage "
                 "finetune only, without init_checkpoint"
             )
+        if self.stage == "prompt" and self.data and self.box_prob != 1:
+            raise InputError(
+                "stage prompt with data trains the box prior: set box_prob: 1.0 (point prompts "
+                "are not part of it)"
+            )
         if self.eval_every < 0 or self.eval_limit < 1:
             raise InputError("eval_every must be 0 or positive and eval_limit at least 1")
         if self.eval_every and not (self.eval_images and self.eval_annotations):

@@ -31,6 +31,9 @@ class FinetuneStep(nn.Module):
         self.cfg = cfg
 
     def forward(self, samples: list[dict], seeds: list[int]) -> torch.Tensor:
+        if not samples:  # a batch with no readable sample: a zero loss that touches every weight,
+            # computed here so that DDP's gradient all-reduce still runs on this process
+            return sum(p.sum() for p in self.parameters()) * 0.0
         model = self.model
         x = torch.cat([model.preprocess(s["image"][None]) for s in samples])
         emb = model.image_encoder(x)
@@ -220,9 +223,7 @@ def finetune(
         if on_step is not None:
             on_step(step)
         with train_autocast(cfg, device):
-            if not samples:  # keep every process in step: a zero loss that touches all weights
-                return sum(p.sum() for p in model.parameters()) * 0.0
-            return run.step_module(samples, seeds)
+            return run.step_module(samples, seeds)  # a zero loss when no sample was readable
 
     records = run.loop(compute, curve_evaluator(cfg, model))
     return finish_run(run, model, records, resumed, datasets)

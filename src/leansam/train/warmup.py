@@ -66,10 +66,14 @@ class PromptStep(nn.Module):
             raise InputError(f"grid {cfg.grid} exceeds the model's {full} x {full} embedding grid")
 
     def forward(
-        self, boxes: torch.Tensor, multimask: bool, gt: torch.Tensor | None = None
+        self, boxes: torch.Tensor | None, multimask: bool, gt: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Loss of N ``boxes`` (N x 4, XYXY in the 1024 frame) against ``gt`` (N x H x W masks
-        covering the padded square frame, any resolution), or against the boxes themselves."""
+        covering the padded square frame, any resolution), or against the boxes themselves.
+        ``boxes`` None (no readable sample in the batch): a zero loss that touches every weight,
+        computed here so that DDP's gradient all-reduce still runs on this process."""
+        if boxes is None:
+            return sum(p.sum() for p in self.parameters()) * 0.0
         # Not Sam.decode: the warm start runs the decoder on a small g x g grid of zero image
         # embeddings with the positional encoding of that grid, not on a 64 x 64 image embedding.
         pe, g = self.prompt_encoder, self.cfg.grid
@@ -96,7 +100,13 @@ def prompt_warmup(
     images and does not leave it within a CPU budget (MODEL_CARD.md); on this pretext only the
     prompt's position can lower the loss, and it is learned in minutes. Then stage 2 starts from
     this decoder (``decoder_checkpoint``). ``batch_size`` boxes per process and step; multimask
-    output on every other step (best of 3, as in stage 2)."""
+    output on every other step (best of 3, as in stage 2).
+
+    With ``cfg.data`` (SA-1B folders), the targets are real objects' masks from their boxes, still
+    on a zero image embedding: ``batch_size`` images and ``masks_per_image`` masks each per step,
+    augmented as in stage 2; ``box_prob`` must be 1 and ``multimask_prob`` has no effect (every
+    other step, as above). The learning curve (``eval_every``) measures the content-free model
+    (:func:`content_free`) in both cases."""
     device = train_device()
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, checkpoint=cfg.init_checkpoint, device=device, seed=cfg.seed)
@@ -134,9 +144,7 @@ def prompt_warmup(
         batch = (real if cfg.data else synthetic)(step, indices)
         if on_step is not None:
             on_step(step)
-        if batch is None:  # keep every process in step: a zero loss that touches all weights
-            return sum(p.sum() for p in prompt_parts.parameters()) * 0.0
-        boxes, gt = batch
+        boxes, gt = batch or (None, None)  # None: a zero loss (PromptStep)
         with train_autocast(cfg, device):
             return run.step_module(boxes, step % 2 == 1, gt)
 
