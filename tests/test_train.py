@@ -597,3 +597,42 @@ def test_embedding_zero_init_starts_training_from_the_decoders_prior(sa1b_small,
     assert trained.image_encoder.norm.weight.abs().max() > 0
     with pytest.raises(InputError, match="embedding_zero_init starts an image encoder"):
         _ft_cfg(sa1b_small, tmp_path / "y", embedding_zero_init=True, init_checkpoint="x.pt")
+
+
+def test_two_gloo_processes_survive_a_batch_with_no_readable_sample(sa1b_small, tmp_path):
+    """3 of 4 images truncated, 1 image per process and step: in some step one process has no
+    readable sample while the other has one; the empty process's zero loss still goes through
+    DDP, so the gradient all-reduce matches and the run finishes."""
+    data = tmp_path / "data"
+    shutil.copytree(sa1b_small, data)
+    for f in sorted(data.glob("*.jpg"))[:3]:
+        f.write_bytes(f.read_bytes()[:300])
+    common = dict(model=STUDENT, epochs=1, lr=1e-3, save_every=10, seed=3, data=[str(data)],
+                  masks_per_image=2, num_points=256, batch_size=1)  # fmt: skip
+    two = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(29700 + os.getpid() % 200), "-m", "leansam.cli", "train",
+            "finetune", "--recipe", _recipe(tmp_path, **common), "--out", str(tmp_path / "two"),
+        ],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two" / "model.pt").exists()
+
+
+def test_prompt_stage_with_data_takes_boxes_only():
+    with pytest.raises(InputError, match="stage prompt with data trains the box prior"):
+        TrainConfig(stage="prompt", model="m", data=["d"], out="o", box_prob=0.5)
+    TrainConfig(stage="prompt", model="m", data=["d"], out="o", box_prob=1.0)
+
+
+def test_run_folders_from_before_a_recorded_field_resume(tmp_path):
+    from leansam.distributed import claim_run_folder
+
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"runtime": "onnx-int8"}))  # written before calib_images existed
+    claim_run_folder(run, {"runtime": "onnx-int8", "calib_images": "/data/calib"})
+    assert json.loads(run.read_text())["calib_images"] == "/data/calib"
+    with pytest.raises(InputError, match="differs in calib_images"):
+        claim_run_folder(run, {"runtime": "onnx-int8", "calib_images": "/other"})
