@@ -123,12 +123,14 @@ def openvino_decoder(model: Sam) -> Callable:
     shared by a service's predictors, :meth:`SamPredictor.copy`). A single prompt set runs
     eagerly (leansam's folded single-prompt path is faster there). The up-scaling stays leansam's
     tiled one. Exact to ~1e-5 (float summation order; tests: logits within 1e-4); speed:
-    BENCHMARKS.md, "Prompt decoding" and "Segment everything". Converted from a CPU fp32 copy of
-    the model's decoder (a few seconds): later changes to the model's weights are not seen.
+    BENCHMARKS.md, "Prompt decoding" and "Segment everything". Exported to ONNX from a CPU fp32
+    copy of the model's decoder (a few seconds): later changes to the model's weights are not seen.
     ``run.openvino_calls`` lists the prompt-set count of every call that OpenVINO ran.
 
     Raises :class:`InputError` without the ``openvino`` extra."""
+    import tempfile
     import threading
+    from pathlib import Path
 
     ov = require("openvino", "openvino")
     core = ov.Core()
@@ -156,15 +158,31 @@ def openvino_decoder(model: Sam) -> Callable:
             return self.decoder.decode_tokens(src, image_pe, tokens)
 
     def build(shared: bool):
-        # traced with 2 prompt sets (src: 1 shared or 2), then declared dynamic on those axes
+        # exported to ONNX with 2 prompt sets (src: 1 shared or 2) and read by OpenVINO, as the
+        # encoder is (not openvino.convert_model of the module, whose TorchScript objects stay
+        # tied to the converted model), dynamic on the prompt-set and token axes
+        from .export.onnx import export_module
+
         example = (torch.zeros(1 if shared else 2, c, g, g), torch.zeros(1, c, g, g))
         example += (torch.zeros(2, n, c),)
-        shapes = [ov.PartialShape([1 if shared else -1, c, g, g]), ov.PartialShape([1, c, g, g])]
-        shapes.append(ov.PartialShape([-1, -1, c]))
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace, inside OpenVINO
-            graph = ov.convert_model(DecodeTokens(), example_input=example, input=shapes)
+        axes = {"tokens": {0: "prompts", 1: "tokens"}, "image_tokens": {0: "prompts"}}
+        axes.update({"hyper_in": {0: "prompts"}, "iou_predictions": {0: "prompts"}})
+        if not shared:
+            axes["src"] = {0: "prompts"}
+        buf = io.BytesIO()
+        with torch.no_grad():
+            export_module(
+                DecodeTokens(),
+                example,
+                buf,
+                input_names=["src", "image_pe", "tokens"],
+                output_names=["image_tokens", "hyper_in", "iou_predictions"],
+                dynamic_axes=axes,
+            )
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "decoder.onnx"
+            path.write_bytes(buf.getvalue())
+            graph = core.read_model(str(path))
         return core.compile_model(graph, "CPU", config)
 
     graphs = {True: build(True)}
