@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .errors import InputError, require
+from .modeling.common import flush_subnormals_in_traces
 from .modeling.efficientvit import fold_batchnorm
 from .modeling.sam import Sam
 
@@ -121,7 +122,8 @@ def openvino_decoder(model: Sam) -> Callable:
     device. Two graphs, as the eager code has two paths: shared embedding (its image side
     computed once) and per-prompt embedding (built on first use, under a lock: the runtime is
     shared by a service's predictors, :meth:`SamPredictor.copy`). A single prompt set runs
-    eagerly (leansam's folded single-prompt path is faster there). The up-scaling stays leansam's
+    eagerly (leansam's folded single-prompt path is faster there). Subnormal attention weights are
+    flushed in the graph, as in eager inference. The up-scaling stays leansam's
     tiled one. Exact to ~1e-5 (float summation order; tests: logits within 1e-4); speed:
     BENCHMARKS.md, "Prompt decoding" and "Segment everything". Exported to ONNX from a CPU fp32
     copy of the model's decoder (a few seconds): later changes to the model's weights are not seen.
@@ -144,9 +146,6 @@ def openvino_decoder(model: Sam) -> Callable:
         "INFERENCE_PRECISION_HINT": "f32",
         "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         "PERFORMANCE_HINT": "LATENCY",
-        # subnormal numbers as zero, as the eager inference path flushes the attention weights
-        # below 1.2e-38 (BENCHMARKS.md, "Subnormal attention weights"; a traced graph keeps them)
-        "CPU_DENORMALS_OPTIMIZATION": True,
     }
 
     class DecodeTokens(torch.nn.Module):
@@ -170,7 +169,10 @@ def openvino_decoder(model: Sam) -> Callable:
         if not shared:
             axes["src"] = {0: "prompts"}
         buf = io.BytesIO()
-        with torch.no_grad():
+        # the graph flushes subnormal attention weights as eager inference does (BENCHMARKS.md,
+        # "Subnormal attention weights"); OpenVINO's own CPU_DENORMALS_OPTIMIZATION crashed the
+        # process later (the mode outlived the calls)
+        with torch.no_grad(), flush_subnormals_in_traces():
             export_module(
                 DecodeTokens(),
                 example,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,6 +80,25 @@ class MLP(nn.Module):
         return x
 
 
+#: while True (:func:`flush_subnormals_in_traces`), traced graphs flush subnormal softmax outputs
+#: too (an elementwise select in the graph)
+_FLUSH_IN_TRACE = False
+
+
+@contextlib.contextmanager
+def flush_subnormals_in_traces():
+    """Within this context, graphs traced from :func:`softmax_ftz` (ONNX export) flush its
+    subnormal outputs to zero as eager inference does: used by
+    :func:`leansam.runtime.openvino_decoder` (setting the runtime's own denormals-as-zero mode
+    instead crashed the process later, as the mode outlived the calls)."""
+    global _FLUSH_IN_TRACE
+    _FLUSH_IN_TRACE = True
+    try:
+        yield
+    finally:
+        _FLUSH_IN_TRACE = False
+
+
 def softmax_ftz(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax with subnormal outputs flushed to zero (float32 / bfloat16) at inference. A
     trained decoder's attention over 4,096 image tokens leaves up to ~12 % of the weights
@@ -87,6 +108,8 @@ def softmax_ftz(x: torch.Tensor, dim: int) -> torch.Tensor:
     under autograd (the in-place flush would break its backward), in float16 (its smallest
     normal, 6e-5, is not negligible) and in traced graphs (ONNX export: the runtime decides)."""
     y = torch.softmax(x, dim=dim)
+    if torch.jit.is_tracing() and _FLUSH_IN_TRACE and y.dtype != torch.float16:
+        return torch.where(y > torch.finfo(y.dtype).tiny, y, torch.zeros_like(y))
     if torch.is_grad_enabled() or y.dtype == torch.float16 or torch.jit.is_tracing():
         return y
     return F.threshold_(y, torch.finfo(y.dtype).tiny, 0.0)
