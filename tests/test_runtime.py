@@ -263,3 +263,33 @@ def test_predictor_copy_and_the_service_pool_share_one_runtime(tiny, coco_image,
     assert sorted(built) == ["_openvino", "openvino_decoder"]
     pool = [engine._pool.get() for _ in range(3)]
     assert len({id(p) for p in pool}) == 3 and len({id(p._encode) for p in pool}) == 1
+
+
+def test_traced_graphs_flush_subnormal_attention_only_when_asked():
+    """flush_subnormals_in_traces: the exported decoder (what openvino_decoder compiles) selects
+    subnormal softmax outputs to zero, as eager inference does; plain exports keep softmax as is."""
+    import io
+
+    import onnx
+
+    from leansam.export.onnx import export_module
+    from leansam.modeling.common import flush_subnormals_in_traces, softmax_ftz
+
+    x = torch.tensor([[0.0, -100.0, -200.0]])  # exp(-100) / sum is subnormal in float32
+    with torch.no_grad():  # inference: flushed
+        assert softmax_ftz(x, -1)[0, 1] == 0 and torch.softmax(x, -1)[0, 1] > 0
+
+    class Soft(nn.Module):
+        def forward(self, t):
+            return softmax_ftz(t, -1)
+
+    def where_ops(flush: bool) -> int:
+        buf = io.BytesIO()
+        if flush:
+            with flush_subnormals_in_traces():
+                export_module(Soft(), (x,), buf)
+        else:
+            export_module(Soft(), (x,), buf)
+        return sum(n.op_type == "Where" for n in onnx.load_from_string(buf.getvalue()).graph.node)
+
+    assert (where_ops(False), where_ops(True)) == (0, 1)
