@@ -47,11 +47,10 @@ def nncf_encoder(model, calibration: list[torch.Tensor], **options):
     """OpenVINO + NNCF INT8 (default settings, or ``options`` for ``nncf.quantize``) of
     leansam's exported fp32 encoder graph."""
     import nncf
-    import openvino as ov
 
-    from leansam.runtime import _encoder_graph
+    from leansam.runtime import _encoder_graph, openvino_core
 
-    core = ov.Core()
+    core = openvino_core()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "encoder.onnx"
         path.write_bytes(_encoder_graph(model))

@@ -31,14 +31,13 @@ def main() -> int:
     args = ap.parse_args()
 
     import onnxruntime as ort
-    import openvino as ov
 
     from leansam import SamPredictor, create_model
     from leansam.export.onnx import export_module
     from leansam.io import atomic_write_json
     from leansam.provenance import describe_environment
     from leansam.quant.deploy import calibrate_encoder, cpu_has_vnni, integer_encoder
-    from leansam.runtime import calibration_images
+    from leansam.runtime import calibration_images, openvino_core
 
     model = create_model("leansam-efficientvit-s", pretrained=True).float().eval()
     pred = SamPredictor(model)
@@ -59,7 +58,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "encoder.onnx"
             path.write_bytes(buf.getvalue())
-            core = ov.Core()
+            core = openvino_core()
             compiled = core.compile_model(core.read_model(str(path)), "CPU")
             got_ov = compiled.create_infer_request().infer({0: x.numpy()})[0].copy()
             conv = [

@@ -233,7 +233,7 @@ def bench_decoder(runs: int) -> dict:
     image = load_image(IMAGE)
     rp, op = EfficientViTSamPredictor(ref), SamPredictor(ours)
     opt = SamPredictor(ours, "torch-opt")  # compiled decoder
-    ovp = SamPredictor(ours, "openvino", openvino_decoder=True)  # the decoder on OpenVINO f32
+    ovp = SamPredictor(ours, "openvino")  # the decoder's transformer on OpenVINO f32
     for p in (rp, op, opt, ovp):
         p.set_image(image)
     g = np.random.default_rng(0)
@@ -321,10 +321,7 @@ def bench_amg(runs: int, settings: list[str] | None = None, openvino: bool = Tru
         }
         if openvino:  # encoder and decoder transformer on OpenVINO f32
             gens["leansam openvino"] = SamAutomaticMaskGenerator(
-                ours,
-                points_per_side=32,
-                predictor=SamPredictor(ours, "openvino", openvino_decoder=True),
-                **kw,
+                ours, points_per_side=32, runtime="openvino", **kw
             )
         # Each run is a full generate() (minutes when the filters are relaxed): no warm-up
         # round; the order alternates between runs.

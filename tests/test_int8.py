@@ -32,6 +32,7 @@ from leansam.runtime import (
     int8_encoder_graph,
     int8_weight_format,
     make_encoder,
+    openvino_core,
 )
 
 TRAIN = (COCO_MINI / "train2017", COCO_MINI / "annotations" / "instances_train2017.json")
@@ -129,7 +130,7 @@ def test_openvino_compiles_the_quantized_convolutions_to_int8(setup, tmp_path):
     minmax, x = setup.minmax, setup.x
     graph, _ = int8_encoder_graph(minmax, None, requantize_outputs=False, weights="s8")
     (tmp_path / "encoder.onnx").write_bytes(graph)
-    core = ov.Core()
+    core = openvino_core()  # one per process: leansam.runtime.openvino_core says why
     compiled = core.compile_model(core.read_model(str(tmp_path / "encoder.onnx")), "CPU")
     precisions = Counter(
         op.get_rt_info()["runtimePrecision"].astype(str)
@@ -272,7 +273,7 @@ def test_vit_encoder_linears_run_on_integer_kernels(tmp_path):
     assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == linears
     graph, _ = int8_encoder_graph(q, None, requantize_outputs=False, weights="s7")
     (tmp_path / "encoder.onnx").write_bytes(graph)
-    core = ov.Core()
+    core = openvino_core()  # one per process: leansam.runtime.openvino_core says why
     compiled = core.compile_model(core.read_model(str(tmp_path / "encoder.onnx")), "CPU")
     info = [op.get_rt_info() for op in compiled.get_runtime_model().get_ops()]
     fc = [

@@ -78,9 +78,8 @@ class SamPredictor:
     The INT8 runtimes take ``calibration_images`` (a few H x W x 3 uint8 images): ``onnx-int8``
     always, ``openvino-int8`` unless the model is a W8A8 quantized one. A quantized model runs
     on ``torch`` (fake quantization) or an INT8 runtime. Prompt decoding runs in PyTorch (compiled
-    for ``torch-opt``); with an ``openvino`` runtime and ``openvino_decoder=True`` (opt-in:
-    :func:`leansam.runtime.make_decoder` says why) the decoder's transformer runs on OpenVINO in
-    f32 too (a float model; exact to ~1e-5).
+    for ``torch-opt``), except for the ``openvino`` runtimes, where the decoder's transformer runs
+    on OpenVINO in f32 too (a float model; exact to ~1e-5).
     """
 
     def __init__(
@@ -89,7 +88,6 @@ class SamPredictor:
         runtime: str = "torch",
         *,
         calibration_images: Sequence[np.ndarray] | None = None,
-        openvino_decoder: bool = False,
     ) -> None:
         self.model = sam_model
         self.runtime = check_runtime(runtime)
@@ -100,8 +98,8 @@ class SamPredictor:
             calibration = [self.encoder_input(im) for im in calibration_images]
         self._encode = make_encoder(sam_model, runtime, calibration=calibration)
         #: the decoder's inference pass (None: eager PyTorch): compiled for torch-opt, OpenVINO f32
-        #: with ``openvino_decoder`` (:func:`leansam.runtime.make_decoder`)
-        self.decode_impl = make_decoder(sam_model, runtime, openvino=openvino_decoder)
+        #: for the openvino runtimes (:func:`leansam.runtime.make_decoder`)
+        self.decode_impl = make_decoder(sam_model, runtime)
         self.reset_image()
 
     @property

@@ -19,8 +19,8 @@ onnx-int8  ONNX Runtime on an INT8 encoder graph (QDQ pairs fused into QLinearCo
            leansam's own W8A8 calibration of the encoder on ``calibration``; the layer outputs
            ONNX Runtime's kernels requantize are calibrated on ``calibration`` too (required)
 openvino   OpenVINO (CPU plugin) on the exported fp32 encoder graph, inference precision f32:
-           exact to ~1e-5. ``SamPredictor(..., openvino_decoder=True)`` also runs the decoder's
-           transformer on OpenVINO f32 (:func:`openvino_decoder`; opt-in) with the openvino runtimes
+           exact to ~1e-5. SamPredictor also runs the decoder's transformer on OpenVINO f32
+           (:func:`openvino_decoder`) for this runtime and the two below
 openvino-  OpenVINO with inference precision bf16 (CPUs with AVX512-BF16 or AMX; elsewhere
 bf16       OpenVINO keeps f32, and leansam warns that the runtime is then plain ``openvino``)
 ========== ======================================================================================
@@ -58,6 +58,24 @@ RUNTIMES = (
 INT8_RUNTIMES = ("onnx-int8", "openvino-int8")
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+_OV_CORE = None
+
+
+def openvino_core():
+    """The process's one ``openvino.Core``, created on first use and kept until exit; use it
+    for every OpenVINO compilation in a process that also runs other code.
+
+    Why one: each ``Core`` loads its own CPU plugin, and the plugin replaces the creating
+    thread's alternate signal stack, giving the previous one back when it is destroyed
+    (OpenVINO 2026.4, ``intel_cpu`` ``SigAltStackSetup``). Cores destroyed in the order they
+    were created leave the thread on an unmapped signal stack, and the next signal with a
+    Python handler (SIGCHLD, SIGINT, ...) kills the process with SIGSEGV and no traceback.
+    Raises :class:`InputError` without the ``openvino`` extra."""
+    global _OV_CORE
+    if _OV_CORE is None:
+        _OV_CORE = require("openvino", "openvino").Core()
+    return _OV_CORE
 
 
 def check_runtime(runtime: str) -> str:
@@ -134,8 +152,7 @@ def openvino_decoder(model: Sam) -> Callable:
     import threading
     from pathlib import Path
 
-    ov = require("openvino", "openvino")
-    core = ov.Core()
+    core = openvino_core()
     eager = model.mask_decoder.decode_tokens
     # a CPU fp32 copy: the caller's model is left as it is
     dec = copy.deepcopy(model.mask_decoder).float().cpu().eval()
@@ -170,8 +187,7 @@ def openvino_decoder(model: Sam) -> Callable:
             axes["src"] = {0: "prompts"}
         buf = io.BytesIO()
         # the graph flushes subnormal attention weights as eager inference does (BENCHMARKS.md,
-        # "Subnormal attention weights"); OpenVINO's own CPU_DENORMALS_OPTIMIZATION crashed the
-        # process later (the mode outlived the calls)
+        # "Subnormal attention weights")
         with torch.no_grad(), flush_subnormals_in_traces():
             export_module(
                 DecodeTokens(),
@@ -213,19 +229,15 @@ def openvino_decoder(model: Sam) -> Callable:
     return run
 
 
-def make_decoder(model: Sam, runtime: str, *, openvino: bool = False) -> Callable | None:
+def make_decoder(model: Sam, runtime: str) -> Callable | None:
     """The decoder pass that goes with the encoder ``runtime`` (``impl`` of
-    ``MaskDecoder.forward``): compiled for ``torch-opt``; with ``openvino`` (opt-in) and an
-    ``openvino`` runtime, the float decoder of a float model on OpenVINO f32 (exact; a quantized
-    model keeps its fake-quantized decoder in PyTorch); None (eager PyTorch) otherwise.
-
-    Opt-in because a full test run that built OpenVINO decoders in its process ended in a
-    segmentation fault that is not yet explained (issue 22's note); processes that only use
-    it (the benchmarks, the opt-in tests) run normally."""
+    ``MaskDecoder.forward``): compiled for ``torch-opt``, OpenVINO f32 for the ``openvino``
+    runtimes (the float decoder of a float model, exact; a quantized model keeps its
+    fake-quantized decoder in PyTorch), None (eager PyTorch) otherwise."""
     check_runtime(runtime)
     if runtime == "torch-opt":
         return compile_decoder(model)
-    if openvino and runtime.startswith("openvino") and getattr(model, "quant_config", None) is None:
+    if runtime.startswith("openvino") and getattr(model, "quant_config", None) is None:
         return openvino_decoder(model)
     return None
 
@@ -381,8 +393,7 @@ def _openvino(
     import tempfile
     from pathlib import Path
 
-    ov = require("openvino", "openvino")
-    core = ov.Core()
+    core = openvino_core()
     if int8:
         onnx_graph, _ = int8_encoder_graph(
             model, calibration, requantize_outputs=False, weights=int8_weight_format("openvino")

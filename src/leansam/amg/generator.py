@@ -53,9 +53,8 @@ def _xywh(box) -> list:
 class SamAutomaticMaskGenerator:
     """Drop-in for ``segment_anything.SamAutomaticMaskGenerator`` (same arguments and records)
     for every leansam model; ``runtime`` selects the image encoder's runtime, and the decoder's for
-    ``torch-opt`` (``calibration_images``: for the INT8 runtimes, :class:`SamPredictor`; the
-    opt-in OpenVINO decoder: pass ``predictor=SamPredictor(model, "openvino",
-    openvino_decoder=True)``)."""
+    ``torch-opt`` and the ``openvino`` runtimes (``calibration_images``: for the INT8 runtimes,
+    :class:`SamPredictor`)."""
 
     def __init__(
         self,

@@ -65,7 +65,7 @@ def quick_bench(
     # the decoder eagerly, and on every asked-for runtime that has its own decoder pass
     impls = {"torch": None}
     for r in runtimes:
-        impl = make_decoder(model, r, openvino=True)
+        impl = make_decoder(model, r)
         if impl is not None:
             impls[r] = impl
     calls = len(runtimes) * (1 + (runs + 1)) + len(impls) * len(boxes) * (runs + 1)

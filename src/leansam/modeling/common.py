@@ -89,8 +89,7 @@ _FLUSH_IN_TRACE = False
 def flush_subnormals_in_traces():
     """Within this context, graphs traced from :func:`softmax_ftz` (ONNX export) flush its
     subnormal outputs to zero as eager inference does: used by
-    :func:`leansam.runtime.openvino_decoder` (setting the runtime's own denormals-as-zero mode
-    instead crashed the process later, as the mode outlived the calls)."""
+    :func:`leansam.runtime.openvino_decoder`."""
     global _FLUSH_IN_TRACE
     _FLUSH_IN_TRACE = True
     try:
