@@ -73,8 +73,9 @@ def openvino_core():
     Python handler (SIGCHLD, SIGINT, ...) kills the process with SIGSEGV and no traceback.
     Raises :class:`InputError` without the ``openvino`` extra."""
     global _OV_CORE
+    ov = require("openvino", "openvino")  # also once the Core exists: the same error without it
     if _OV_CORE is None:
-        _OV_CORE = require("openvino", "openvino").Core()
+        _OV_CORE = ov.Core()
     return _OV_CORE
 
 
