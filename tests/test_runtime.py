@@ -300,8 +300,8 @@ def test_openvino_runtimes_dropped_in_creation_order_leave_signals_working():
     unmaps its own when destroyed. With a Core per graph, runtimes dropped in the order they were
     built left the thread on an unmapped stack, and the next handled signal (SIGCHLD from a
     finished subprocess) killed the process with SIGSEGV and no traceback: the full suite did.
-    leansam keeps one Core per process (runtime.openvino_core). In a child process: the crash
-    would kill it; with a Core per graph (openvino.Core patched in) this test fails."""
+    leansam keeps one Core per process (runtime.openvino_core). Run in a child process, which the
+    crash would kill (checked by hand: with a Core per graph the child exits with SIGSEGV)."""
     import subprocess
     import sys
 
@@ -318,3 +318,23 @@ print("handled", got)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "handled [1]" in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
+def test_every_openvino_graph_is_compiled_by_the_one_core(tiny, monkeypatch):
+    """Two openvino predictors (encoder and decoder graphs each) construct one openvino.Core."""
+    import openvino
+
+    import leansam.runtime as rt
+
+    made = []
+
+    class CountingCore(openvino.Core):
+        def __init__(self, *a, **k):
+            made.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(openvino, "Core", CountingCore)
+    monkeypatch.setattr(rt, "_OV_CORE", None)
+    a, b = SamPredictor(tiny, "openvino"), SamPredictor(tiny, "openvino")
+    assert a.decode_impl is not None and b.decode_impl is not None
+    assert len(made) == 1 and rt.openvino_core() is rt.openvino_core()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -60,6 +61,7 @@ INT8_RUNTIMES = ("onnx-int8", "openvino-int8")
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 _OV_CORE = None
+_OV_CORE_LOCK = threading.Lock()
 
 
 def openvino_core():
@@ -74,9 +76,10 @@ def openvino_core():
     Raises :class:`InputError` without the ``openvino`` extra."""
     global _OV_CORE
     ov = require("openvino", "openvino")  # also once the Core exists: the same error without it
-    if _OV_CORE is None:
-        _OV_CORE = ov.Core()
-    return _OV_CORE
+    with _OV_CORE_LOCK:  # service slots may build runtimes from several threads
+        if _OV_CORE is None:
+            _OV_CORE = ov.Core()
+        return _OV_CORE
 
 
 def check_runtime(runtime: str) -> str:
@@ -150,7 +153,6 @@ def openvino_decoder(model: Sam) -> Callable:
 
     Raises :class:`InputError` without the ``openvino`` extra."""
     import tempfile
-    import threading
     from pathlib import Path
 
     core = openvino_core()
