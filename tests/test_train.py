@@ -413,6 +413,52 @@ def test_prompt_warmup_learns_boxes_and_keeps_the_encoder(tmp_path):
         PromptStep(after_model, TrainConfig(**{**cfg.as_dict(), "grid": 65}))
 
 
+def test_grid_window_trains_on_a_window_of_the_full_grid(tmp_path):
+    """grid_window: the decoder sees a window of the full grid's positional encoding and the
+    window's part of the frame; a window that is the whole grid gives the full-grid loss, a
+    smaller one the same cells and target pixels as the full grid; the stage trains with it."""
+    from leansam import create_model
+    from leansam.train.warmup import PromptStep, box_target, prompt_warmup, window_pe
+
+    model = create_model("sam-vit-tiny", seed=0).eval()
+    pe = model.prompt_encoder
+    full = max(pe.image_embedding_size)  # 64: cells of 16 px
+    kw = dict(stage="prompt", model="sam-vit-tiny", data=[], out=str(tmp_path / "w"))
+    boxes = torch.tensor([[40.0, 60.0, 90.0, 100.0], [300.0, 20.0, 700.0, 500.0]])
+    with torch.no_grad():
+        whole = PromptStep(model, TrainConfig(**kw, grid_window=full))(boxes, False, None, (0, 0))
+        plain = PromptStep(model, TrainConfig(**kw, grid=full))(boxes, False)
+    torch.testing.assert_close(whole, plain)
+    col, row, side = 5, 2, 8  # cells 5..12 x 2..9: pixels 80..208 x 32..160
+    torch.testing.assert_close(
+        window_pe(pe.pe_layer, full, col, row, side), pe.pe_layer((full, full))[:, 2:10, 5:13]
+    )
+    inside = torch.tensor([[100.0, 40.0, 130.0, 70.0]])
+    crop = box_target(inside, 1024)[:, 32:160, 80:208]  # 1-px pixels of the full frame
+    origin = torch.tensor([80.0, 32.0, 80.0, 32.0])
+    assert torch.equal(box_target(inside - origin, 16 * side, frame=side * 16), crop)
+
+    cfg = TrainConfig(
+        **{**kw, "out": str(tmp_path / "pw")}, grid_window=8, items_per_epoch=64, epochs=5,
+        batch_size=16, lr=1e-2, warmup_steps=2, bce_weight=1.0, save_every=100,
+        box_sizes=[0.01, 0.1],
+    )  # fmt: skip
+    step = PromptStep(model, cfg)
+    with torch.no_grad():
+        before = float(step(inside, False, None, (5, 2)))
+    result = prompt_warmup(cfg)
+    after_model = create_model("sam-vit-tiny", checkpoint=tmp_path / "pw" / "model.pt")
+    with torch.no_grad():
+        after = float(PromptStep(after_model, cfg)(inside, False, None, (5, 2)))
+    assert result["steps"] == 20 and after < 0.8 * before, (before, after)
+    with pytest.raises(InputError, match="grid_window 65 exceeds"):
+        PromptStep(model, TrainConfig(**kw, grid_window=65))
+    with pytest.raises(InputError, match="grid_window"):
+        TrainConfig(**{**kw, "data": ["d"]}, grid_window=8, box_prob=1.0)
+    with pytest.raises(InputError, match="grid_window"):
+        TrainConfig(**kw, grid_window=-1)
+
+
 def _val_subset(limit: int = 2):
     from leansam.eval.dataset import EvalDataset
 

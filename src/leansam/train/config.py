@@ -92,6 +92,12 @@ class TrainConfig:
     #: 16th of the cost) and the synthetic boxes that make one epoch (batch_size boxes per step)
     grid: int = 16
     items_per_epoch: int = 4096
+    #: stage ``prompt``, synthetic boxes: train instead on a ``grid_window`` x ``grid_window``
+    #: window of the model's full-resolution grid (cells of 16 px of the 1024 frame at SAM's
+    #: 64 x 64), placed at random each step, with all of that step's boxes inside it: small boxes
+    #: at their real resolution for the cost of a ``grid_window`` grid (``grid`` is then unused).
+    #: 0: off.
+    grid_window: int = 0
     #: stage ``prompt``: width and height of the synthetic boxes, as fractions of the frame, drawn
     #: uniformly (or log-uniformly with ``box_size_log``)
     box_sizes: list[float] = dataclasses.field(default_factory=lambda: [0.03, 0.6])
@@ -163,6 +169,11 @@ class TrainConfig:
             raise InputError(
                 "embedding_zero_init starts an image encoder trained from scratch at zero: stage "
                 "finetune only, without init_checkpoint"
+            )
+        if self.grid_window < 0 or (self.grid_window and (self.stage != "prompt" or self.data)):
+            raise InputError(
+                "grid_window (a window of the full grid for synthetic boxes) is for stage prompt "
+                "without data; use 0 otherwise"
             )
         if self.stage == "prompt" and self.data and self.box_prob != 1:
             raise InputError(

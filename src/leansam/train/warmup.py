@@ -51,6 +51,12 @@ def box_target(boxes: torch.Tensor, size: int, frame: int = 1024) -> torch.Tenso
     return inside_y[:, :, None] & inside_x[:, None, :]
 
 
+def window_pe(pe_layer: nn.Module, full: int, col: int, row: int, side: int) -> torch.Tensor:
+    """C x side x side: the positional encoding of the ``full`` x ``full`` grid's cells in rows
+    ``row`` .. ``row + side - 1`` and columns ``col`` .. ``col + side - 1``."""
+    return pe_layer((full, full))[:, row : row + side, col : col + side]
+
+
 class PromptStep(nn.Module):
     """Decoder loss on synthetic boxes over a content-free (zero) image embedding: the only thing
     to learn is where the box is, i.e. how the prompt's and the grid's positional encodings relate.
@@ -64,26 +70,46 @@ class PromptStep(nn.Module):
         full = max(model.prompt_encoder.image_embedding_size)
         if cfg.grid > full:
             raise InputError(f"grid {cfg.grid} exceeds the model's {full} x {full} embedding grid")
+        if cfg.grid_window > full:
+            raise InputError(
+                f"grid_window {cfg.grid_window} exceeds the model's {full} x {full} embedding grid"
+            )
+        self.full = full
 
     def forward(
-        self, boxes: torch.Tensor | None, multimask: bool, gt: torch.Tensor | None = None
+        self,
+        boxes: torch.Tensor | None,
+        multimask: bool,
+        gt: torch.Tensor | None = None,
+        window: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Loss of N ``boxes`` (N x 4, XYXY in the 1024 frame) against ``gt`` (N x H x W masks
         covering the padded square frame, any resolution), or against the boxes themselves.
+        ``window`` (with ``grid_window``; boxes only): the (column, row) of the window's top-left
+        cell in the full grid; the boxes must lie inside the window.
         ``boxes`` None (no readable sample in the batch): a zero loss that touches every weight,
         computed here so that DDP's gradient all-reduce still runs on this process."""
         if boxes is None:
             return sum(p.sum() for p in self.parameters()) * 0.0
         # Not Sam.decode: the warm start runs the decoder on a small g x g grid of zero image
         # embeddings with the positional encoding of that grid, not on a 64 x 64 image embedding.
-        pe, g = self.prompt_encoder, self.cfg.grid
+        pe = self.prompt_encoder
         sparse, dense = pe(None, boxes, None)
+        if window is None:
+            g = self.cfg.grid
+            image_pe = pe.pe_layer((g, g)).unsqueeze(0)  # resolution-free: any grid
+        else:  # a g x g window of the full grid's encoding, at the full grid's resolution
+            g, (col, row) = self.cfg.grid_window, window
+            image_pe = window_pe(pe.pe_layer, self.full, col, row, g).unsqueeze(0)
         dense = dense[..., :g, :g]  # the "no mask" embedding is the same at every cell
-        image_pe = pe.pe_layer((g, g)).unsqueeze(0)  # resolution-free: any grid
         emb = dense.new_zeros((1, pe.embed_dim, g, g))
         low, iou_pred = self.mask_decoder(emb, image_pe, sparse, dense, multimask)
-        if gt is None:  # 4x the logits' side: soft edges after area averaging
+        if gt is None and window is None:  # 4x the logits' side: soft edges after area averaging
             gt = box_target(boxes, 16 * g)
+        elif gt is None:  # the window's part of the frame, in the window's own frame
+            cell = pe.input_image_size[0] / self.full
+            origin = boxes.new_tensor([col, row, col, row]) * cell
+            gt = box_target(boxes - origin, 16 * g, frame=g * cell)
         loss = mask_loss(low.float(), gt, num_points=0, bce_weight=self.cfg.bce_weight)
         if self.cfg.iou_loss_weight:
             loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), gt, iou_pred)
@@ -121,32 +147,49 @@ def prompt_warmup(
     run = Run(cfg, per_epoch, prompt_parts, PromptStep(model, cfg))
     resumed = run.resume(resume)
 
-    def synthetic(step: int, indices: list[int]) -> tuple[torch.Tensor, None]:
+    full = max(model.prompt_encoder.image_embedding_size)
+    frame = model.prompt_encoder.input_image_size[0]
+
+    def synthetic(
+        step: int, indices: list[int]
+    ) -> tuple[torch.Tensor, None, tuple[int, int] | None]:
+        span, origin, sizes = frame, np.zeros(2), tuple(cfg.box_sizes)
+        if cfg.grid_window:  # this step's window (the same on every process)
+            cell = frame / full
+            col, row = np.random.default_rng([cfg.seed, step, 1 << 40]).integers(  # no box index
+                0, full - cfg.grid_window + 1, size=2
+            )
+            span, origin = cfg.grid_window * cell, np.array([col, row]) * cell
+            sizes = tuple(min(v * frame / span, 1.0) for v in sizes)  # fractions of the window
         boxes = np.stack(
             [
                 synthetic_box(
                     np.random.default_rng([cfg.seed, step, i]),
-                    sizes=tuple(cfg.box_sizes),
+                    frame=span,
+                    sizes=sizes,
                     log_sizes=cfg.box_size_log,
                 )
                 for i in indices
             ]
         )
-        return torch.as_tensor(boxes, device=device), None
+        boxes += np.tile(origin, 2).astype(np.float32)
+        window = (int(col), int(row)) if cfg.grid_window else None
+        return torch.as_tensor(boxes, device=device), None, window
 
-    def real(step: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def real(step: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, None] | None:
         samples, _ = batch_samples(datasets, items, step, indices, model.image_size, cfg, device)
         if not samples:
             return None
-        return torch.cat([s["boxes"] for s in samples]), torch.cat([s["gt"] for s in samples])
+        boxes = torch.cat([s["boxes"] for s in samples])
+        return boxes, torch.cat([s["gt"] for s in samples]), None
 
     def compute(step: int, indices: list[int]) -> torch.Tensor:
         batch = (real if cfg.data else synthetic)(step, indices)
         if on_step is not None:
             on_step(step)
-        boxes, gt = batch or (None, None)  # None: a zero loss (PromptStep)
+        boxes, gt, window = batch or (None, None, None)  # None: a zero loss (PromptStep)
         with train_autocast(cfg, device):
-            return run.step_module(boxes, step % 2 == 1, gt)
+            return run.step_module(boxes, step % 2 == 1, gt, window)
 
     records = run.loop(compute, curve_evaluator(cfg, content_free(model)))
     return finish_run(run, model, records, resumed, datasets)
