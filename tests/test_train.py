@@ -451,6 +451,24 @@ def test_grid_window_trains_on_a_window_of_the_full_grid(tmp_path):
     with torch.no_grad():
         after = float(PromptStep(after_model, cfg)(inside, False, None, (5, 2)))
     assert result["steps"] == 20 and after < 0.8 * before, (before, after)
+    # the steps' boxes: inside their window; with a share, the other steps' boxes exceed it
+    from leansam.train.warmup import synthetic_batch
+
+    mixed = TrainConfig(**kw, grid_window=8, grid_window_share=0.5, box_sizes=[0.01, 0.6])
+    kinds = set()
+    for step in range(40):
+        b, window = synthetic_batch(mixed, step, list(range(16)), full)
+        kinds.add(window is None)
+        if window is None:  # boxes of 128 px (8 cells) and more, except where the frame clips
+            whole = (b[:, 2] < 1024) & (b[:, 3] < 1024)
+            assert (b[whole, 2:] - b[whole, :2] >= 128 - 1e-3).all()
+        else:
+            lo = np.array(window * 2) * 16
+            assert (b >= lo).all() and (b <= lo + 128).all(), (window, b)
+    assert kinds == {True, False}
+    assert all(synthetic_batch(cfg, s, [0, 1], full)[1] is not None for s in range(20))
+    with pytest.raises(InputError, match="grid_window_share"):
+        TrainConfig(**kw, grid_window=8, grid_window_share=0)
     with pytest.raises(InputError, match="grid_window 65 exceeds"):
         PromptStep(model, TrainConfig(**kw, grid_window=65))
     with pytest.raises(InputError, match="grid_window"):

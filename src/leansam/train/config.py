@@ -96,8 +96,10 @@ class TrainConfig:
     #: window of the model's full-resolution grid (cells of 16 px of the 1024 frame at SAM's
     #: 64 x 64), placed at random each step, with all of that step's boxes inside it: small boxes
     #: at their real resolution for the cost of a ``grid_window`` grid (``grid`` is then unused).
-    #: 0: off.
+    #: 0: off. ``grid_window_share``: the share of steps on the window (chosen per step); the
+    #: others run on ``grid`` with the boxes larger than the window, so that both stay learned.
     grid_window: int = 0
+    grid_window_share: float = 1.0
     #: stage ``prompt``: width and height of the synthetic boxes, as fractions of the frame, drawn
     #: uniformly (or log-uniformly with ``box_size_log``)
     box_sizes: list[float] = dataclasses.field(default_factory=lambda: [0.03, 0.6])
@@ -170,6 +172,8 @@ class TrainConfig:
                 "embedding_zero_init starts an image encoder trained from scratch at zero: stage "
                 "finetune only, without init_checkpoint"
             )
+        if not 0 < self.grid_window_share <= 1:
+            raise InputError("grid_window_share must lie in (0, 1]")
         if self.grid_window < 0 or (self.grid_window and (self.stage != "prompt" or self.data)):
             raise InputError(
                 "grid_window (a window of the full grid for synthetic boxes) is for stage prompt "

@@ -57,6 +57,42 @@ def window_pe(pe_layer: nn.Module, full: int, col: int, row: int, side: int) -> 
     return pe_layer((full, full))[:, row : row + side, col : col + side]
 
 
+def synthetic_batch(
+    cfg: TrainConfig, step: int, indices: list[int], full: int, frame: int = 1024
+) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """The synthetic boxes of one step (N x 4 XYXY in the ``frame``; box ``i`` drawn from the
+    generator seeded ``[seed, step, i]``, so every process and a resumed run draw the same) and the
+    step's window: with ``grid_window``, a ``grid_window_share`` of the steps (chosen per step)
+    put every box inside a ``grid_window`` x ``grid_window`` window of the ``full`` x ``full``
+    grid, as (column, row) of its top-left cell, with the sizes of ``box_sizes`` that fit it; the
+    other steps run on the coarse ``grid`` with boxes larger than the window (where such sizes
+    are in ``box_sizes``). Window None: the coarse grid."""
+    lo, hi = cfg.box_sizes
+    span, origin, window = frame, np.zeros(2), None
+    if cfg.grid_window:
+        cell = frame / full
+        extent = cfg.grid_window * cell
+        g = np.random.default_rng([cfg.seed, step, 1 << 40])  # a key that no box index takes
+        if g.random() < cfg.grid_window_share:
+            col, row = (int(v) for v in g.integers(0, full - cfg.grid_window + 1, size=2))
+            span, origin, window = extent, np.array([col, row]) * cell, (col, row)
+            lo, hi = lo * frame / span, min(hi * frame / span, 1.0)  # fractions of the window
+        elif max(lo, extent / frame) <= hi:
+            lo = max(lo, extent / frame)
+    boxes = np.stack(
+        [
+            synthetic_box(
+                np.random.default_rng([cfg.seed, step, i]),
+                frame=span,
+                sizes=(min(lo, hi), hi),
+                log_sizes=cfg.box_size_log,
+            )
+            for i in indices
+        ]
+    )
+    return boxes + np.tile(origin, 2).astype(np.float32), window
+
+
 class PromptStep(nn.Module):
     """Decoder loss on synthetic boxes over a content-free (zero) image embedding: the only thing
     to learn is where the box is, i.e. how the prompt's and the grid's positional encodings relate.
@@ -153,27 +189,7 @@ def prompt_warmup(
     def synthetic(
         step: int, indices: list[int]
     ) -> tuple[torch.Tensor, None, tuple[int, int] | None]:
-        span, origin, sizes = frame, np.zeros(2), tuple(cfg.box_sizes)
-        if cfg.grid_window:  # this step's window (the same on every process)
-            cell = frame / full
-            col, row = np.random.default_rng([cfg.seed, step, 1 << 40]).integers(  # no box index
-                0, full - cfg.grid_window + 1, size=2
-            )
-            span, origin = cfg.grid_window * cell, np.array([col, row]) * cell
-            sizes = tuple(min(v * frame / span, 1.0) for v in sizes)  # fractions of the window
-        boxes = np.stack(
-            [
-                synthetic_box(
-                    np.random.default_rng([cfg.seed, step, i]),
-                    frame=span,
-                    sizes=sizes,
-                    log_sizes=cfg.box_size_log,
-                )
-                for i in indices
-            ]
-        )
-        boxes += np.tile(origin, 2).astype(np.float32)
-        window = (int(col), int(row)) if cfg.grid_window else None
+        boxes, window = synthetic_batch(cfg, step, indices, full, frame)
         return torch.as_tensor(boxes, device=device), None, window
 
     def real(step: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, None] | None:
