@@ -469,6 +469,10 @@ def test_grid_window_trains_on_a_window_of_the_full_grid(tmp_path):
     assert all(synthetic_batch(cfg, s, [0, 1], full)[1] is not None for s in range(20))
     with pytest.raises(InputError, match="grid_window_share"):
         TrainConfig(**kw, grid_window=8, grid_window_share=0)
+    with pytest.raises(InputError, match="only with grid_window"):
+        TrainConfig(**kw, grid_window_share=0.5)
+    with pytest.raises(InputError, match="no smaller than the window"):
+        PromptStep(model, TrainConfig(**kw, grid_window=8, box_sizes=[0.2, 0.6]))
     with pytest.raises(InputError, match="grid_window 65 exceeds"):
         PromptStep(model, TrainConfig(**kw, grid_window=65))
     with pytest.raises(InputError, match="grid_window"):

@@ -95,9 +95,11 @@ class TrainConfig:
     #: stage ``prompt``, synthetic boxes: train instead on a ``grid_window`` x ``grid_window``
     #: window of the model's full-resolution grid (cells of 16 px of the 1024 frame at SAM's
     #: 64 x 64), placed at random each step, with all of that step's boxes inside it: small boxes
-    #: at their real resolution for the cost of a ``grid_window`` grid (``grid`` is then unused).
+    #: at their real resolution for the cost of a ``grid_window`` grid (``grid`` is then unused
+    #: unless ``grid_window_share`` < 1).
     #: 0: off. ``grid_window_share``: the share of steps on the window (chosen per step); the
-    #: others run on ``grid`` with the boxes larger than the window, so that both stay learned.
+    #: others run on ``grid`` with boxes at least the window's size (before clipping to the
+    #: frame), so that both stay learned.
     grid_window: int = 0
     grid_window_share: float = 1.0
     #: stage ``prompt``: width and height of the synthetic boxes, as fractions of the frame, drawn
@@ -172,8 +174,11 @@ class TrainConfig:
                 "embedding_zero_init starts an image encoder trained from scratch at zero: stage "
                 "finetune only, without init_checkpoint"
             )
-        if not 0 < self.grid_window_share <= 1:
-            raise InputError("grid_window_share must lie in (0, 1]")
+        share = self.grid_window_share
+        if not 0 < share <= 1 or (share != 1 and not self.grid_window):
+            raise InputError(
+                "grid_window_share must lie in (0, 1], and below 1 only with grid_window"
+            )
         if self.grid_window < 0 or (self.grid_window and (self.stage != "prompt" or self.data)):
             raise InputError(
                 "grid_window (a window of the full grid for synthetic boxes) is for stage prompt "

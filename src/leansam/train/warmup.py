@@ -65,8 +65,9 @@ def synthetic_batch(
     step's window: with ``grid_window``, a ``grid_window_share`` of the steps (chosen per step)
     put every box inside a ``grid_window`` x ``grid_window`` window of the ``full`` x ``full``
     grid, as (column, row) of its top-left cell, with the sizes of ``box_sizes`` that fit it; the
-    other steps run on the coarse ``grid`` with boxes larger than the window (where such sizes
-    are in ``box_sizes``). Window None: the coarse grid."""
+    other steps run on the coarse ``grid`` with sizes of at least the window's (where such sizes
+    are in ``box_sizes``; boxes near the frame's edge are clipped to it). Window None: the coarse
+    grid. Windows are placed uniformly, so the grid's outer cells are covered less often."""
     lo, hi = cfg.box_sizes
     span, origin, window = frame, np.zeros(2), None
     if cfg.grid_window:
@@ -109,6 +110,11 @@ class PromptStep(nn.Module):
         if cfg.grid_window > full:
             raise InputError(
                 f"grid_window {cfg.grid_window} exceeds the model's {full} x {full} embedding grid"
+            )
+        if cfg.grid_window and cfg.box_sizes[0] * full >= cfg.grid_window:
+            raise InputError(
+                f"box_sizes starts at {cfg.box_sizes[0]} of the frame, no smaller than the window "
+                f"({cfg.grid_window} of {full} cells): lower it or widen grid_window"
             )
         self.full = full
 
