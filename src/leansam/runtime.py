@@ -82,6 +82,18 @@ def openvino_core():
         return _OV_CORE
 
 
+def read_onnx_openvino(onnx_graph: bytes):
+    """An ONNX graph (bytes) as an ``openvino.Model``, read by :func:`openvino_core` (through a
+    temporary file, as OpenVINO reads ONNX from a path)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "graph.onnx"
+        path.write_bytes(onnx_graph)
+        return openvino_core().read_model(str(path))
+
+
 def check_runtime(runtime: str) -> str:
     if runtime not in RUNTIMES:
         raise InputError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
@@ -152,8 +164,6 @@ def openvino_decoder(model: Sam) -> Callable:
     ``run.openvino_calls`` lists the prompt-set count of every call that OpenVINO ran.
 
     Raises :class:`InputError` without the ``openvino`` extra."""
-    import tempfile
-    from pathlib import Path
 
     core = openvino_core()
     eager = model.mask_decoder.decode_tokens
@@ -200,11 +210,7 @@ def openvino_decoder(model: Sam) -> Callable:
                 output_names=["image_tokens", "hyper_in", "iou_predictions"],
                 dynamic_axes=axes,
             )
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "decoder.onnx"
-            path.write_bytes(buf.getvalue())
-            graph = core.read_model(str(path))
-        return core.compile_model(graph, "CPU", config)
+        return core.compile_model(read_onnx_openvino(buf.getvalue()), "CPU", config)
 
     graphs = {True: build(True)}
     lock = threading.Lock()
@@ -393,8 +399,6 @@ def _onnx(model: Sam, calibration: Sequence[torch.Tensor] | None, int8: bool) ->
 def _openvino(
     model: Sam, bf16: bool, int8: bool = False, calibration: Sequence[torch.Tensor] | None = None
 ) -> Encoder:
-    import tempfile
-    from pathlib import Path
 
     core = openvino_core()
     if int8:
@@ -403,10 +407,7 @@ def _openvino(
         )
     else:
         onnx_graph = _encoder_graph(model)
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "encoder.onnx"
-        path.write_bytes(onnx_graph)
-        graph = core.read_model(str(path))
+    graph = read_onnx_openvino(onnx_graph)
     precision = "bf16" if bf16 else "f32"
     config = {
         "INFERENCE_PRECISION_HINT": precision,
