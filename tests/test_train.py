@@ -457,7 +457,7 @@ def test_grid_window_trains_on_a_window_of_the_full_grid(tmp_path):
     mixed = TrainConfig(**kw, grid_window=8, grid_window_share=0.5, box_sizes=[0.01, 0.6])
     kinds = set()
     for step in range(40):
-        b, window = synthetic_batch(mixed, step, list(range(16)), full)
+        b, window, _ = synthetic_batch(mixed, step, list(range(16)), full)
         kinds.add(window is None)
         if window is None:  # boxes of 128 px (8 cells) and more, except where the frame clips
             whole = (b[:, 2] < 1024) & (b[:, 3] < 1024)
@@ -467,6 +467,12 @@ def test_grid_window_trains_on_a_window_of_the_full_grid(tmp_path):
             assert (b >= lo).all() and (b <= lo + 128).all(), (window, b)
     assert kinds == {True, False}
     assert all(synthetic_batch(cfg, s, [0, 1], full)[1] is not None for s in range(20))
+    # windows cover the grid's border cells about as often as its middle ones
+    cover = np.zeros(full)
+    for step in range(2000):
+        col = synthetic_batch(cfg, step, [0], full)[1][0]
+        cover[col : col + 8] += 1
+    assert cover.min() >= 0.8 * np.median(cover), cover  # uniform starts: cell 0 at 0.16x
     with pytest.raises(InputError, match="grid_window_share"):
         TrainConfig(**kw, grid_window=8, grid_window_share=0)
     with pytest.raises(InputError, match="only with grid_window"):
@@ -479,6 +485,58 @@ def test_grid_window_trains_on_a_window_of_the_full_grid(tmp_path):
         TrainConfig(**{**kw, "data": ["d"]}, grid_window=8, box_prob=1.0)
     with pytest.raises(InputError, match="grid_window"):
         TrainConfig(**kw, grid_window=-1)
+
+
+def test_shape_data_stretches_real_shapes_over_synthetic_boxes(tmp_path, sa1b_small):
+    """shape_data: each synthetic box gets an object's mask, cropped to its box and stretched
+    over a box of the object's aspect ratio; the prompt is that box clipped to the frame (or the
+    window); the stage trains with it; misuse is refused."""
+    from leansam.data.sa1b import mask_record, write_sa1b_pair
+    from leansam.train.warmup import ShapeBank, prompt_warmup, synthetic_batch
+
+    # an L-shaped object of 40 x 20 px (aspect 2) in a 64 x 48 image
+    mask = np.zeros((48, 64), bool)
+    mask[10:30, 8:48] = True
+    mask[10:20, 28:48] = False  # the top right quarter is cut away
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    write_sa1b_pair(folder, 1, b"", 48, 64, [mask_record(mask, 1)])
+    bank = ShapeBank([str(folder)], side=16)
+    assert len(bank) == 1 and bank.aspects.tolist() == [2.0]
+    box = torch.tensor([[100.0, 200.0, 180.0, 240.0]])  # 80 x 40 px in a 256 px frame
+    gt = bank.target(torch.tensor([0]), box, 256, 256.0)[0]
+    assert not gt[:200].any() and not gt[240:].any() and not gt[:, :100].any()
+    assert gt[200:240, 100:140].all() and gt[230:240, 140:180].all()
+    assert not gt[200:219, 141:180].any()  # the missing quarter (bilinear at its inner corner)
+    assert abs(int(gt.sum()) - 80 * 40 * 3 // 4) <= 2
+
+    full, kw = 64, dict(stage="prompt", model="sam-vit-tiny", data=[], out=str(tmp_path / "s"))
+    cfg = TrainConfig(**kw, shape_data=[str(sa1b_small)], box_sizes=[0.05, 0.9])
+    coco = ShapeBank(cfg.shape_data)
+    assert len(coco) > 20 and (coco.shapes.amax((1, 2)) > 0.5).all()
+    for step in range(4):
+        boxes, window, gt = synthetic_batch(cfg, step, list(range(8)), full, 1024, coco)
+        assert window is None and gt.shape == (8, 256, 256) and gt.dtype == torch.bool
+        assert (boxes >= 0).all() and (boxes <= 1024).all()
+        again = synthetic_batch(cfg, step, list(range(8)), full, 1024, coco)
+        assert np.array_equal(boxes, again[0]) and torch.equal(gt, again[2])  # reproducible
+        for b, m in zip(boxes, gt, strict=True):  # the target lies in its (clipped) box
+            ys, xs = np.nonzero(m.numpy())
+            if len(ys):
+                assert xs.min() * 4 >= b[0] - 4 and (xs.max() + 1) * 4 <= b[2] + 4
+                assert ys.min() * 4 >= b[1] - 4 and (ys.max() + 1) * 4 <= b[3] + 4
+        assert sum(bool(m.any()) for m in gt) >= 6
+    win = TrainConfig(**kw, shape_data=[str(sa1b_small)], grid_window=8, box_sizes=[0.01, 0.1])
+    boxes, window, gt = synthetic_batch(win, 0, list(range(8)), full, 1024, coco)
+    lo = np.array(window * 2) * 16
+    assert gt.shape == (8, 128, 128) and (boxes >= lo).all() and (boxes <= lo + 128).all()
+    short = dict(items_per_epoch=8, epochs=2, batch_size=4, save_every=100, grid=8)
+    result = prompt_warmup(TrainConfig(**kw, shape_data=[str(sa1b_small)], **short))
+    assert result["steps"] == 4
+    with pytest.raises(InputError, match="shape_data"):
+        TrainConfig(**{**kw, "data": ["d"]}, shape_data=["x"], box_prob=1.0)
+    with pytest.raises(InputError, match="no sa_"):
+        ShapeBank([str(tmp_path)])
 
 
 def _val_subset(limit: int = 2):

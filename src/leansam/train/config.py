@@ -102,6 +102,13 @@ class TrainConfig:
     #: frame), so that both stay learned.
     grid_window: int = 0
     grid_window_share: float = 1.0
+    #: stage ``prompt``, synthetic boxes: SA-1B folders whose masks give the targets' shapes.
+    #: Each box then gets a real object's mask (cropped to its bounding box, drawn at random),
+    #: stretched over the box, whose aspect ratio is the object's: the decoder learns the shape
+    #: an object in a box of that size and aspect has (the best content-free answer; COCO's
+    #: inscribed ellipses already beat filling the box) instead of the box itself. Only the
+    #: masks are read, never the images. Empty: the box itself.
+    shape_data: list[str] = dataclasses.field(default_factory=list)
     #: stage ``prompt``: width and height of the synthetic boxes, as fractions of the frame, drawn
     #: uniformly (or log-uniformly with ``box_size_log``)
     box_sizes: list[float] = dataclasses.field(default_factory=lambda: [0.03, 0.6])
@@ -183,6 +190,10 @@ class TrainConfig:
             raise InputError(
                 "grid_window (a window of the full grid for synthetic boxes) is for stage prompt "
                 "without data; use 0 otherwise"
+            )
+        if self.shape_data and (self.stage != "prompt" or self.data):
+            raise InputError(
+                "shape_data (object shapes for synthetic boxes) is for stage prompt without data"
             )
         if self.stage == "prompt" and self.data and self.box_prob != 1:
             raise InputError(

@@ -28,19 +28,87 @@ def synthetic_box(
     frame: int = 1024,
     sizes: tuple[float, float] = (0.03, 0.6),
     log_sizes: bool = False,
+    aspect: float | None = None,
+    clip: bool = True,
 ) -> np.ndarray:
     """A random XYXY box in the ``frame`` x ``frame`` prompt frame: width and height drawn from
     ``sizes`` (fractions of the frame; uniformly, or log-uniformly with ``log_sizes`` so that small
     boxes are as common as large ones), top-left corner uniform in the first 88 %, clipped to the
-    frame. (With uniform sizes, many tiny boxes make "all background" the easy answer the decoder
-    does not leave.)"""
+    frame unless ``clip`` is False. With ``aspect`` (width / height), the box keeps the drawn
+    area's side, sqrt(w h), at that aspect ratio. (With uniform sizes, many tiny boxes make "all
+    background" the easy answer the decoder does not leave.)"""
     x0, y0 = rng.uniform(0, 0.88 * frame, size=2)
     lo, hi = sizes
     if log_sizes:
         w, h = frame * np.exp(rng.uniform(np.log(lo), np.log(hi), size=2))
     else:
         w, h = rng.uniform(lo * frame, hi * frame, size=2)
-    return np.array([x0, y0, min(x0 + w, frame), min(y0 + h, frame)], np.float32)
+    if aspect is not None:
+        side = np.sqrt(w * h)
+        w, h = side * np.sqrt(aspect), side / np.sqrt(aspect)
+    x1, y1 = (min(x0 + w, frame), min(y0 + h, frame)) if clip else (x0 + w, y0 + h)
+    return np.array([x0, y0, x1, y1], np.float32)
+
+
+class ShapeBank:
+    """Object shapes for synthetic boxes (``shape_data``): every mask of the SA-1B folders (only
+    the ``sa_*.json`` files are read), cropped to its bounding box and resampled to ``side`` x
+    ``side`` (area average), with the box's aspect ratio (width / height). Masks whose box is
+    under 2 px on a side are left out.
+
+    Raises:
+        InputError: a folder without ``sa_*.json`` files, or no usable mask at all."""
+
+    def __init__(self, folders: list[str], side: int = 64) -> None:
+        from pathlib import Path
+
+        from ..data.sa1b import _rle_mask
+        from ..io import read_json
+
+        shapes, aspects = [], []
+        for folder in folders:
+            files = sorted(Path(folder).glob("sa_*.json"))
+            if not files:
+                raise InputError(f"shape_data: no sa_*.json files in {folder}")
+            for f in files:
+                data = read_json(f, "SA-1B annotation file")
+                h, w = data["image"]["height"], data["image"]["width"]
+                for ann in data["annotations"]:
+                    mask = _rle_mask(ann["segmentation"], h, w)
+                    ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+                    if len(ys) < 2 or len(xs) < 2:
+                        continue
+                    crop = mask[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
+                    t = torch.from_numpy(crop).float()[None, None]
+                    shapes.append(nn.functional.interpolate(t, (side, side), mode="area")[0, 0])
+                    aspects.append(crop.shape[1] / crop.shape[0])
+        if not shapes:
+            raise InputError(f"shape_data: no mask of 2 px or more in {', '.join(folders)}")
+        self.shapes = torch.stack(shapes)  # K x side x side, in [0, 1]
+        self.aspects = np.array(aspects)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def target(
+        self, index: torch.Tensor, boxes: torch.Tensor, size: int, frame: float
+    ) -> torch.Tensor:
+        """N x size x size masks (bool) of a ``frame`` x ``frame`` square sampled at pixel centres:
+        shape ``index[i]`` stretched over ``boxes[i]`` (XYXY in that frame, may extend past it),
+        bilinear, inside where the resampled shape is at least 0.5 (and nothing outside the box)."""
+        c = (torch.arange(size, dtype=torch.float32, device=boxes.device) + 0.5) * (frame / size)
+        b = boxes.float()
+        u = (c[None] - b[:, 0, None]) / (b[:, 2] - b[:, 0])[:, None] * 2 - 1  # N x size, in box
+        v = (c[None] - b[:, 1, None]) / (b[:, 3] - b[:, 1])[:, None] * 2 - 1
+        grid = torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), dim=-1)
+        shapes = self.shapes.to(boxes.device)[index][:, None]
+        # border padding: the shape's edge pixels keep their value out to the box's edge, which
+        # zero padding would halve (a filled corner pixel would fall below 0.5)
+        out = nn.functional.grid_sample(
+            shapes, grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
+        inside = (grid.abs() <= 1).all(-1)
+        return (out[:, 0] >= 0.5) & inside
 
 
 def box_target(boxes: torch.Tensor, size: int, frame: int = 1024) -> torch.Tensor:
@@ -58,16 +126,25 @@ def window_pe(pe_layer: nn.Module, full: int, col: int, row: int, side: int) -> 
 
 
 def synthetic_batch(
-    cfg: TrainConfig, step: int, indices: list[int], full: int, frame: int = 1024
-) -> tuple[np.ndarray, tuple[int, int] | None]:
+    cfg: TrainConfig,
+    step: int,
+    indices: list[int],
+    full: int,
+    frame: int = 1024,
+    bank: ShapeBank | None = None,
+) -> tuple[np.ndarray, tuple[int, int] | None, torch.Tensor | None]:
     """The synthetic boxes of one step (N x 4 XYXY in the ``frame``; box ``i`` drawn from the
-    generator seeded ``[seed, step, i]``, so every process and a resumed run draw the same) and the
-    step's window: with ``grid_window``, a ``grid_window_share`` of the steps (chosen per step)
-    put every box inside a ``grid_window`` x ``grid_window`` window of the ``full`` x ``full``
-    grid, as (column, row) of its top-left cell, with the sizes of ``box_sizes`` that fit it; the
-    other steps run on the coarse ``grid`` with sizes of at least the window's (where such sizes
-    are in ``box_sizes``; boxes near the frame's edge are clipped to it). Window None: the coarse
-    grid. Windows are placed uniformly, so the grid's outer cells are covered less often."""
+    generator seeded ``[seed, step, i]``, so every process and a resumed run draw the same), the
+    step's window and, with a shape ``bank``, the targets (else None: the boxes themselves).
+
+    With ``grid_window``, a ``grid_window_share`` of the steps (chosen per step) put every box
+    inside a ``grid_window`` x ``grid_window`` window of the ``full`` x ``full`` grid, as (column,
+    row) of its top-left cell, with the sizes of ``box_sizes`` that fit it; the other steps run on
+    the coarse ``grid`` with sizes of at least the window's (where such sizes are in
+    ``box_sizes``; boxes near the frame's edge are clipped to it). Window None: the coarse grid.
+    With a ``bank``, box ``i`` takes a random shape at the shape's aspect ratio; the target is N x
+    16 g x 16 g (g: the grid's or window's side) over the frame or the window, and the prompt is
+    the shape's box clipped to it, as for an object at the image's border."""
     lo, hi = cfg.box_sizes
     span, origin, window = frame, np.zeros(2), None
     if cfg.grid_window:
@@ -75,23 +152,35 @@ def synthetic_batch(
         extent = cfg.grid_window * cell
         g = np.random.default_rng([cfg.seed, step, 1 << 40])  # a key that no box index takes
         if g.random() < cfg.grid_window_share:
-            col, row = (int(v) for v in g.integers(0, full - cfg.grid_window + 1, size=2))
+            # Drawn over the starts of every window that overlaps the grid, then clipped into
+            # it: each cell lies in grid_window of the full + grid_window - 1 draws or more, so
+            # the border cells (where COCO's small objects often are) are trained as often as
+            # the middle ones; unclipped draws would put column 0 in 1 window position of 49.
+            start = g.integers(1 - cfg.grid_window, full, size=2)
+            col, row = (int(v) for v in np.clip(start, 0, full - cfg.grid_window))
             span, origin, window = extent, np.array([col, row]) * cell, (col, row)
             lo, hi = lo * frame / span, min(hi * frame / span, 1.0)  # fractions of the window
         elif max(lo, extent / frame) <= hi:
             lo = max(lo, extent / frame)
-    boxes = np.stack(
-        [
-            synthetic_box(
-                np.random.default_rng([cfg.seed, step, i]),
-                frame=span,
-                sizes=(min(lo, hi), hi),
-                log_sizes=cfg.box_size_log,
-            )
+    sizes = (min(lo, hi), hi)
+    if bank is None:
+        boxes = [
+            synthetic_box(np.random.default_rng([cfg.seed, step, i]), span, sizes, cfg.box_size_log)
             for i in indices
         ]
+        return np.stack(boxes) + np.tile(origin, 2).astype(np.float32), window, None
+    rngs = [np.random.default_rng([cfg.seed, step, i]) for i in indices]
+    index = np.array([int(r.integers(len(bank))) for r in rngs])
+    shaped = np.stack(
+        [
+            synthetic_box(r, span, sizes, cfg.box_size_log, aspect=bank.aspects[k], clip=False)
+            for r, k in zip(rngs, index, strict=True)
+        ]
     )
-    return boxes + np.tile(origin, 2).astype(np.float32), window
+    side = 16 * (cfg.grid if window is None else cfg.grid_window)
+    gt = bank.target(torch.as_tensor(index), torch.as_tensor(shaped), side, span)
+    boxes = np.minimum(shaped, span) + np.tile(origin, 2)
+    return boxes.astype(np.float32), window, gt
 
 
 class PromptStep(nn.Module):
@@ -126,7 +215,8 @@ class PromptStep(nn.Module):
         window: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Loss of N ``boxes`` (N x 4, XYXY in the 1024 frame) against ``gt`` (N x H x W masks
-        covering the padded square frame, any resolution), or against the boxes themselves.
+        covering the padded square frame, or the window with ``window``; any resolution), or
+        against the boxes themselves.
         ``window`` (with ``grid_window``; boxes only): the (column, row) of the window's top-left
         cell in the full grid; the boxes must lie inside the window.
         ``boxes`` None (no readable sample in the batch): a zero loss that touches every weight,
@@ -192,11 +282,14 @@ def prompt_warmup(
     full = max(model.prompt_encoder.image_embedding_size)
     frame = model.prompt_encoder.input_image_size[0]
 
+    bank = ShapeBank(cfg.shape_data) if cfg.shape_data else None
+
     def synthetic(
         step: int, indices: list[int]
-    ) -> tuple[torch.Tensor, None, tuple[int, int] | None]:
-        boxes, window = synthetic_batch(cfg, step, indices, full, frame)
-        return torch.as_tensor(boxes, device=device), None, window
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
+        boxes, window, gt = synthetic_batch(cfg, step, indices, full, frame, bank)
+        gt = None if gt is None else gt.to(device)
+        return torch.as_tensor(boxes, device=device), gt, window
 
     def real(step: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, None] | None:
         samples, _ = batch_samples(datasets, items, step, indices, model.image_size, cfg, device)
