@@ -7,7 +7,8 @@ IoU, single-mask output, box-fill; empty masks, area ratio, IoU with the box) an
 JSON with ``--json``. ``--content-free`` diagnoses the model with an all-zero image embedding (its
 prompt encoder and decoder's box prior alone: ``leansam.train.warmup.content_free``).
 ``--box-drawing`` measures instead how well the decoder alone draws boxes of each size on a zero
-image embedding.
+image embedding. ``--grid-ceiling`` (no model) scores the box and its inscribed ellipse at pixel
+resolution and quantized to the 64 x 64 embedding grid's cells (``diagnose.grid_ceiling``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import leansam
 from leansam.eval.dataset import EvalDataset
-from leansam.eval.diagnose import box_drawing, diagnose_boxes, diagnosis_markdown
+from leansam.eval.diagnose import box_drawing, diagnose_boxes, diagnosis_markdown, grid_ceiling
+from leansam.eval.metrics import SIZES
 from leansam.io import atomic_write_json
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-mini"
@@ -43,7 +45,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="replace the image embedding by zeros: the prompt's box prior alone",
     )
+    ap.add_argument(
+        "--grid-ceiling",
+        action="store_true",
+        help="no model: box and ellipse fills at pixel and at embedding-cell resolution "
+        "(diagnose.grid_ceiling)",
+    )
     args = ap.parse_args(argv)
+    if args.grid_ceiling:
+        d = grid_ceiling(EvalDataset.load(args.images, args.annotations, limit=args.limit))
+        print("| fill | all | small | medium | large |\n|---|---:|---:|---:|---:|")
+        for name, m in d["mIoU"].items():
+            print(f"| {name} | " + " | ".join(f"{m[s]:.1f}" for s in SIZES) + " |")
+        print(f"objects: {d['count']}")
+        return 0
     model = leansam.load_model(args.model, checkpoint=args.checkpoint)
     if args.content_free:
         from leansam.train.warmup import content_free

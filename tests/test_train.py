@@ -595,6 +595,40 @@ def test_diagnosis_box_fill_matches_the_baseline_and_oracle_bounds_the_choice():
     assert "| tiny | oracle |" in diagnosis_markdown("tiny", d)
 
 
+def test_grid_ceiling_matches_the_fills_and_snaps_to_the_cells():
+    """grid_ceiling: at pixel resolution, the box and ellipse baselines' own figures; quantized,
+    a box on cell edges is exact and one off them loses the part of the cell its centre misses."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from leansam.eval import evaluate
+    from leansam.eval.dataset import EvalDataset
+    from leansam.eval.diagnose import grid_ceiling
+    from leansam.eval.predictors import BoxFill, EllipseFill
+
+    data = _val_subset()
+    d = grid_ceiling(data)
+    for name, baseline in (("box", BoxFill()), ("ellipse", EllipseFill())):
+        fill = evaluate(baseline, data, "box", progress=False)["metrics"]
+        assert d["mIoU"][name] == fill["mIoU"] and d["count"] == fill["count"]
+    assert d["mIoU"]["box_cells"]["all"] < d["mIoU"]["box"]["all"]
+
+    def square(x0, y0, x1, y1, i):  # a box-shaped object, as a COCO polygon
+        poly = [x0, y0, x1, y0, x1, y1, x0, y1]
+        area = (x1 - x0) * (y1 - y0)
+        return {"id": i, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": area, "segmentation": [poly]}
+
+    # a 512 x 256 image: the long side becomes 1024, so a cell is 8 image px
+    anns = {1: [square(16, 24, 48, 64, 1), square(21, 24, 48, 64, 2)]}
+    info = {"id": 1, "height": 256, "width": 512, "file_name": "x.jpg"}
+    toy = EvalDataset(Path("."), Path("a.json"), (info,), anns, False, frozenset({1}))
+    per = [grid_ceiling(replace(toy, anns={1: [a]}))["mIoU"]["box_cells"]["all"] for a in anns[1]]
+    assert per[0] == pytest.approx(100.0)
+    # x0 = 21: the cell 16..24 has its centre (20) outside, so it is off: 24 of 27 px wide
+    assert per[1] == pytest.approx(100 * 24 / 27)
+    assert grid_ceiling(toy)["count"]["all"] == 2
+
+
 def test_pe_scale_draws_a_seeded_positional_encoding_that_the_checkpoint_keeps(tmp_path):
     from leansam import create_model
     from leansam.train.warmup import prompt_warmup

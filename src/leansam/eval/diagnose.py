@@ -91,6 +91,54 @@ def diagnose_boxes(model, dataset: EvalDataset, *, progress: bool = False) -> di
     return out
 
 
+def _fills(u: np.ndarray, v: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
+    """The XYXY ``box`` and its inscribed ellipse as masks over the points (u[j], v[i])."""
+    x0, y0, x1, y1 = box
+    rx, ry = max((x1 - x0) / 2, 1e-6), max((y1 - y0) / 2, 1e-6)
+    inside = (u >= x0) & (u <= x1) & (v >= y0) & (v <= y1)
+    return inside, ((u - (x0 + x1) / 2) / rx) ** 2 + ((v - (y0 + y1) / 2) / ry) ** 2 <= 1
+
+
+def grid_ceiling(dataset: EvalDataset, *, cell: float = 16.0, frame: int = 1024) -> dict:
+    """How well masks that only switch whole embedding cells on or off can do: for every object,
+    the IoU with the ground truth of the box and of its inscribed ellipse, at pixel resolution and
+    quantized to ``cell`` x ``cell`` cells of the ``frame`` (SAM's 64 x 64 grid over the 1024
+    frame: 16 px; the image's long side resized to ``frame``, padding at the bottom / right, as
+    in SAM's preprocessing), a cell being on where its centre lies in the shape.
+
+    A decoder whose masks follow the grid's cells (the content-free prior's do: its edges snap to
+    multiples of 16 px, MODEL_CARD.md) is bounded by the quantized figures; beating the pixel
+    ones needs edges placed inside a cell, from the image. Returns ``{"mIoU": {name: {size: mIoU
+    x 100}}, "count": {size: n}}`` with names ``box``, ``ellipse``, ``box_cells``,
+    ``ellipse_cells``."""
+    rows: list[dict] = []
+    for info in dataset.images:
+        h, w = int(info["height"]), int(info["width"])
+        side = cell * max(h, w) / frame  # a cell's side in image pixels
+        ys = np.arange(h, dtype=np.float64)[:, None] + 0.5
+        xs = np.arange(w, dtype=np.float64)[None, :] + 0.5
+        cy, cx = (np.floor(ys / side) + 0.5) * side, (np.floor(xs / side) + 0.5) * side
+        for a in dataset.objects(info["id"]):
+            gt = ann_to_mask(a, h, w)
+            box = xywh_to_xyxy(a["bbox"])
+            (fill, ell), (fill_c, ell_c) = _fills(xs, ys, box), _fills(cx, cy, box)
+            rows.append(
+                {
+                    "area": float(a["area"]),
+                    "box": mask_iou(fill, gt),
+                    "ellipse": mask_iou(ell, gt),
+                    "box_cells": mask_iou(fill_c, gt),
+                    "ellipse_cells": mask_iou(ell_c, gt),
+                }
+            )
+    areas = [r["area"] for r in rows]
+    names = ("box", "ellipse", "box_cells", "ellipse_cells")
+    return {
+        "mIoU": {n: miou_by_size(areas, [r[n] for r in rows])["mIoU"] for n in names},
+        "count": miou_by_size(areas, [0.0] * len(rows))["count"],
+    }
+
+
 def diagnosis_markdown(name: str, d: dict) -> str:
     """Markdown rows (one per choice, then the predicted mask's statistics) of a diagnosis."""
     fmt = lambda v, k=1.0: "n/a" if v is None else f"{v * k:.1f}"  # noqa: E731
