@@ -117,7 +117,10 @@ class TrainConfig:
     #: from scratch (SAM: 1.0, whose shortest wavelength is ~160 px of the 1024 frame: boxes
     #: smaller than that come out as blobs). A list splits the frequencies into equal groups, one
     #: per scale (e.g. [1, 4]: low ones to find the box, high ones to draw small ones). Drawn once
-    #: with ``seed``; stored in the checkpoint. None keeps the model's own.
+    #: with ``seed``; stored in the checkpoint. None keeps the model's own. In stage ``prompt``
+    #: with ``decoder_checkpoint`` it replaces the checkpoint's frequencies, to go on training a
+    #: warm start with other ones (a group drawn with the warm start's own seed and scale is
+    #: unchanged: [1, 4] on a scale-1 warm start keeps its first half).
     pe_scale: float | list[float] | None = None
     #: learning curve: every ``eval_every`` steps (and before the first), rank 0 runs the box
     #: diagnosis (``leansam.eval.diagnose``) of the model on the first ``eval_limit`` images of
@@ -169,12 +172,12 @@ class TrainConfig:
                 or min(values) <= 0
                 or self.stage == "distill"
                 or self.init_checkpoint
-                or self.decoder_checkpoint
+                or (self.decoder_checkpoint and self.stage != "prompt")
             ):
                 raise InputError(
                     "pe_scale (a number > 0, or a list of them) draws the positional encoding of "
                     "a prompt encoder trained from scratch: not in stage distill, nor with "
-                    "init_checkpoint or decoder_checkpoint"
+                    "init_checkpoint, nor with decoder_checkpoint outside stage prompt"
                 )
         if self.embedding_zero_init and (self.stage != "finetune" or self.init_checkpoint):
             raise InputError(
