@@ -592,7 +592,16 @@ def test_diagnosis_box_fill_matches_the_baseline_and_oracle_bounds_the_choice():
         if d["count"][s]:
             assert d["mIoU"]["predicted"][s] <= d["mIoU"]["oracle"][s]
             assert 0 <= d["empty"][s] <= 1 and 0 <= d["box_iou"][s] <= 1
+            assert 0 <= d["cell_edges"][s] <= 1
     assert "| tiny | oracle |" in diagnosis_markdown("tiny", d)
+    assert "| tiny | low-res edges on cell boundaries (%) |" in diagnosis_markdown("tiny", d)
+    # a mask of whole 4 x 4 cells has every edge on a boundary; one shifted by a pixel, none
+    from leansam.eval.diagnose import _cell_edges
+
+    cells = np.zeros((16, 16), bool)
+    cells[4:12, 8:12] = True
+    assert _cell_edges(cells, 4) == (24, 24)  # 8 rows x 2 + 4 columns x 2
+    assert _cell_edges(np.roll(cells, 1, axis=1), 4) == (8, 24)  # the top and bottom stay on
 
 
 def test_grid_ceiling_matches_the_fills_and_snaps_to_the_cells():

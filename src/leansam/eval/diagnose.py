@@ -8,8 +8,10 @@ measures the IoU with the ground truth of
 - ``single``: the single-mask output (``multimask_output=False``);
 - ``box_fill``: the box itself (the trivial baseline);
 
-and, for the predicted mask, the share of empty masks, the ratio of its area to the ground truth's
-and its IoU with the box (how much of a box the model draws). Results are mIoU x 100 by COCO size
+and, for the predicted mask, the share of empty masks, the ratio of its area to the ground truth's,
+its IoU with the box (how much of a box the model draws) and the share of its low-res edges that
+lie on the embedding grid's cell boundaries (``cell_edges``: 1 / 4 by chance at SAM's 4 low-res
+pixels per cell, 1 for masks that only switch whole cells). Results are mIoU x 100 by COCO size
 (``metrics.miou_by_size``). Used by MODEL_CARD.md's diagnosis and as the learning curve of
 ``leansam train`` (``eval_every``).
 """
@@ -56,10 +58,13 @@ def diagnose_boxes(model, dataset: EvalDataset, *, progress: bool = False) -> di
         boxes = np.array([xywh_to_xyxy(a["bbox"]) for a in objects])
         t = torch.as_tensor(boxes, dtype=torch.float, device=predictor.device)
         t = predictor.transform.apply_boxes_torch(t, predictor.original_size)
-        multi, iou_pred, _ = predictor.predict_torch(None, None, t, multimask_output=True)
+        multi, iou_pred, low = predictor.predict_torch(None, None, t, multimask_output=True)
         single, _, _ = predictor.predict_torch(None, None, t, multimask_output=False)
         multi, single = multi.cpu().numpy(), single[:, 0].cpu().numpy()
         best = iou_pred.argmax(dim=1).cpu().numpy()
+        chosen = low[torch.arange(len(best)), torch.as_tensor(best)] > model.mask_threshold
+        per_cell = chosen.shape[-1] // max(model.prompt_encoder.image_embedding_size)
+        edges = [_cell_edges(m, per_cell) for m in chosen.cpu().numpy()]
         fills = box_masks(boxes, h, w)
         for i, a in enumerate(objects):
             gt = ann_to_mask(a, h, w)
@@ -77,6 +82,7 @@ def diagnose_boxes(model, dataset: EvalDataset, *, progress: bool = False) -> di
                     "empty": not pred.any(),
                     "area_ratio": float(pred.sum()) / gt_area,
                     "box_iou": mask_iou(pred, fill),
+                    "edges": edges[i],
                 }
             )
     areas = [r["area"] for r in rows]
@@ -88,7 +94,23 @@ def diagnose_boxes(model, dataset: EvalDataset, *, progress: bool = False) -> di
         for s in SIZES:
             vals = [float(r[key]) for r in rows if s == "all" or size_of(r["area"]) == s]
             out[key][s] = float(reduce(vals)) if vals else None
+    out["cell_edges"] = {}
+    for s in SIZES:
+        pairs = [r["edges"] for r in rows if s == "all" or size_of(r["area"]) == s]
+        total = sum(n for _, n in pairs)
+        out["cell_edges"][s] = sum(k for k, _ in pairs) / total if total else None
     return out
+
+
+def _cell_edges(mask: np.ndarray, per_cell: int) -> tuple[int, int]:
+    """(edges on a cell boundary, all edges) of a low-res H x W bool mask: an edge is a pair of
+    neighbouring pixels that differ; it lies on the embedding grid's cell boundary when it falls
+    between pixels ``per_cell * k - 1`` and ``per_cell * k``. Edges placed anywhere land there
+    1 / ``per_cell`` of the time; masks that switch whole cells on and off, always."""
+    cols = np.nonzero(mask[:, 1:] != mask[:, :-1])[1] + 1
+    rows = np.nonzero(mask[1:] != mask[:-1])[0] + 1
+    on = int((cols % per_cell == 0).sum() + (rows % per_cell == 0).sum())
+    return on, len(cols) + len(rows)
 
 
 def _fills(u: np.ndarray, v: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
@@ -152,8 +174,11 @@ def diagnosis_markdown(name: str, d: dict) -> str:
         ("empty", "empty predicted masks (%)", 100),
         ("area_ratio", "predicted / true area (median)", 1),
         ("box_iou", "IoU of predicted mask with its box x 100", 100),
+        ("cell_edges", "low-res edges on cell boundaries (%)", 100),
     ):
-        lines.append(f"| {name} | {label} | " + " | ".join(fmt(d[key][s], k) for s in SIZES) + " |")
+        if key in d:  # older diagnoses have no cell_edges
+            row = " | ".join(fmt(d[key][s], k) for s in SIZES)
+            lines.append(f"| {name} | {label} | {row} |")
     return "\n".join(lines) + "\n"
 
 
