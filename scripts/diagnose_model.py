@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, m in d["mIoU"].items():
             print(f"| {name} | " + " | ".join(f"{m[s]:.1f}" for s in SIZES) + " |")
         print(f"objects: {d['count']}")
+        if args.json:
+            atomic_write_json(args.json, {"limit": args.limit, **d})
         return 0
     model = leansam.load_model(args.model, checkpoint=args.checkpoint)
     if args.content_free:

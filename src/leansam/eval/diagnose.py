@@ -126,13 +126,13 @@ def grid_ceiling(dataset: EvalDataset, *, cell: float = 16.0, frame: int = 1024)
     the IoU with the ground truth of the box and of its inscribed ellipse, at pixel resolution and
     quantized to ``cell`` x ``cell`` cells of the ``frame`` (SAM's 64 x 64 grid over the 1024
     frame: 16 px; the image's long side resized to ``frame``, padding at the bottom / right, as
-    in SAM's preprocessing), a cell being on where its centre lies in the shape.
+    in SAM's preprocessing), a cell being on where its centre lies in the shape; and of the object
+    itself quantized the same way (a cell on where its centre lies in the object).
 
-    A decoder whose masks follow the grid's cells (the content-free prior's do: its edges snap to
-    multiples of 16 px, MODEL_CARD.md) is bounded by the quantized figures; beating the pixel
-    ones needs edges placed inside a cell, from the image. Returns ``{"mIoU": {name: {size: mIoU
-    x 100}}, "count": {size: n}}`` with names ``box``, ``ellipse``, ``box_cells``,
-    ``ellipse_cells``."""
+    A shape prior that switches whole cells (no image read) is bounded by the quantized box and
+    ellipse; a mask of whole cells that follows the object, which needs the image, by the
+    quantized object. Returns ``{"mIoU": {name: {size: mIoU x 100}}, "count": {size: n}}`` with
+    names ``box``, ``ellipse``, ``box_cells``, ``ellipse_cells``, ``object_cells``."""
     rows: list[dict] = []
     for info in dataset.images:
         h, w = int(info["height"]), int(info["width"])
@@ -144,6 +144,10 @@ def grid_ceiling(dataset: EvalDataset, *, cell: float = 16.0, frame: int = 1024)
             gt = ann_to_mask(a, h, w)
             box = xywh_to_xyxy(a["bbox"])
             (fill, ell), (fill_c, ell_c) = _fills(xs, ys, box), _fills(cx, cy, box)
+            # the object itself on cells: each pixel takes the ground truth at its cell's centre
+            iy = np.minimum(cy[:, 0], h - 0.5).astype(int)
+            ix = np.minimum(cx[0], w - 0.5).astype(int)
+            obj_c = gt[iy[:, None], ix[None, :]]
             rows.append(
                 {
                     "area": float(a["area"]),
@@ -151,10 +155,11 @@ def grid_ceiling(dataset: EvalDataset, *, cell: float = 16.0, frame: int = 1024)
                     "ellipse": mask_iou(ell, gt),
                     "box_cells": mask_iou(fill_c, gt),
                     "ellipse_cells": mask_iou(ell_c, gt),
+                    "object_cells": mask_iou(obj_c, gt),
                 }
             )
     areas = [r["area"] for r in rows]
-    names = ("box", "ellipse", "box_cells", "ellipse_cells")
+    names = ("box", "ellipse", "box_cells", "ellipse_cells", "object_cells")
     return {
         "mIoU": {n: miou_by_size(areas, [r[n] for r in rows])["mIoU"] for n in names},
         "count": miou_by_size(areas, [0.0] * len(rows))["count"],

@@ -34,18 +34,20 @@ def synthetic_box(
     """A random XYXY box in the ``frame`` x ``frame`` prompt frame: width and height drawn from
     ``sizes`` (fractions of the frame; uniformly, or log-uniformly with ``log_sizes`` so that small
     boxes are as common as large ones), top-left corner uniform in the first 88 %, clipped to the
-    frame unless ``clip`` is False. With ``aspect`` (width / height), the box keeps the drawn
-    area's side, sqrt(w h), at that aspect ratio. (With uniform sizes, many tiny boxes make "all
-    background" the easy answer the decoder does not leave.)"""
+    frame unless ``clip`` is False. With ``aspect`` (width / height), the drawn width is the
+    shorter side and the longer one follows the aspect ratio, up to ``sizes``' maximum (so both
+    sides stay within ``sizes``). (With uniform sizes, many tiny boxes make "all background" the
+    easy answer the decoder does not leave.)"""
     x0, y0 = rng.uniform(0, 0.88 * frame, size=2)
     lo, hi = sizes
     if log_sizes:
         w, h = frame * np.exp(rng.uniform(np.log(lo), np.log(hi), size=2))
     else:
         w, h = rng.uniform(lo * frame, hi * frame, size=2)
-    if aspect is not None:
-        side = np.sqrt(w * h)
-        w, h = side * np.sqrt(aspect), side / np.sqrt(aspect)
+    if aspect is not None:  # the shorter side is the drawn width; the longer one keeps the aspect
+        side = w
+        w, h = side * max(aspect, 1.0), side / min(aspect, 1.0)
+        w, h = min(w, hi * frame), min(h, hi * frame)
     x1, y1 = (min(x0 + w, frame), min(y0 + h, frame)) if clip else (x0 + w, y0 + h)
     return np.array([x0, y0, x1, y1], np.float32)
 
@@ -54,10 +56,13 @@ class ShapeBank:
     """Object shapes for synthetic boxes (``shape_data``): every mask of the SA-1B folders (only
     the ``sa_*.json`` files are read), cropped to its bounding box and resampled to ``side`` x
     ``side`` (area average), with the box's aspect ratio (width / height). Masks whose box is
-    under 2 px on a side are left out.
+    under 2 px on a side are left out, and so are those that, resampled and thresholded at 0.5,
+    no longer reach all four sides of their box (thin or sparse shapes), so that a target's box
+    is its prompt box.
 
     Raises:
-        InputError: a folder without ``sa_*.json`` files, or no usable mask at all."""
+        InputError: a folder without ``sa_*.json`` files, an unreadable annotation file, or no
+            usable mask at all."""
 
     def __init__(self, folders: list[str], side: int = 64) -> None:
         from pathlib import Path
@@ -72,15 +77,22 @@ class ShapeBank:
                 raise InputError(f"shape_data: no sa_*.json files in {folder}")
             for f in files:
                 data = read_json(f, "SA-1B annotation file")
-                h, w = data["image"]["height"], data["image"]["width"]
-                for ann in data["annotations"]:
-                    mask = _rle_mask(ann["segmentation"], h, w)
+                try:
+                    h, w = data["image"]["height"], data["image"]["width"]
+                    masks = [_rle_mask(a["segmentation"], h, w) for a in data["annotations"]]
+                except (KeyError, TypeError, ValueError) as e:
+                    raise InputError(f"shape_data: cannot read the masks of {f}: {e}") from e
+                for mask in masks:
                     ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
                     if len(ys) < 2 or len(xs) < 2:
                         continue
                     crop = mask[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
                     t = torch.from_numpy(crop).float()[None, None]
-                    shapes.append(nn.functional.interpolate(t, (side, side), mode="area")[0, 0])
+                    shape = nn.functional.interpolate(t, (side, side), mode="area")[0, 0]
+                    on = shape >= 0.5
+                    if not (on[0].any() and on[-1].any() and on[:, 0].any() and on[:, -1].any()):
+                        continue
+                    shapes.append(shape)
                     aspects.append(crop.shape[1] / crop.shape[0])
         if not shapes:
             raise InputError(f"shape_data: no mask of 2 px or more in {', '.join(folders)}")
@@ -94,14 +106,15 @@ class ShapeBank:
         self, index: torch.Tensor, boxes: torch.Tensor, size: int, frame: float
     ) -> torch.Tensor:
         """N x size x size masks (bool) of a ``frame`` x ``frame`` square sampled at pixel centres:
-        shape ``index[i]`` stretched over ``boxes[i]`` (XYXY in that frame, may extend past it),
-        bilinear, inside where the resampled shape is at least 0.5 (and nothing outside the box)."""
+        shape ``index[i]`` stretched over ``boxes[i]`` (XYXY in that frame, may extend past it;
+        width and height > 0), bilinear, inside where the resampled shape is at least 0.5 (and
+        nothing outside the box)."""
         c = (torch.arange(size, dtype=torch.float32, device=boxes.device) + 0.5) * (frame / size)
         b = boxes.float()
         u = (c[None] - b[:, 0, None]) / (b[:, 2] - b[:, 0])[:, None] * 2 - 1  # N x size, in box
         v = (c[None] - b[:, 1, None]) / (b[:, 3] - b[:, 1])[:, None] * 2 - 1
         grid = torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), dim=-1)
-        shapes = self.shapes.to(boxes.device)[index][:, None]
+        shapes = self.shapes[index.cpu()][:, None].to(boxes.device)
         # border padding: the shape's edge pixels keep their value out to the box's edge, which
         # zero padding would halve (a filled corner pixel would fall below 0.5)
         out = nn.functional.grid_sample(
@@ -142,9 +155,10 @@ def synthetic_batch(
     row) of its top-left cell, with the sizes of ``box_sizes`` that fit it; the other steps run on
     the coarse ``grid`` with sizes of at least the window's (where such sizes are in
     ``box_sizes``; boxes near the frame's edge are clipped to it). Window None: the coarse grid.
-    With a ``bank``, box ``i`` takes a random shape at the shape's aspect ratio; the target is N x
-    16 g x 16 g (g: the grid's or window's side) over the frame or the window, and the prompt is
-    the shape's box clipped to it, as for an object at the image's border."""
+    With a ``bank``, box ``i`` takes a random shape at the shape's aspect ratio, moved inside the
+    frame or window where it fits (else cut at its edge, as an object at the image's border); the
+    target is N x 16 g x 16 g (g: the grid's or window's side) over the frame or the window, and
+    the prompt is the shape's box clipped to it."""
     lo, hi = cfg.box_sizes
     span, origin, window = frame, np.zeros(2), None
     if cfg.grid_window:
@@ -154,8 +168,10 @@ def synthetic_batch(
         if g.random() < cfg.grid_window_share:
             # Drawn over the starts of every window that overlaps the grid, then clipped into
             # it: each cell lies in grid_window of the full + grid_window - 1 draws or more, so
-            # the border cells (where COCO's small objects often are) are trained as often as
-            # the middle ones; unclipped draws would put column 0 in 1 window position of 49.
+            # the border cells (where COCO's small objects often are) are trained at least as
+            # often as the middle ones (those a few cells in up to ~2x as often); unclipped draws
+            # would put column 0 in 1 window position of 49. (Exactly equal coverage would need
+            # fixed tiles, which no box could cross.)
             start = g.integers(1 - cfg.grid_window, full, size=2)
             col, row = (int(v) for v in np.clip(start, 0, full - cfg.grid_window))
             span, origin, window = extent, np.array([col, row]) * cell, (col, row)
@@ -177,6 +193,10 @@ def synthetic_batch(
             for r, k in zip(rngs, index, strict=True)
         ]
     )
+    # moved back inside where it overhangs the far edge (never past the near one): a shape is
+    # cut only where it is larger than the frame or window, not at a window's edge at random
+    over = np.maximum(shaped[:, 2:] - span, 0)
+    shaped -= np.tile(np.minimum(over, shaped[:, :2]), 2)
     side = 16 * (cfg.grid if window is None else cfg.grid_window)
     gt = bank.target(torch.as_tensor(index), torch.as_tensor(shaped), side, span)
     boxes = np.minimum(shaped, span) + np.tile(origin, 2)
@@ -217,8 +237,8 @@ class PromptStep(nn.Module):
         """Loss of N ``boxes`` (N x 4, XYXY in the 1024 frame) against ``gt`` (N x H x W masks
         covering the padded square frame, or the window with ``window``; any resolution), or
         against the boxes themselves.
-        ``window`` (with ``grid_window``; boxes only): the (column, row) of the window's top-left
-        cell in the full grid; the boxes must lie inside the window.
+        ``window`` (with ``grid_window``): the (column, row) of the window's top-left cell in the
+        full grid; the boxes (and ``gt``) must lie inside the window.
         ``boxes`` None (no readable sample in the batch): a zero loss that touches every weight,
         computed here so that DDP's gradient all-reduce still runs on this process."""
         if boxes is None:
