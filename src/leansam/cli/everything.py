@@ -38,8 +38,8 @@ def _no_mask_note(args: argparse.Namespace) -> None:
     print(
         f"note: no mask passed --pred-iou-thresh {args.pred_iou_thresh} and "
         f"--stability-score-thresh {args.stability_score_thresh} (SAM's defaults assume "
-        "SAM's confidence; a weaker model, such as leansam's shipped ones, MODEL_CARD.md, may "
-        "need lower thresholds)",
+        "SAM's confidence; a weaker model, such as leansam's shipped ones, may need lower "
+        "thresholds: 0 and 0 for those, README 'everything')",
         file=sys.stderr,
     )
 
