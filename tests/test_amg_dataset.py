@@ -242,6 +242,14 @@ def test_output_folder_trains(folder, sam, tmp_path):
     n_all = sum(len(ds[i].masks) for i in range(3))
     n_kept = sum(len(s.masks) for s in (kept[i] for i in range(3)) if s is not None)
     assert 0 < n_kept < n_all
+    # the masks-only reader (ShapeBank's) keeps the same masks without decoding any image
+    for i in range(3):
+        sample = kept[i]
+        if sample is not None:
+            np.testing.assert_array_equal(kept.masks(i), sample.masks)
+    masks_only = tmp_path / "masks-only"
+    shutil.copytree(out, masks_only, ignore=shutil.ignore_patterns("*.jpg", "*.png"))
+    assert sum(len(SA1BDataset(masks_only).masks(i)) for i in range(3)) == n_all
     cfg = TrainConfig(
         stage="finetune", model=MODEL, data=[str(out)], out=str(tmp_path / "ft"), epochs=1,
         batch_size=1, masks_per_image=2, lr=1e-3, num_points=256, min_predicted_iou=cut,

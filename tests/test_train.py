@@ -504,6 +504,19 @@ def test_shape_data_stretches_real_shapes_over_synthetic_boxes(tmp_path, sa1b_sm
     write_sa1b_pair(folder, 1, b"", 48, 64, [mask_record(mask, 1)])
     bank = ShapeBank([str(folder)], side=16)
     assert len(bank) == 1 and bank.aspects.tolist() == [2.0]
+    # generated masks: the quality minimums apply as in training on them (no image is read)
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    square = np.zeros((64, 64), bool)
+    square[:48] = mask
+    low, high = mask_record(square, 1), mask_record(square.T.copy(), 2)  # aspects 2 and 0.5
+    low["predicted_iou"], high["predicted_iou"] = 0.5, 0.9
+    write_sa1b_pair(scored, 1, b"", 64, 64, [low, high])
+    assert len(ShapeBank([str(scored)], side=16)) == 2
+    kept = ShapeBank([str(scored)], side=16, min_predicted_iou=0.8)
+    assert len(kept) == 1 and kept.aspects.tolist() == [0.5]
+    with pytest.raises(InputError, match="no usable mask"):
+        ShapeBank([str(scored)], side=16, min_stability_score=0.5)  # no scores: none kept
     box = torch.tensor([[100.0, 200.0, 180.0, 240.0]])  # 80 x 40 px in a 256 px frame
     gt = bank.target(torch.tensor([0]), box, 256, 256.0)[0]
     assert not gt[:200].any() and not gt[240:].any() and not gt[:, :100].any()

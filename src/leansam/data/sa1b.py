@@ -110,7 +110,7 @@ def coco_to_sa1b(
 
 @dataclass
 class SA1BSample:
-    image: np.ndarray  # H x W x 3 uint8 RGB
+    image: np.ndarray | None  # H x W x 3 uint8 RGB (None from SA1BDataset.masks)
     masks: np.ndarray  # N x H x W bool
     ids: list[int] = field(default_factory=list)
 
@@ -150,12 +150,25 @@ class SA1BDataset:
         return len(self.files)
 
     def __getitem__(self, i: int) -> SA1BSample | None:
+        return self._read(i, with_image=True)
+
+    def masks(self, i: int) -> np.ndarray | None:
+        """File ``i``'s kept masks (N x H x W bool, H x W from the annotation file's ``image``
+        record) without decoding the image, or ``None`` (counted in ``skipped``) as for
+        ``dataset[i]``."""
+        sample = self._read(i, with_image=False)
+        return None if sample is None else sample.masks
+
+    def _read(self, i: int, with_image: bool) -> SA1BSample | None:
         path = self.files[i]
         try:
             data = read_json(path, "SA-1B annotation file")
             info = data["image"]
-            image = load_image(self.root / info.get("file_name", path.with_suffix(".jpg").name))
-            h, w = image.shape[:2]
+            if with_image:
+                image = load_image(self.root / info.get("file_name", path.with_suffix(".jpg").name))
+                h, w = image.shape[:2]
+            else:
+                image, h, w = None, int(info["height"]), int(info["width"])
             anns = [a for a in data["annotations"] if self._keep(a)]
             masks = [_rle_mask(a["segmentation"], h, w) for a in anns]
         except (InputError, KeyError, TypeError, ValueError) as e:

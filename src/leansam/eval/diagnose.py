@@ -25,7 +25,7 @@ from ..data.coco import ann_to_mask, xywh_to_xyxy
 from ..io import load_image
 from .dataset import EvalDataset
 from .metrics import SIZES, mask_iou, miou_by_size, size_of
-from .predictors import box_masks
+from .predictors import box_masks, ellipse_masks
 
 CHOICES = ("predicted", "oracle", "single", "box_fill")
 
@@ -113,14 +113,6 @@ def _cell_edges(mask: np.ndarray, per_cell: int) -> tuple[int, int]:
     return on, len(cols) + len(rows)
 
 
-def _fills(u: np.ndarray, v: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
-    """The XYXY ``box`` and its inscribed ellipse as masks over the points (u[j], v[i])."""
-    x0, y0, x1, y1 = box
-    rx, ry = max((x1 - x0) / 2, 1e-6), max((y1 - y0) / 2, 1e-6)
-    inside = (u >= x0) & (u <= x1) & (v >= y0) & (v <= y1)
-    return inside, ((u - (x0 + x1) / 2) / rx) ** 2 + ((v - (y0 + y1) / 2) / ry) ** 2 <= 1
-
-
 def grid_ceiling(dataset: EvalDataset, *, cell: float = 16.0, frame: int = 1024) -> dict:
     """How well masks that only switch whole embedding cells on or off can do: for every object,
     the IoU with the ground truth of the box and of its inscribed ellipse, at pixel resolution and
@@ -137,16 +129,18 @@ def grid_ceiling(dataset: EvalDataset, *, cell: float = 16.0, frame: int = 1024)
     for info in dataset.images:
         h, w = int(info["height"]), int(info["width"])
         side = cell * max(h, w) / frame  # a cell's side in image pixels
-        ys = np.arange(h, dtype=np.float64)[:, None] + 0.5
-        xs = np.arange(w, dtype=np.float64)[None, :] + 0.5
-        cy, cx = (np.floor(ys / side) + 0.5) * side, (np.floor(xs / side) + 0.5) * side
+        # each pixel's cell centre, in image pixels
+        cy = (np.floor((np.arange(h) + 0.5) / side) + 0.5) * side
+        cx = (np.floor((np.arange(w) + 0.5) / side) + 0.5) * side
         for a in dataset.objects(info["id"]):
             gt = ann_to_mask(a, h, w)
             box = xywh_to_xyxy(a["bbox"])
-            (fill, ell), (fill_c, ell_c) = _fills(xs, ys, box), _fills(cx, cy, box)
+            fill, ell = box_masks([box], h, w)[0], ellipse_masks([box], h, w)[0]
+            fill_c = box_masks([box], h, w, at=(cy, cx))[0]
+            ell_c = ellipse_masks([box], h, w, at=(cy, cx))[0]
             # the object itself on cells: each pixel takes the ground truth at its cell's centre
-            iy = np.minimum(cy[:, 0], h - 0.5).astype(int)
-            ix = np.minimum(cx[0], w - 0.5).astype(int)
+            iy = np.minimum(cy, h - 0.5).astype(int)
+            ix = np.minimum(cx, w - 0.5).astype(int)
             obj_c = gt[iy[:, None], ix[None, :]]
             rows.append(
                 {

@@ -81,10 +81,20 @@ class SamMaskSource:
         return self._predict_batched(coords=c, labels=lab, boxes=None)
 
 
-def box_masks(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
-    """P x H x W masks of the pixels whose centres lie inside each XYXY box."""
-    ys = np.arange(h)[None, :, None] + 0.5
-    xs = np.arange(w)[None, None, :] + 0.5
+def _sample_points(h: int, w: int, at) -> tuple[np.ndarray, np.ndarray]:
+    if at is None:
+        return np.arange(h, dtype=np.float64) + 0.5, np.arange(w, dtype=np.float64) + 0.5
+    ys, xs = at
+    return np.asarray(ys, dtype=np.float64), np.asarray(xs, dtype=np.float64)
+
+
+def box_masks(boxes: np.ndarray, h: int, w: int, *, at=None) -> np.ndarray:
+    """P x H x W masks of the pixels whose centres lie inside each XYXY box (pixels of the image).
+
+    ``at = (ys, xs)`` (an H- and a W-vector, in pixels) tests those sample points instead of the
+    pixel centres (``leansam.eval.diagnose.grid_ceiling`` passes each pixel's cell centre)."""
+    ys, xs = _sample_points(h, w, at)
+    ys, xs = ys[None, :, None], xs[None, None, :]
     b = np.asarray(boxes, dtype=np.float64)[:, :, None, None]
     return (xs >= b[:, 0]) & (xs <= b[:, 2]) & (ys >= b[:, 1]) & (ys <= b[:, 3])
 
@@ -104,10 +114,11 @@ class BoxFill:
         raise InputError("box-fill needs a box: use --protocol box or detector")
 
 
-def ellipse_masks(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
-    """P x H x W masks of the pixels whose centres lie in the ellipse inscribed in each XYXY box."""
-    ys = np.arange(h, dtype=np.float64)[:, None] + 0.5
-    xs = np.arange(w, dtype=np.float64)[None, :] + 0.5
+def ellipse_masks(boxes: np.ndarray, h: int, w: int, *, at=None) -> np.ndarray:
+    """P x H x W masks of the pixels whose centres lie in the ellipse inscribed in each XYXY box;
+    ``at`` as in :func:`box_masks`."""
+    ys, xs = _sample_points(h, w, at)
+    ys, xs = ys[:, None], xs[None, :]
     out = np.empty((len(boxes), h, w), dtype=bool)
     for k, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=np.float64)):
         rx, ry = max((x1 - x0) / 2, 1e-6), max((y1 - y0) / 2, 1e-6)

@@ -21,8 +21,9 @@ class TrainConfig:
     out: str
     #: stage 2: how many times each ``data`` folder is listed per epoch (default once each)
     data_repeat: list[int] | None = None
-    #: stage 2: leave out generated masks (``leansam everything`` over a dataset) whose predicted
-    #: IoU / stability score is below these (0: keep all; masks without the score then kept too)
+    #: stage 2 and ``shape_data``: leave out generated masks (``leansam everything`` over a
+    #: dataset) whose predicted IoU / stability score is below these (0: keep all; masks without
+    #: the score then kept too)
     min_predicted_iou: float = 0.0
     min_stability_score: float = 0.0
     teacher: str | None = None  # stage 1

@@ -58,31 +58,33 @@ class ShapeBank:
     ``side`` (area average), with the box's aspect ratio (width / height). Masks whose box is
     under 2 px on a side are left out, and so are those that, resampled and thresholded at 0.5,
     no longer reach all four sides of their box (thin or sparse shapes), so that a target's box
-    is its prompt box.
+    is its prompt box. Model-generated annotations below ``min_predicted_iou`` /
+    ``min_stability_score`` are left out, and unreadable annotation files skipped with a warning,
+    as in :class:`leansam.data.sa1b.SA1BDataset`, which reads them (images are not decoded).
 
     Raises:
-        InputError: a folder without ``sa_*.json`` files, an unreadable annotation file, or no
-            usable mask at all."""
+        InputError: a folder that does not exist or has no ``sa_*.json`` files, or no usable mask
+            at all."""
 
-    def __init__(self, folders: list[str], side: int = 64) -> None:
-        from pathlib import Path
-
-        from ..data.sa1b import _rle_mask
-        from ..io import read_json
+    def __init__(
+        self,
+        folders: list[str],
+        side: int = 64,
+        *,
+        min_predicted_iou: float = 0.0,
+        min_stability_score: float = 0.0,
+    ) -> None:
+        from ..data.sa1b import SA1BDataset
 
         shapes, aspects = [], []
         for folder in folders:
-            files = sorted(Path(folder).glob("sa_*.json"))
-            if not files:
-                raise InputError(f"shape_data: no sa_*.json files in {folder}")
-            for f in files:
-                data = read_json(f, "SA-1B annotation file")
-                try:
-                    h, w = data["image"]["height"], data["image"]["width"]
-                    masks = [_rle_mask(a["segmentation"], h, w) for a in data["annotations"]]
-                except (KeyError, TypeError, ValueError) as e:
-                    raise InputError(f"shape_data: cannot read the masks of {f}: {e}") from e
-                for mask in masks:
+            data = SA1BDataset(
+                folder,
+                min_predicted_iou=min_predicted_iou,
+                min_stability_score=min_stability_score,
+            )
+            for i in range(len(data)):
+                for mask in () if (masks := data.masks(i)) is None else masks:
                     ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
                     if len(ys) < 2 or len(xs) < 2:
                         continue
@@ -95,7 +97,10 @@ class ShapeBank:
                     shapes.append(shape)
                     aspects.append(crop.shape[1] / crop.shape[0])
         if not shapes:
-            raise InputError(f"shape_data: no mask of 2 px or more in {', '.join(folders)}")
+            raise InputError(
+                f"shape_data: no usable mask in {', '.join(folders)} (each needs a box of 2 px "
+                "or more, and predicted_iou / stability_score above the recipe's minimums)"
+            )
         self.shapes = torch.stack(shapes)  # K x side x side, in [0, 1]
         self.aspects = np.array(aspects)
 
@@ -302,7 +307,13 @@ def prompt_warmup(
     full = max(model.prompt_encoder.image_embedding_size)
     frame = model.prompt_encoder.input_image_size[0]
 
-    bank = ShapeBank(cfg.shape_data) if cfg.shape_data else None
+    bank = None
+    if cfg.shape_data:
+        bank = ShapeBank(
+            cfg.shape_data,
+            min_predicted_iou=cfg.min_predicted_iou,
+            min_stability_score=cfg.min_stability_score,
+        )
 
     def synthetic(
         step: int, indices: list[int]
