@@ -517,6 +517,14 @@ def test_shape_data_stretches_real_shapes_over_synthetic_boxes(tmp_path, sa1b_sm
     assert len(kept) == 1 and kept.aspects.tolist() == [0.5]
     with pytest.raises(InputError, match="no usable mask"):
         ShapeBank([str(scored)], side=16, min_stability_score=0.5)  # no scores: none kept
+    # an unreadable annotation file is skipped with a warning, as in training on the folder
+    (scored / "sa_2.json").write_text("{not json")
+    assert len(ShapeBank([str(scored)], side=16)) == 2
+    (scored / "sa_1.json").unlink()
+    with pytest.raises(InputError, match=r"no usable mask .*\(1 annotation files skipped"):
+        ShapeBank([str(scored)], side=16)
+    with pytest.raises(InputError, match="shape_data: SA-1B folder not found"):
+        ShapeBank([str(tmp_path / "missing")])
     box = torch.tensor([[100.0, 200.0, 180.0, 240.0]])  # 80 x 40 px in a 256 px frame
     gt = bank.target(torch.tensor([0]), box, 256, 256.0)[0]
     assert not gt[:200].any() and not gt[240:].any() and not gt[:, :100].any()
@@ -669,6 +677,20 @@ def test_grid_ceiling_matches_the_fills_and_snaps_to_the_cells():
         "all"
     ] == pytest.approx(100 * 24 / 27)
     assert grid_ceiling(toy)["count"]["all"] == 2
+    # the shared fills at given sample points: pixel centres by default, cell centres as above
+    from leansam.eval.predictors import box_masks, ellipse_masks
+
+    box = np.array([[2.0, 1.0, 10.0, 7.0]])
+    ys, xs = np.arange(8) + 0.5, np.arange(12) + 0.5
+    for fill in (box_masks, ellipse_masks):
+        np.testing.assert_array_equal(fill(box, 8, 12, at=(ys, xs)), fill(box, 8, 12))
+        with pytest.raises(ValueError, match="need 8 ys and 12 xs"):
+            fill(box, 8, 12, at=(ys, xs[:-1]))
+    cy, cx = (np.floor(ys / 4) + 0.5) * 4, (np.floor(xs / 4) + 0.5) * 4  # 4 px cells
+    ell = ellipse_masks(box, 8, 12, at=(cy, cx))[0]
+    # centre (6, 4), radii 4 and 3: of the cell centres (2|6|10, 2|6), only (6, 2) and (6, 6)
+    # lie inside (the others are at a normalised distance of 1.0 + 0.44 or more)
+    assert ell.sum() == 32 and ell[:, 4:8].all() and not ell[:, :4].any()
 
 
 def test_pe_scale_draws_a_seeded_positional_encoding_that_the_checkpoint_keeps(tmp_path):

@@ -110,7 +110,7 @@ def coco_to_sa1b(
 
 @dataclass
 class SA1BSample:
-    image: np.ndarray | None  # H x W x 3 uint8 RGB (None from SA1BDataset.masks)
+    image: np.ndarray  # H x W x 3 uint8 RGB
     masks: np.ndarray  # N x H x W bool
     ids: list[int] = field(default_factory=list)
 
@@ -150,16 +150,18 @@ class SA1BDataset:
         return len(self.files)
 
     def __getitem__(self, i: int) -> SA1BSample | None:
-        return self._read(i, with_image=True)
+        read = self._read(i, with_image=True)
+        return None if read is None else SA1BSample(*read)
 
     def masks(self, i: int) -> np.ndarray | None:
         """File ``i``'s kept masks (N x H x W bool, H x W from the annotation file's ``image``
-        record) without decoding the image, or ``None`` (counted in ``skipped``) as for
-        ``dataset[i]``."""
-        sample = self._read(i, with_image=False)
-        return None if sample is None else sample.masks
+        record) without decoding the image, or ``None`` (counted in ``skipped``) when the
+        annotation file cannot be read or keeps no mask. Unlike ``dataset[i]``, a missing or
+        corrupt image, or one whose size differs from the record, is not noticed."""
+        read = self._read(i, with_image=False)
+        return None if read is None else read[1]
 
-    def _read(self, i: int, with_image: bool) -> SA1BSample | None:
+    def _read(self, i: int, with_image: bool) -> tuple[np.ndarray | None, np.ndarray, list] | None:
         path = self.files[i]
         try:
             data = read_json(path, "SA-1B annotation file")
@@ -179,7 +181,7 @@ class SA1BDataset:
             self.skipped += 1
             log.warning("skipping %s: no masks", path.name)
             return None
-        return SA1BSample(image, np.stack(masks), [a.get("id", k) for k, a in enumerate(anns)])
+        return image, np.stack(masks), [a.get("id", k) for k, a in enumerate(anns)]
 
     def _keep(self, ann: dict) -> bool:
         for key, low in self.thresholds.items():

@@ -81,18 +81,25 @@ class SamMaskSource:
         return self._predict_batched(coords=c, labels=lab, boxes=None)
 
 
-def _sample_points(h: int, w: int, at) -> tuple[np.ndarray, np.ndarray]:
+def _sample_points(
+    h: int, w: int, at: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
     if at is None:
         return np.arange(h, dtype=np.float64) + 0.5, np.arange(w, dtype=np.float64) + 0.5
-    ys, xs = at
-    return np.asarray(ys, dtype=np.float64), np.asarray(xs, dtype=np.float64)
+    ys, xs = (np.asarray(v, dtype=np.float64).reshape(-1) for v in at)
+    if len(ys) != h or len(xs) != w:
+        raise ValueError(f"at: need {h} ys and {w} xs, got {len(ys)} and {len(xs)}")
+    return ys, xs
 
 
-def box_masks(boxes: np.ndarray, h: int, w: int, *, at=None) -> np.ndarray:
-    """P x H x W masks of the pixels whose centres lie inside each XYXY box (pixels of the image).
+def box_masks(
+    boxes: np.ndarray, h: int, w: int, *, at: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
+    """P x H x W masks of the pixels whose centres lie inside each XYXY box (image pixels).
 
-    ``at = (ys, xs)`` (an H- and a W-vector, in pixels) tests those sample points instead of the
-    pixel centres (``leansam.eval.diagnose.grid_ceiling`` passes each pixel's cell centre)."""
+    With ``at = (ys, xs)`` (an H- and a W-vector, in image pixels) mask[p, i, j] tests the sample
+    point (xs[j], ys[i]) instead of the pixel centre (``leansam.eval.diagnose.grid_ceiling``
+    passes each pixel's cell centre). Raises ValueError when their lengths are not H and W."""
     ys, xs = _sample_points(h, w, at)
     ys, xs = ys[None, :, None], xs[None, None, :]
     b = np.asarray(boxes, dtype=np.float64)[:, :, None, None]
@@ -114,9 +121,11 @@ class BoxFill:
         raise InputError("box-fill needs a box: use --protocol box or detector")
 
 
-def ellipse_masks(boxes: np.ndarray, h: int, w: int, *, at=None) -> np.ndarray:
-    """P x H x W masks of the pixels whose centres lie in the ellipse inscribed in each XYXY box;
-    ``at`` as in :func:`box_masks`."""
+def ellipse_masks(
+    boxes: np.ndarray, h: int, w: int, *, at: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
+    """P x H x W masks of the pixels whose centres (or the sample points ``at``, as in
+    :func:`box_masks`) lie in the ellipse inscribed in each XYXY box."""
     ys, xs = _sample_points(h, w, at)
     ys, xs = ys[:, None], xs[None, :]
     out = np.empty((len(boxes), h, w), dtype=bool)

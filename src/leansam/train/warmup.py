@@ -76,13 +76,16 @@ class ShapeBank:
     ) -> None:
         from ..data.sa1b import SA1BDataset
 
-        shapes, aspects = [], []
+        shapes, aspects, skipped = [], [], 0
         for folder in folders:
-            data = SA1BDataset(
-                folder,
-                min_predicted_iou=min_predicted_iou,
-                min_stability_score=min_stability_score,
-            )
+            try:
+                data = SA1BDataset(
+                    folder,
+                    min_predicted_iou=min_predicted_iou,
+                    min_stability_score=min_stability_score,
+                )
+            except InputError as e:
+                raise InputError(f"shape_data: {e}") from e
             for i in range(len(data)):
                 for mask in () if (masks := data.masks(i)) is None else masks:
                     ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
@@ -96,10 +99,12 @@ class ShapeBank:
                         continue
                     shapes.append(shape)
                     aspects.append(crop.shape[1] / crop.shape[0])
+            skipped += data.skipped
         if not shapes:
             raise InputError(
-                f"shape_data: no usable mask in {', '.join(folders)} (each needs a box of 2 px "
-                "or more, and predicted_iou / stability_score above the recipe's minimums)"
+                f"shape_data: no usable mask in {', '.join(folders)} ({skipped} annotation files "
+                "skipped, see the warnings; a mask needs a box of 2 px or more, and predicted_iou "
+                "/ stability_score above the recipe's minimums)"
             )
         self.shapes = torch.stack(shapes)  # K x side x side, in [0, 1]
         self.aspects = np.array(aspects)
