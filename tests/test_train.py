@@ -575,6 +575,25 @@ def test_shape_data_stretches_real_shapes_over_synthetic_boxes(tmp_path, sa1b_sm
         ShapeBank([str(tmp_path)])
 
 
+def test_prompt_stage_uses_the_recipes_loss_options(tmp_path):
+    """bce_balanced and focal reach the warm start's loss (they were once silently ignored in
+    stage prompt): the same seeded run gives the same weights twice, and other weights with
+    either option."""
+    from leansam.train.warmup import prompt_warmup
+
+    short = dict(stage="prompt", model="sam-vit-tiny", data=[], items_per_epoch=8, epochs=1,
+                 batch_size=4, save_every=100, grid=8, lr=1e-3)  # fmt: skip
+    key = "mask_decoder.output_hypernetworks_mlps.0.layers.0.weight"
+    weights = {}
+    for name, extra in (("a", {}), ("b", {}), ("balanced", {"bce_balanced": True}),
+                        ("focal", {"focal": True})):  # fmt: skip
+        prompt_warmup(TrainConfig(**short, out=str(tmp_path / name), **extra))
+        weights[name] = torch.load(tmp_path / name / "model.pt", weights_only=True)[key]
+    assert torch.equal(weights["a"], weights["b"])
+    assert not torch.equal(weights["a"], weights["balanced"])
+    assert not torch.equal(weights["a"], weights["focal"])
+
+
 def _val_subset(limit: int = 2):
     from leansam.eval.dataset import EvalDataset
 

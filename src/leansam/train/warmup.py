@@ -272,7 +272,10 @@ class PromptStep(nn.Module):
             cell = pe.input_image_size[0] / self.full
             origin = boxes.new_tensor([col, row, col, row]) * cell
             gt = box_target(boxes - origin, 16 * g, frame=g * cell)
-        loss = mask_loss(low.float(), gt, num_points=0, bce_weight=self.cfg.bce_weight)
+        loss = mask_loss(
+            low.float(), gt, num_points=0, focal=self.cfg.focal,
+            bce_weight=self.cfg.bce_weight, bce_balanced=self.cfg.bce_balanced,
+        )  # fmt: skip
         if self.cfg.iou_loss_weight:
             loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), gt, iou_pred)
         return loss.mean()
