@@ -87,7 +87,7 @@ eval-baselines: $(STAMP)
 		--out out/eval/grabcut-det
 
 # leansam's own models (MODEL_CARD.md): data conversion, teacher, student stage 1 + 2, publish to
-# weights/. About 55 minutes on 2 CPU cores; every step resumes where an interrupted run stopped.
+# weights/. About 60 minutes on 2 CPU cores; every step resumes where an interrupted run stopped.
 LEANSAM = $(VENV)/bin/leansam
 OWN_IMAGES = $(DATA)/coco-mval/images $(DATA)/coco-mini/train2017
 weights: $(STAMP)
