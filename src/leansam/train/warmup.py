@@ -87,7 +87,10 @@ class ShapeBank:
             except InputError as e:
                 raise InputError(f"shape_data: {e}") from e
             for i in range(len(data)):
-                for mask in () if (masks := data.masks(i)) is None else masks:
+                masks = data.masks(i)  # None: unreadable or no mask kept (warned, counted)
+                if masks is None:
+                    continue
+                for mask in masks:
                     ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
                     if len(ys) < 2 or len(xs) < 2:
                         continue
