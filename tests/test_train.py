@@ -594,6 +594,90 @@ def test_prompt_stage_uses_the_recipes_loss_options(tmp_path):
     assert not torch.equal(weights["a"], weights["focal"])
 
 
+def test_box_size_curriculum_moves_from_the_start_sizes_to_box_sizes():
+    """box_sizes_start / box_size_ramp: the synthetic boxes' sizes move linearly from the start
+    sizes to box_sizes over the ramp's steps, then stay; a bad curriculum is one clear error."""
+    from leansam.train.warmup import synthetic_batch
+
+    kw = dict(stage="prompt", model="sam-vit-tiny", data=[], out="unused", batch_size=64)
+    cfg = TrainConfig(**kw, box_sizes=[0.02, 0.1], box_sizes_start=[0.5, 0.9], box_size_ramp=10)
+    assert cfg.box_sizes_at(0) == (0.5, 0.9)
+    assert cfg.box_sizes_at(5) == pytest.approx((0.26, 0.5))
+    assert cfg.box_sizes_at(10) == cfg.box_sizes_at(500) == (0.02, 0.1)
+    assert TrainConfig(**kw).box_sizes_at(0) == (0.03, 0.6)  # no curriculum: box_sizes
+
+    def sides(step):
+        boxes, _, _ = synthetic_batch(cfg, step, list(range(64)), full=64)
+        unclipped = (boxes[:, 2] < 1024) & (boxes[:, 3] < 1024)  # not cut at the frame's edge
+        return np.concatenate([boxes[unclipped, 2] - boxes[unclipped, 0],
+                               boxes[unclipped, 3] - boxes[unclipped, 1]]) / 1024  # fmt: skip
+
+    first, late = sides(0), sides(10)
+    assert first.min() >= 0.5 - 1e-6 and first.max() <= 0.9 + 1e-6 and len(first) >= 4
+    assert late.min() >= 0.02 - 1e-6 and late.max() <= 0.1 + 1e-6
+    for bad, message in (
+        ({"box_sizes_start": [0.5, 0.9]}, "box_sizes_start and box_size_ramp"),
+        ({"box_size_ramp": 10}, "box_sizes_start and box_size_ramp"),
+        ({"box_sizes_start": [0.9, 0.5], "box_size_ramp": 10}, "box_sizes_start must be"),
+    ):
+        with pytest.raises(InputError, match=message):
+            TrainConfig(**kw, **bad)
+    with pytest.raises(InputError, match="for stage prompt without data"):
+        TrainConfig(stage="finetune", model="sam-vit-tiny", data=["x"], out="unused",
+                    box_sizes_start=[0.5, 0.9], box_size_ramp=10)  # fmt: skip
+
+
+def test_recipe_numbers_are_numbers(tmp_path):
+    """YAML reads 1e-6 (no dot) as a string: a recipe's number fields take it as the number, an
+    int field a whole float; other values are one clear error, not a TypeError in training."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stage: prompt\nmodel: sam-vit-tiny\nout: o\nlr: 1e-6\nbatch_size: 8.0\n")
+    cfg = TrainConfig.from_yaml(recipe)
+    assert cfg.lr == 1e-6 and isinstance(cfg.lr, float)
+    assert cfg.batch_size == 8 and isinstance(cfg.batch_size, int)
+    kw = dict(stage="prompt", model="sam-vit-tiny", data=[], out="o")
+    for bad, message in (({"lr": "fast"}, "lr must be a number, got 'fast'"),
+                         ({"batch_size": 2.5}, "batch_size must be an integer, got 2.5"),
+                         ({"seed": True}, "seed must be an integer, got True")):  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            TrainConfig(**kw, **bad)
+
+
+def test_min_box_iou_fails_a_warm_start_that_draws_no_boxes(tmp_path, capsys):
+    """min_box_iou: a warm start whose content-free decoder does not draw boxes (here: 2 steps
+    at a tiny learning rate) fails with one line naming the measured IoU, writes no model.pt
+    and keeps its checkpoint; the same run with the check off finishes, and the check's
+    measurement is in the result when it passes."""
+    from leansam.cli import main
+    from leansam.errors import TrainingError
+    from leansam.train.warmup import BOX_CHECK_SIDES, prompt_warmup
+
+    short = dict(stage="prompt", model="sam-vit-tiny", data=[], items_per_epoch=8, epochs=1,
+                 batch_size=4, save_every=1, grid=8, lr=1e-6)  # fmt: skip
+    with pytest.raises(
+        TrainingError, match=r"draws no boxes \(mean IoU 0\.\d\d / 0\.\d\d at 128 / 256"
+    ):
+        prompt_warmup(TrainConfig(**short, out=str(tmp_path / "a"), min_box_iou=0.95))
+    assert not (tmp_path / "a" / "model.pt").exists()
+    assert (tmp_path / "a" / "checkpoint.pt").exists()
+    result = prompt_warmup(TrainConfig(**short, out=str(tmp_path / "b"), min_box_iou=1e-9))
+    assert set(result["box_iou"]) == set(BOX_CHECK_SIDES)
+    assert (tmp_path / "b" / "model.pt").exists()
+    assert prompt_warmup(TrainConfig(**short, out=str(tmp_path / "c")))["box_iou"] is None
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("\n".join(f"{k}: {v}" for k, v in {**short, "min_box_iou": 0.95}.items()
+                                if k != "data"))  # fmt: skip
+    args = ["train", "prompt", "--recipe", str(recipe), "--out", str(tmp_path / "d"), "--seed", "3"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("leansam: error: the warm start draws no boxes"), err
+    assert "another --seed" in err[-1]
+    saved = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["config"]
+    assert saved["seed"] == 3  # --seed overrides the recipe
+    with pytest.raises(InputError, match="min_box_iou"):
+        TrainConfig(**{**short, "stage": "finetune", "data": ["x"]}, out="x", min_box_iou=0.5)
+
+
 def _val_subset(limit: int = 2):
     from leansam.eval.dataset import EvalDataset
 

@@ -24,6 +24,11 @@ class MissingDependencyError(LeansamError, ImportError):
     """An optional dependency is needed for this feature."""
 
 
+class TrainingError(LeansamError, RuntimeError):
+    """A training run ended in a state its recipe rejects (a decoder warm start that draws no
+    boxes, ``min_box_iou``); the message says what was measured and what to change."""
+
+
 class RandomWeightsWarning(UserWarning):
     """A model was built without weights: its masks are meaningless (the CLI prints it as one
     ``warning:`` line)."""

@@ -21,6 +21,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data=args.data,
         epochs=args.epochs,
         max_steps=args.max_steps,
+        seed=args.seed,
         init_checkpoint=args.init_checkpoint,
         teacher_checkpoint=args.teacher_checkpoint,
         decoder_checkpoint=getattr(args, "decoder_checkpoint", None),
@@ -61,6 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         t.add_argument("--data", nargs="+", help="data folders (override the recipe)")
         t.add_argument("--epochs", type=float)
         t.add_argument("--max-steps", type=int)
+        t.add_argument("--seed", type=int, help="random seed (overrides the recipe)")
         t.add_argument("--init-checkpoint", help="weights to start from")
         t.add_argument("--teacher-checkpoint", help="stage 1: the teacher's weights")
         if stage in ("finetune", "prompt"):

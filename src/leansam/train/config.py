@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -114,6 +115,19 @@ class TrainConfig:
     #: uniformly (or log-uniformly with ``box_size_log``)
     box_sizes: list[float] = dataclasses.field(default_factory=lambda: [0.03, 0.6])
     box_size_log: bool = False
+    #: stage ``prompt``, synthetic boxes: a size curriculum. The sizes start at
+    #: ``box_sizes_start`` ([min, max], fractions of the frame) and move linearly to ``box_sizes``
+    #: over the first ``box_size_ramp`` steps. Large boxes first leave no all-background answer
+    #: (a decoder from scratch can otherwise stay there, on some seeds for good; MODEL_CARD.md).
+    #: None / 0: ``box_sizes`` from the first step.
+    box_sizes_start: list[float] | None = None
+    box_size_ramp: int = 0
+    #: stage ``prompt``: after the last step, the content-free decoder must draw boxes of about
+    #: 128 and 256 px of the 1024 frame (``leansam.eval.diagnose.box_drawing``, 32 boxes each) at
+    #: a mean IoU of at least this, or the stage fails (``TrainingError``) without writing
+    #: ``model.pt``: a warm start that stayed on the all-background plateau (or paints the whole
+    #: frame) would otherwise be passed on to stage 2 silently. 0: no check.
+    min_box_iou: float = 0.0
     #: standard deviation of the prompt encoder's random Fourier frequencies for a decoder trained
     #: from scratch (SAM: 1.0, whose shortest wavelength is ~160 px of the 1024 frame: boxes
     #: smaller than that come out as blobs). A list splits the frequencies into equal groups, one
@@ -133,6 +147,7 @@ class TrainConfig:
     eval_limit: int = 16
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         if self.stage not in ("distill", "finetune", "prompt"):
             raise InputError(f"stage must be distill, finetune or prompt, got {self.stage!r}")
         if self.stage == "distill" and not self.teacher:
@@ -152,6 +167,20 @@ class TrainConfig:
             or not 0 < self.box_sizes[0] <= self.box_sizes[1] <= 1
         ):
             raise InputError("box_sizes must be [min, max] with 0 < min <= max <= 1")
+        if (self.box_sizes_start is None) != (self.box_size_ramp == 0) or self.box_size_ramp < 0:
+            raise InputError("box_sizes_start and box_size_ramp (steps > 0) go together")
+        if self.box_sizes_start is not None and (self.stage != "prompt" or self.data):
+            raise InputError(
+                "box_sizes_start (a size curriculum for synthetic boxes) is for stage prompt "
+                "without data"
+            )
+        if self.box_sizes_start is not None and (
+            not isinstance(self.box_sizes_start, list | tuple)
+            or len(self.box_sizes_start) != 2
+            or not all(isinstance(v, int | float) for v in self.box_sizes_start)
+            or not 0 < self.box_sizes_start[0] <= self.box_sizes_start[1] <= 1
+        ):
+            raise InputError("box_sizes_start must be [min, max] with 0 < min <= max <= 1")
         if self.data_repeat is not None and (
             len(self.data_repeat) != len(self.data) or min(self.data_repeat) < 0
         ):
@@ -204,6 +233,10 @@ class TrainConfig:
                 "stage prompt with data trains the box prior: set box_prob: 1.0 (point prompts "
                 "are not part of it)"
             )
+        if not 0 <= self.min_box_iou < 1 or (self.min_box_iou and self.stage != "prompt"):
+            raise InputError(
+                "min_box_iou (the warm start's box check) lies in [0, 1), stage prompt"
+            )
         if self.eval_every < 0 or self.eval_limit < 1:
             raise InputError("eval_every must be 0 or positive and eval_limit at least 1")
         if self.eval_every and not (self.eval_images and self.eval_annotations):
@@ -227,6 +260,37 @@ class TrainConfig:
         if unknown:
             raise InputError(f"recipe {path}: unknown keys {', '.join(unknown)}")
         return cls(**raw)
+
+    def _check_numbers(self) -> None:
+        """Number fields hold numbers: YAML reads ``1e-6`` (no dot) as a string, which is taken as
+        the number it spells; an int field takes a whole float (``2.0``); anything else is one
+        clear error instead of a TypeError deep in training."""
+        for f in dataclasses.fields(self):
+            kind = f.type.removesuffix(" | None")
+            value = getattr(self, f.name)
+            if kind not in ("float", "int") or (value is None and f.type != kind):
+                continue
+            if isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    value = float(value)
+            if isinstance(value, float) and kind == "int" and value.is_integer():
+                value = int(value)
+            ok = int if kind == "int" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, ok):
+                a = "an integer" if kind == "int" else "a number"
+                raise InputError(f"{f.name} must be {a}, got {getattr(self, f.name)!r}")
+            setattr(self, f.name, float(value) if kind == "float" else value)
+
+    def box_sizes_at(self, step: int) -> tuple[float, float]:
+        """The synthetic boxes' [min, max] size at ``step`` (0-based): ``box_sizes_start``
+        moving linearly to ``box_sizes`` over ``box_size_ramp`` steps, then ``box_sizes``."""
+        if self.box_sizes_start is None or step >= self.box_size_ramp:
+            return float(self.box_sizes[0]), float(self.box_sizes[1])
+        t = step / self.box_size_ramp
+        lo, hi = (
+            (1 - t) * a + t * b for a, b in zip(self.box_sizes_start, self.box_sizes, strict=True)
+        )
+        return lo, hi
 
     def pe_scales(self) -> list[float]:
         """``pe_scale`` as a list of scales (one per equal group of frequencies)."""

@@ -268,7 +268,8 @@ def curve_evaluator(cfg: TrainConfig, model: nn.Module) -> Callable[[], dict] | 
 
 #: configuration fields that may change when a run is resumed (they do not change its steps)
 FREE_ON_RESUME = (
-    "max_steps", "save_every", "eval_every", "eval_images", "eval_annotations", "eval_limit"
+    "max_steps", "save_every", "eval_every", "eval_images", "eval_annotations", "eval_limit",
+    "min_box_iou",
 )  # fmt: skip
 
 

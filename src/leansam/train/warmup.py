@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, TrainingError
 from ..registry import create_model
 from .config import TrainConfig
 from .finetune import (
@@ -171,8 +171,9 @@ def synthetic_batch(
     With a ``bank``, box ``i`` takes a random shape at the shape's aspect ratio, moved inside the
     frame or window where it fits (else cut at its edge, as an object at the image's border); the
     target is N x 16 g x 16 g (g: the grid's or window's side) over the frame or the window, and
-    the prompt is the shape's box clipped to it."""
-    lo, hi = cfg.box_sizes
+    the prompt is the shape's box clipped to it. ``box_sizes`` is the step's
+    (:meth:`TrainConfig.box_sizes_at`: with a size curriculum it moves over the first steps)."""
+    lo, hi = cfg.box_sizes_at(step)
     span, origin, window = frame, np.zeros(2), None
     if cfg.grid_window:
         cell = frame / full
@@ -349,7 +350,38 @@ def prompt_warmup(
             return run.step_module(boxes, step % 2 == 1, gt, window)
 
     records = run.loop(compute, curve_evaluator(cfg, content_free(model)))
-    return finish_run(run, model, records, resumed, datasets)
+    drawn = None
+    if cfg.min_box_iou and run.step >= run.last_step:  # every process: the same weights
+        drawn = check_box_prior(model, cfg.min_box_iou)
+    return {**finish_run(run, model, records, resumed, datasets), "box_iou": drawn}
+
+
+#: box sides (px of the 1024 frame) that ``min_box_iou`` checks: COCO's medium and large objects
+BOX_CHECK_SIDES = (128, 256)
+
+
+def check_box_prior(model: nn.Module, minimum: float) -> dict[int, float]:
+    """Box drawing of the content-free decoder (:func:`leansam.eval.diagnose.box_drawing` at
+    :data:`BOX_CHECK_SIDES`, mean IoU with the box per side); raises :class:`TrainingError`
+    when their mean is below ``minimum``: the decoder draws nothing (the all-background
+    plateau) or everything (the all-foreground one), whatever the loss says."""
+    from ..eval.diagnose import box_drawing
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        drawn = box_drawing(model, BOX_CHECK_SIDES)
+    model.train(was_training)
+    mean = sum(drawn.values()) / len(drawn)
+    if mean < minimum:
+        sides = " / ".join(f"{v:.2f}" for v in drawn.values())
+        raise TrainingError(
+            f"the warm start draws no boxes (mean IoU {sides} at "
+            f"{' / '.join(map(str, BOX_CHECK_SIDES))} px, min_box_iou {minimum}): the decoder "
+            "stayed on a plateau, so model.pt was not written; rerun in a new --out with "
+            "another --seed, or with a size curriculum (box_sizes_start, box_size_ramp)"
+        )
+    return drawn
 
 
 class _ZeroEmbedding(nn.Module):
