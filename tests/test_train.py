@@ -629,12 +629,18 @@ def test_box_size_curriculum_moves_from_the_start_sizes_to_box_sizes():
 
 def test_recipe_numbers_are_numbers(tmp_path):
     """YAML reads 1e-6 (no dot) as a string: a recipe's number fields take it as the number, an
-    int field a whole float; other values are one clear error, not a TypeError in training."""
+    int field a whole float; other values are one clear error, not a TypeError in training. Keys
+    that stage prompt would silently not use are refused."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stage: prompt\nmodel: sam-vit-tiny\nout: o\nlr: 1e-6\nbatch_size: 8.0\n")
     cfg = TrainConfig.from_yaml(recipe)
     assert cfg.lr == 1e-6 and isinstance(cfg.lr, float)
     assert cfg.batch_size == 8 and isinstance(cfg.batch_size, int)
+    for extra in ("num_points: 0", "masks_per_image: 4"):  # stage prompt would not use them
+        recipe.write_text(f"stage: prompt\nmodel: sam-vit-tiny\nout: o\n{extra}\n")
+        key = extra.split(":")[0]
+        with pytest.raises(InputError, match=f"stage prompt does not use {key}"):
+            TrainConfig.from_yaml(recipe)
     kw = dict(stage="prompt", model="sam-vit-tiny", data=[], out="o")
     for bad, message in (({"lr": "fast"}, "lr must be a number, got 'fast'"),
                          ({"batch_size": 2.5}, "batch_size must be an integer, got 2.5"),

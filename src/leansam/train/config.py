@@ -259,6 +259,14 @@ class TrainConfig:
         unknown = sorted(set(raw) - names)
         if unknown:
             raise InputError(f"recipe {path}: unknown keys {', '.join(unknown)}")
+        if raw.get("stage") == "prompt":  # keys that stage prompt would silently not use
+            unused = ["num_points"] + ([] if raw.get("data") else ["masks_per_image"])
+            unused = [k for k in unused if k in raw]
+            if unused:
+                raise InputError(
+                    f"recipe {path}: stage prompt does not use {', '.join(unused)} (its loss is "
+                    "dense, on every logit; without data each step is batch_size boxes): remove it"
+                )
         return cls(**raw)
 
     def _check_numbers(self) -> None:
