@@ -368,3 +368,27 @@ def test_ellipse_fill_is_the_inscribed_ellipse_and_beats_box_fill():
     assert box_m["all"] == pytest.approx(62.28277346859714, abs=1e-9)
     with pytest.raises(InputError, match="ellipse-fill needs a box"):
         EllipseFill().predict_clicks(None, None)
+
+
+@pytest.mark.parametrize(
+    "name, recorded",
+    [
+        (
+            "leansam-efficientvit-s",
+            {"all": 33.337, "small": 15.308, "medium": 39.522, "large": 59.489},
+        ),
+        ("leansam-vit-s", {"all": 33.107, "small": 15.410, "medium": 38.025, "large": 60.335}),
+    ],
+)
+def test_shipped_weights_score_their_recorded_box_miou(name, recorded):
+    """The shipped weights (weights/, MODEL_CARD.md "Results") on the first 10 coco-mini val
+    images, box protocol: the recorded mIoU x 100 by size, within 0.005 (masks thresholded at a
+    logit of 0 can flip a pixel between CPUs and thread counts; 1e-5 here between 1 and 2
+    threads). A changed weight file, preprocessing or decoder moves it. Box-fill scores 62.28 on
+    the same images (above): issue 21's target, shipped weights above box-fill, is not met yet."""
+    from leansam import create_model
+
+    model = create_model(name, pretrained=True).eval()
+    got = evaluate(model, EvalDataset.load(IMAGES, ANNS, limit=10), "box", progress=False)
+    for size, value in recorded.items():
+        assert got["metrics"]["mIoU"][size] == pytest.approx(value, abs=0.005), size

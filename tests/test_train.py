@@ -625,6 +625,13 @@ def test_box_size_curriculum_moves_from_the_start_sizes_to_box_sizes():
     with pytest.raises(InputError, match="for stage prompt without data"):
         TrainConfig(stage="finetune", model="sam-vit-tiny", data=["x"], out="unused",
                     box_sizes_start=[0.5, 0.9], box_size_ramp=10)  # fmt: skip
+    from leansam import create_model
+    from leansam.train.warmup import PromptStep
+
+    windowed = TrainConfig(**kw, grid_window=16, box_sizes=[0.02, 0.1], box_sizes_start=[0.3, 0.9],
+                           box_size_ramp=10)  # fmt: skip
+    with pytest.raises(InputError, match=r"box_sizes_start starts at 0\.3 of the frame"):
+        PromptStep(create_model("sam-vit-tiny", seed=0), windowed)  # every window step clipped
 
 
 def test_recipe_numbers_are_numbers(tmp_path):
@@ -642,45 +649,77 @@ def test_recipe_numbers_are_numbers(tmp_path):
         with pytest.raises(InputError, match=f"stage prompt does not use {key}"):
             TrainConfig.from_yaml(recipe)
     kw = dict(stage="prompt", model="sam-vit-tiny", data=[], out="o")
-    for bad, message in (({"lr": "fast"}, "lr must be a number, got 'fast'"),
-                         ({"batch_size": 2.5}, "batch_size must be an integer, got 2.5"),
-                         ({"seed": True}, "seed must be an integer, got True")):  # fmt: skip
+    cfg = TrainConfig(**kw, max_steps="1e2", box_sizes=["1e-2", 0.6], seed=np.int64(3))
+    assert cfg.max_steps == 100 and cfg.box_sizes == [0.01, 0.6] and cfg.seed == 3
+    assert TrainConfig(**kw, max_steps=None).max_steps is None
+    ft = TrainConfig(stage="finetune", model="sam-vit-tiny", data=["x"], out="o",
+                     scale_jitter=["5e-1", 1], data_repeat=[2.0])  # fmt: skip
+    assert ft.scale_jitter == [0.5, 1.0] and ft.data_repeat == [2]
+    for bad, message in (({"lr": "nan"}, "lr must be a finite number .*, got 'nan'"),
+                         ({"epochs": float("inf")}, "epochs must be a finite number"),
+                         ({"box_sizes": ["small", 0.6]}, "box_sizes must be a finite number"),
+                         ({"lr": "fast"}, "lr must be a finite number .*, got 'fast'"),
+                         ({"batch_size": 2.5}, "batch_size must be an integer .*, got 2.5"),
+                         ({"seed": True}, "seed must be an integer .*, got True")):  # fmt: skip
         with pytest.raises(InputError, match=message):
             TrainConfig(**kw, **bad)
 
 
-def test_min_box_iou_fails_a_warm_start_that_draws_no_boxes(tmp_path, capsys):
-    """min_box_iou: a warm start whose content-free decoder does not draw boxes (here: 2 steps
-    at a tiny learning rate) fails with one line naming the measured IoU, writes no model.pt
-    and keeps its checkpoint; the same run with the check off finishes, and the check's
-    measurement is in the result when it passes."""
+def test_min_box_iou_fails_a_warm_start_that_draws_no_boxes(tmp_path, capsys, monkeypatch):
+    """min_box_iou: a warm start whose content-free decoder does not draw boxes fails with one
+    line naming the measured IoU, writes no model.pt (removes one of an earlier pass) and keeps
+    its checkpoint, from which a resume with the check passed writes model.pt without replaying
+    a step; the CLI reports the measurement; the check off measures nothing."""
     from leansam.cli import main
     from leansam.errors import TrainingError
-    from leansam.train.warmup import BOX_CHECK_SIDES, prompt_warmup
+    from leansam.eval import diagnose
+    from leansam.train.warmup import prompt_warmup
 
     short = dict(stage="prompt", model="sam-vit-tiny", data=[], items_per_epoch=8, epochs=1,
                  batch_size=4, save_every=1, grid=8, lr=1e-6)  # fmt: skip
+    a = tmp_path / "a"
+    # the real measurement: 2 steps at a tiny learning rate draw nothing near 0.95
     with pytest.raises(
-        TrainingError, match=r"draws no boxes \(mean IoU 0\.\d\d / 0\.\d\d at 128 / 256"
+        TrainingError, match=r"at a mean IoU of 0\.\d\d / 0\.\d\d, below min_box_iou 0\.95"
     ):
-        prompt_warmup(TrainConfig(**short, out=str(tmp_path / "a"), min_box_iou=0.95))
-    assert not (tmp_path / "a" / "model.pt").exists()
-    assert (tmp_path / "a" / "checkpoint.pt").exists()
-    result = prompt_warmup(TrainConfig(**short, out=str(tmp_path / "b"), min_box_iou=1e-9))
-    assert set(result["box_iou"]) == set(BOX_CHECK_SIDES)
-    assert (tmp_path / "b" / "model.pt").exists()
+        prompt_warmup(TrainConfig(**short, out=str(a), min_box_iou=0.95))
+    assert not (a / "model.pt").exists() and (a / "checkpoint.pt").exists()
+    steps = len((a / "metrics.jsonl").read_text().splitlines())
+
+    drawn = {128: 0.0, 256: 0.0}  # the plateau, then a decoder that draws
+    monkeypatch.setattr(diagnose, "box_drawing", lambda model, sides: {k: drawn[k] for k in sides})
+    with pytest.raises(TrainingError) as failed:
+        prompt_warmup(TrainConfig(**short, out=str(a), min_box_iou=0.3), resume=True)
+    assert str(failed.value) == (
+        "the warm start draws boxes of 128 / 256 px at a mean IoU of 0.00 / 0.00, below "
+        "min_box_iou 0.3 (a plateau: nothing or everything drawn), so no model.pt was written; "
+        "rerun in a new --out with another --seed or a size curriculum (box_sizes_start, "
+        "box_size_ramp)"
+    )
+    drawn.update({128: 0.5, 256: 0.7})
+    result = prompt_warmup(TrainConfig(**short, out=str(a), min_box_iou=0.3), resume=True)
+    assert result["box_iou"] == {128: 0.5, 256: 0.7} and (a / "model.pt").exists()
+    assert result["steps"] == result["total_steps"] == steps  # nothing replayed
+    assert len((a / "metrics.jsonl").read_text().splitlines()) == steps
+    drawn.update({128: 0.1, 256: 0.2})  # a later failing pass removes the earlier model.pt
+    with pytest.raises(TrainingError):
+        prompt_warmup(TrainConfig(**short, out=str(a), min_box_iou=0.3), resume=True)
+    assert not (a / "model.pt").exists()
     assert prompt_warmup(TrainConfig(**short, out=str(tmp_path / "c")))["box_iou"] is None
+
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("\n".join(f"{k}: {v}" for k, v in {**short, "min_box_iou": 0.95}.items()
+    recipe.write_text("\n".join(f"{k}: {v}" for k, v in {**short, "min_box_iou": 0.3}.items()
                                 if k != "data"))  # fmt: skip
-    args = ["train", "prompt", "--recipe", str(recipe), "--out", str(tmp_path / "d"), "--seed", "3"]
-    assert main(args) == 2
+    d = ["train", "prompt", "--recipe", str(recipe), "--out", str(tmp_path / "d"), "--seed", "3"]
+    assert main(d) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("leansam: error: the warm start draws no boxes"), err
-    assert "another --seed" in err[-1]
+    assert err[-1].startswith("leansam: error: the warm start draws boxes of 128 / 256 px"), err
     saved = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["config"]
     assert saved["seed"] == 3  # --seed overrides the recipe
-    with pytest.raises(InputError, match="min_box_iou"):
+    drawn.update({128: 0.5, 256: 0.7})
+    assert main([*d, "--resume"]) == 0
+    assert "box IoU 0.50 / 0.70 at 128 / 256 px" in capsys.readouterr().out
+    with pytest.raises(InputError, match="min_box_iou must lie in"):
         TrainConfig(**{**short, "stage": "finetune", "data": ["x"]}, out="x", min_box_iou=0.5)
 
 

@@ -34,9 +34,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 130
     if int(os.environ.get("RANK", "0")) == 0:
         last = result["records"][-1]["loss"] if result["records"] else float("nan")
+        drawn = result.get("box_iou")
+        check = ""
+        if drawn:
+            sides = " / ".join(str(k) for k in drawn)
+            check = f", box IoU {' / '.join(f'{v:.2f}' for v in drawn.values())} at {sides} px"
         print(
-            f"{cfg.stage}: step {result['steps']}/{result['total_steps']}, last loss {last:.5f}, "
-            f"{result['skipped_samples']} unreadable samples skipped; weights: {cfg.out}/model.pt"
+            f"{cfg.stage}: step {result['steps']}/{result['total_steps']}, "
+            f"last loss {last:.5f}{check}, {result['skipped_samples']} unreadable samples "
+            f"skipped; weights: {cfg.out}/model.pt"
         )
     return 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -160,27 +162,15 @@ class TrainConfig:
             raise InputError("no training data given")
         if self.grid < 1 or self.items_per_epoch < 1:
             raise InputError("grid and items_per_epoch must be positive")
-        if (
-            not isinstance(self.box_sizes, list | tuple)
-            or len(self.box_sizes) != 2
-            or not all(isinstance(v, int | float) for v in self.box_sizes)
-            or not 0 < self.box_sizes[0] <= self.box_sizes[1] <= 1
-        ):
-            raise InputError("box_sizes must be [min, max] with 0 < min <= max <= 1")
+        for name in ("box_sizes", "box_sizes_start"):
+            pair = getattr(self, name)
+            if pair is not None and not _size_range(pair):
+                raise InputError(f"{name} must be [min, max] with 0 < min <= max <= 1, got {pair}")
         if (self.box_sizes_start is None) != (self.box_size_ramp == 0) or self.box_size_ramp < 0:
-            raise InputError("box_sizes_start and box_size_ramp (steps > 0) go together")
-        if self.box_sizes_start is not None and (self.stage != "prompt" or self.data):
             raise InputError(
-                "box_sizes_start (a size curriculum for synthetic boxes) is for stage prompt "
-                "without data"
+                "box_sizes_start and box_size_ramp make a size curriculum: set both "
+                "(box_size_ramp > 0 steps) or neither"
             )
-        if self.box_sizes_start is not None and (
-            not isinstance(self.box_sizes_start, list | tuple)
-            or len(self.box_sizes_start) != 2
-            or not all(isinstance(v, int | float) for v in self.box_sizes_start)
-            or not 0 < self.box_sizes_start[0] <= self.box_sizes_start[1] <= 1
-        ):
-            raise InputError("box_sizes_start must be [min, max] with 0 < min <= max <= 1")
         if self.data_repeat is not None and (
             len(self.data_repeat) != len(self.data) or min(self.data_repeat) < 0
         ):
@@ -219,15 +209,16 @@ class TrainConfig:
             raise InputError(
                 "grid_window_share must lie in (0, 1], and below 1 only with grid_window"
             )
-        if self.grid_window < 0 or (self.grid_window and (self.stage != "prompt" or self.data)):
-            raise InputError(
-                "grid_window (a window of the full grid for synthetic boxes) is for stage prompt "
-                "without data; use 0 otherwise"
-            )
-        if self.shape_data and (self.stage != "prompt" or self.data):
-            raise InputError(
-                "shape_data (object shapes for synthetic boxes) is for stage prompt without data"
-            )
+        if self.grid_window < 0:
+            raise InputError("grid_window must be 0 (off) or a number of cells")
+        synthetic_only = {
+            "grid_window": "a window of the full grid for synthetic boxes",
+            "shape_data": "object shapes for synthetic boxes",
+            "box_sizes_start": "a size curriculum for synthetic boxes",
+        }
+        for name, what in synthetic_only.items():
+            if getattr(self, name) and (self.stage != "prompt" or self.data):
+                raise InputError(f"{name} ({what}) is for stage prompt without data; remove it")
         if self.stage == "prompt" and self.data and self.box_prob != 1:
             raise InputError(
                 "stage prompt with data trains the box prior: set box_prob: 1.0 (point prompts "
@@ -235,7 +226,8 @@ class TrainConfig:
             )
         if not 0 <= self.min_box_iou < 1 or (self.min_box_iou and self.stage != "prompt"):
             raise InputError(
-                "min_box_iou (the warm start's box check) lies in [0, 1), stage prompt"
+                f"min_box_iou must lie in [0, 1) and is for stage prompt only, got "
+                f"{self.min_box_iou} in stage {self.stage}"
             )
         if self.eval_every < 0 or self.eval_limit < 1:
             raise InputError("eval_every must be 0 or positive and eval_limit at least 1")
@@ -259,35 +251,32 @@ class TrainConfig:
         unknown = sorted(set(raw) - names)
         if unknown:
             raise InputError(f"recipe {path}: unknown keys {', '.join(unknown)}")
-        if raw.get("stage") == "prompt":  # keys that stage prompt would silently not use
-            unused = ["num_points"] + ([] if raw.get("data") else ["masks_per_image"])
-            unused = [k for k in unused if k in raw]
-            if unused:
-                raise InputError(
-                    f"recipe {path}: stage prompt does not use {', '.join(unused)} (its loss is "
-                    "dense, on every logit; without data each step is batch_size boxes): remove it"
-                )
+        if raw.get("stage") == "prompt":  # two keys that stage prompt once silently ignored
+            why = {"num_points": "its loss is dense, on every logit"}
+            if not raw.get("data"):
+                why["masks_per_image"] = "without data each step is batch_size boxes"
+            for key, reason in why.items():
+                if key in raw:
+                    raise InputError(
+                        f"recipe {path}: stage prompt does not use {key} ({reason}): remove it"
+                    )
         return cls(**raw)
 
     def _check_numbers(self) -> None:
-        """Number fields hold numbers: YAML reads ``1e-6`` (no dot) as a string, which is taken as
-        the number it spells; an int field takes a whole float (``2.0``); anything else is one
-        clear error instead of a TypeError deep in training."""
+        """Number fields hold finite numbers, in lists too: YAML reads ``1e-6`` (no dot) as a
+        string, which is taken as the number it spells; an int takes a whole float (``2.0``);
+        anything else is one clear error instead of a TypeError deep in training."""
         for f in dataclasses.fields(self):
-            kind = f.type.removesuffix(" | None")
             value = getattr(self, f.name)
-            if kind not in ("float", "int") or (value is None and f.type != kind):
+            kinds = [k.strip() for k in f.type.split("|")]
+            if value is None and "None" in kinds:
                 continue
-            if isinstance(value, str):
-                with contextlib.suppress(ValueError):
-                    value = float(value)
-            if isinstance(value, float) and kind == "int" and value.is_integer():
-                value = int(value)
-            ok = int if kind == "int" else (int, float)
-            if isinstance(value, bool) or not isinstance(value, ok):
-                a = "an integer" if kind == "int" else "a number"
-                raise InputError(f"{f.name} must be {a}, got {getattr(self, f.name)!r}")
-            setattr(self, f.name, float(value) if kind == "float" else value)
+            scalar = next((k for k in kinds if k in ("float", "int")), None)
+            listed = next((k[5:-1] for k in kinds if k in ("list[float]", "list[int]")), None)
+            if isinstance(value, list) and listed:
+                setattr(self, f.name, [_number(f.name, v, listed) for v in value])
+            elif scalar:
+                setattr(self, f.name, _number(f.name, value, scalar))
 
     def box_sizes_at(self, step: int) -> tuple[float, float]:
         """The synthetic boxes' [min, max] size at ``step`` (0-based): ``box_sizes_start``
@@ -318,3 +307,31 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _number(name: str, value: object, kind: str) -> int | float:
+    """``value`` as a finite ``kind`` ("int" or "float") for field ``name``: a string is read as
+    the number it spells, an int field takes a whole float; else :class:`InputError`."""
+    v = value
+    if isinstance(v, str):
+        with contextlib.suppress(ValueError):
+            v = float(v)
+    if isinstance(v, numbers.Real) and not isinstance(v, bool | numbers.Integral):
+        v = float(v)
+        if kind == "int" and v.is_integer():
+            v = int(v)
+    ok = numbers.Integral if kind == "int" else numbers.Real
+    if isinstance(v, bool) or not isinstance(v, ok) or not math.isfinite(v):
+        what = "an integer" if kind == "int" else "a finite number"
+        raise InputError(f"{name} must be {what} (in a list where it takes one), got {value!r}")
+    return int(v) if kind == "int" else float(v)
+
+
+def _size_range(pair: object) -> bool:
+    """Whether ``pair`` is [min, max] fractions of the frame with 0 < min <= max <= 1."""
+    return (
+        isinstance(pair, list | tuple)
+        and len(pair) == 2
+        and all(isinstance(v, int | float) for v in pair)
+        and 0 < pair[0] <= pair[1] <= 1
+    )

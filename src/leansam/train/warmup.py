@@ -4,7 +4,9 @@ over a content-free image embedding, before stage 2; then, optionally, the box p
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -234,11 +236,13 @@ class PromptStep(nn.Module):
             raise InputError(
                 f"grid_window {cfg.grid_window} exceeds the model's {full} x {full} embedding grid"
             )
-        if cfg.grid_window and cfg.box_sizes[0] * full >= cfg.grid_window:
-            raise InputError(
-                f"box_sizes starts at {cfg.box_sizes[0]} of the frame, no smaller than the window "
-                f"({cfg.grid_window} of {full} cells): lower it or widen grid_window"
-            )
+        for name in ("box_sizes", "box_sizes_start"):
+            pair = getattr(cfg, name)
+            if cfg.grid_window and pair is not None and pair[0] * full >= cfg.grid_window:
+                raise InputError(
+                    f"{name} starts at {pair[0]} of the frame, no smaller than the window "
+                    f"({cfg.grid_window} of {full} cells): lower it or widen grid_window"
+                )
         self.full = full
 
     def forward(
@@ -351,8 +355,9 @@ def prompt_warmup(
 
     records = run.loop(compute, curve_evaluator(cfg, content_free(model)))
     drawn = None
-    if cfg.min_box_iou and run.step >= run.last_step:  # every process: the same weights
-        drawn = check_box_prior(model, cfg.min_box_iou)
+    if cfg.min_box_iou and run.step >= run.last_step:
+        hint = cfg.box_sizes_start is None
+        drawn = check_box_prior(model, cfg.min_box_iou, Path(cfg.out) / "model.pt", hint)
     return {**finish_run(run, model, records, resumed, datasets), "box_iou": drawn}
 
 
@@ -360,26 +365,34 @@ def prompt_warmup(
 BOX_CHECK_SIDES = (128, 256)
 
 
-def check_box_prior(model: nn.Module, minimum: float) -> dict[int, float]:
+def check_box_prior(
+    model: nn.Module, minimum: float, weights: Path, curriculum_hint: bool = True
+) -> dict[int, float]:
     """Box drawing of the content-free decoder (:func:`leansam.eval.diagnose.box_drawing` at
-    :data:`BOX_CHECK_SIDES`, mean IoU with the box per side); raises :class:`TrainingError`
-    when their mean is below ``minimum``: the decoder draws nothing (the all-background
-    plateau) or everything (the all-foreground one), whatever the loss says."""
+    :data:`BOX_CHECK_SIDES`: mean IoU with the box per side); raises :class:`TrainingError` when
+    their mean is below ``minimum``: the decoder draws nothing (the all-background plateau),
+    everything (the all-foreground one) or poor boxes, whatever the loss says. Rank 0 measures
+    and every process takes its result, so that all of them pass or fail together. On failure a
+    ``weights`` file left by an earlier pass of the same run is removed, so that no later stage
+    takes a rejected decoder. ``curriculum_hint``: the message suggests ``box_sizes_start``."""
+    from ..distributed import all_gather_objects
     from ..eval.diagnose import box_drawing
 
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        drawn = box_drawing(model, BOX_CHECK_SIDES)
-    model.train(was_training)
+    drawn = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        with torch.no_grad():  # no dropout or batch norm in the prompt encoder and decoder
+            drawn = box_drawing(model, BOX_CHECK_SIDES)
+    drawn = all_gather_objects(drawn)[0]
     mean = sum(drawn.values()) / len(drawn)
     if mean < minimum:
+        if int(os.environ.get("RANK", "0")) == 0:
+            weights.unlink(missing_ok=True)
         sides = " / ".join(f"{v:.2f}" for v in drawn.values())
+        hint = " or a size curriculum (box_sizes_start, box_size_ramp)" if curriculum_hint else ""
         raise TrainingError(
-            f"the warm start draws no boxes (mean IoU {sides} at "
-            f"{' / '.join(map(str, BOX_CHECK_SIDES))} px, min_box_iou {minimum}): the decoder "
-            "stayed on a plateau, so model.pt was not written; rerun in a new --out with "
-            "another --seed, or with a size curriculum (box_sizes_start, box_size_ramp)"
+            f"the warm start draws boxes of {' / '.join(map(str, BOX_CHECK_SIDES))} px at a mean "
+            f"IoU of {sides}, below min_box_iou {minimum} (a plateau: nothing or everything "
+            f"drawn), so no model.pt was written; rerun in a new --out with another --seed{hint}"
         )
     return drawn
 
