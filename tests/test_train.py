@@ -252,6 +252,31 @@ def test_recipe_errors(tmp_path):
         TrainConfig.from_yaml(tmp_path / "none.yaml")
     with pytest.raises(InputError, match="needs a teacher"):
         TrainConfig(stage="distill", model="m", data=["d"], out="o")
+    cases = [  # (recipe text, from_yaml overrides, the one-line message)
+        ("model: x\nbach_size: 1\n", {"stage": "finetune", "data": ["d"], "out": "o"},
+         r"unknown keys bach_size \(did you mean batch_size\?\)"),
+        ("- stage: prompt\n", {}, r"must be a mapping of keys"),
+        ("model: x\nout: o\n", {"stage": "finetune"},
+         r"no training data given: set data or pass --data"),
+        ("stage: prompt\n", {"stage": "prompt"}, r"missing required keys model, out"),
+        ("stage: finetune\nmodel: x\nout: o\ndata: [d]\n", {"stage": "prompt"},
+         r"is for stage finetune: run leansam train finetune"),
+        ("model: x\nout: o\nlr: -1\n", {"stage": "prompt"}, r"lr must be positive, got -1"),
+        ("model: x\nout: o\nsave_every: 0\n", {"stage": "prompt"},
+         r"save_every must be positive, got 0"),
+        ("model: x\nout: o\nbox_size_log: maybe\n", {"stage": "prompt"},
+         r"box_size_log must be true or false, got 'maybe'"),
+        ("model: x\nout: o\nbox_sizes_start: [0.3, 0.9]\nbox_size_ramp: -5\n",
+         {"stage": "prompt"}, r"box_size_ramp must be 0 \(off\) or a number of steps, got -5"),
+        ("model: x\nout: [o\nlr: 1\n", {}, r"is not valid YAML: .* line \d+, column \d+"),
+    ]  # fmt: skip
+    for text, overrides, message in cases:
+        bad.write_text(text)
+        with pytest.raises(InputError, match=message) as e:
+            TrainConfig.from_yaml(bad, **overrides)
+        assert "\n" not in str(e.value), str(e.value)
+    with pytest.raises(InputError, match="cannot be read"):
+        TrainConfig.from_yaml(tmp_path)  # a folder
 
 
 def test_shipped_recipes_parse():
@@ -657,7 +682,7 @@ def test_recipe_numbers_are_numbers(tmp_path):
     assert ft.scale_jitter == [0.5, 1.0] and ft.data_repeat == [2]
     for bad, message in (({"lr": "nan"}, "lr must be a finite number .*, got 'nan'"),
                          ({"epochs": float("inf")}, "epochs must be a finite number"),
-                         ({"box_sizes": ["small", 0.6]}, "box_sizes must be a finite number"),
+                         ({"box_sizes": ["small", 0.6]}, "box_sizes must hold numbers"),
                          ({"lr": "fast"}, "lr must be a finite number .*, got 'fast'"),
                          ({"batch_size": 2.5}, "batch_size must be an integer .*, got 2.5"),
                          ({"seed": True}, "seed must be an integer .*, got True")):  # fmt: skip
@@ -719,8 +744,10 @@ def test_min_box_iou_fails_a_warm_start_that_draws_no_boxes(tmp_path, capsys, mo
     drawn.update({128: 0.5, 256: 0.7})
     assert main([*d, "--resume"]) == 0
     assert "box IoU 0.50 / 0.70 at 128 / 256 px" in capsys.readouterr().out
-    with pytest.raises(InputError, match="min_box_iou must lie in"):
+    with pytest.raises(InputError, match="min_box_iou is for stage prompt only, not finetune"):
         TrainConfig(**{**short, "stage": "finetune", "data": ["x"]}, out="x", min_box_iou=0.5)
+    with pytest.raises(InputError, match=r"min_box_iou must lie in \[0, 1\), got 2"):
+        TrainConfig(**short, out="x", min_box_iou=2)
 
 
 def _val_subset(limit: int = 2):

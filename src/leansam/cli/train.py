@@ -34,6 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 130
     if int(os.environ.get("RANK", "0")) == 0:
         last = result["records"][-1]["loss"] if result["records"] else float("nan")
+        skipped = f", {result['skipped_samples']} unreadable samples skipped" if cfg.data else ""
         drawn = result.get("box_iou")
         check = ""
         if drawn:
@@ -41,8 +42,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             check = f", box IoU {' / '.join(f'{v:.2f}' for v in drawn.values())} at {sides} px"
         print(
             f"{cfg.stage}: step {result['steps']}/{result['total_steps']}, "
-            f"last loss {last:.5f}{check}, {result['skipped_samples']} unreadable samples "
-            f"skipped; weights: {cfg.out}/model.pt"
+            f"last loss {last:.5f}{check}{skipped}; weights: {cfg.out}/model.pt"
         )
     return 0
 
@@ -66,9 +66,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         t.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
         t.add_argument("--out", help="output folder (overrides the recipe)")
         t.add_argument("--data", nargs="+", help="data folders (override the recipe)")
-        t.add_argument("--epochs", type=float)
-        t.add_argument("--max-steps", type=int)
-        t.add_argument("--seed", type=int, help="random seed (overrides the recipe)")
+        t.add_argument("--epochs", type=float, help="default: the recipe's")
+        t.add_argument(
+            "--max-steps", type=int, help="stop after this many steps (default: the recipe's)"
+        )
+        t.add_argument("--seed", type=int, help="random seed (default: the recipe's)")
         t.add_argument("--init-checkpoint", help="weights to start from")
         t.add_argument("--teacher-checkpoint", help="stage 1: the teacher's weights")
         if stage in ("finetune", "prompt"):

@@ -160,13 +160,24 @@ class TrainConfig:
             self.data = [self.data]
         if not self.data and self.stage != "prompt":
             raise InputError("no training data given")
-        if self.grid < 1 or self.items_per_epoch < 1:
-            raise InputError("grid and items_per_epoch must be positive")
+        positive = ("grid", "items_per_epoch", "batch_size", "masks_per_image", "epochs", "lr")
+        for name in (*positive, "save_every"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip", "bce_weight", "iou_loss_weight"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be 0 or positive, got {getattr(self, name)}")
+        if self.decoder_lr_scale <= 0:
+            raise InputError(f"decoder_lr_scale must be positive, got {self.decoder_lr_scale}")
         for name in ("box_sizes", "box_sizes_start"):
             pair = getattr(self, name)
             if pair is not None and not _size_range(pair):
                 raise InputError(f"{name} must be [min, max] with 0 < min <= max <= 1, got {pair}")
-        if (self.box_sizes_start is None) != (self.box_size_ramp == 0) or self.box_size_ramp < 0:
+        if self.box_size_ramp < 0:
+            raise InputError(
+                f"box_size_ramp must be 0 (off) or a number of steps, got {self.box_size_ramp}"
+            )
+        if (self.box_sizes_start is None) != (self.box_size_ramp == 0):
             raise InputError(
                 "box_sizes_start and box_size_ramp make a size curriculum: set both "
                 "(box_size_ramp > 0 steps) or neither"
@@ -177,8 +188,6 @@ class TrainConfig:
             raise InputError("data_repeat needs one count >= 0 per data folder")
         if self.freeze_bn is None:
             self.freeze_bn = self.stage == "finetune"
-        if self.batch_size < 1 or self.masks_per_image < 1 or self.epochs <= 0:
-            raise InputError("batch_size, masks_per_image and epochs must be positive")
         if not (0 <= self.box_prob <= 1 and 0 <= self.multimask_prob <= 1):
             raise InputError("box_prob and multimask_prob must lie in [0, 1]")
         if self.warmup_steps < 0:
@@ -224,11 +233,10 @@ class TrainConfig:
                 "stage prompt with data trains the box prior: set box_prob: 1.0 (point prompts "
                 "are not part of it)"
             )
-        if not 0 <= self.min_box_iou < 1 or (self.min_box_iou and self.stage != "prompt"):
-            raise InputError(
-                f"min_box_iou must lie in [0, 1) and is for stage prompt only, got "
-                f"{self.min_box_iou} in stage {self.stage}"
-            )
+        if not 0 <= self.min_box_iou < 1:
+            raise InputError(f"min_box_iou must lie in [0, 1), got {self.min_box_iou}")
+        if self.min_box_iou and self.stage != "prompt":
+            raise InputError(f"min_box_iou is for stage prompt only, not {self.stage}: remove it")
         if self.eval_every < 0 or self.eval_limit < 1:
             raise InputError("eval_every must be 0 or positive and eval_limit at least 1")
         if self.eval_every and not (self.eval_images and self.eval_annotations):
@@ -242,15 +250,38 @@ class TrainConfig:
                 raw = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise InputError(f"recipe not found: {path}") from None
+        except OSError as e:
+            raise InputError(f"recipe {path} cannot be read: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise InputError(f"recipe {path} is not valid YAML: {e}") from None
+            where = " ".join(str(e).split())  # one line: the problem and its line and column
+            raise InputError(f"recipe {path} is not valid YAML: {where}") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"recipe {path} must be a mapping of keys (stage: ..., model: ...)")
+        stage = overrides.get("stage")
+        if stage and raw.get("stage", stage) != stage:
+            raise InputError(
+                f"recipe {path} is for stage {raw['stage']}: run leansam train {raw['stage']}"
+            )
         raw.update({k: v for k, v in overrides.items() if v is not None})
         if raw.get("stage") == "prompt":
             raw.setdefault("data", [])  # synthetic: no data folders
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
         if unknown:
-            raise InputError(f"recipe {path}: unknown keys {', '.join(unknown)}")
+            import difflib
+
+            hints = [difflib.get_close_matches(k, names, n=1) for k in unknown]
+            named = [
+                f"{k} (did you mean {h[0]}?)" if h else k
+                for k, h in zip(unknown, hints, strict=True)
+            ]
+            raise InputError(f"recipe {path}: unknown keys {', '.join(named)}")
+        required = [f.name for f in dataclasses.fields(cls) if f.name not in cls.defaults()]
+        missing = [k for k in required if k not in raw]
+        if missing == ["data"]:
+            raise InputError(f"recipe {path}: no training data given: set data or pass --data")
+        if missing:
+            raise InputError(f"recipe {path}: missing required keys {', '.join(missing)}")
         if raw.get("stage") == "prompt":  # two keys that stage prompt once silently ignored
             why = {"num_points": "its loss is dense, on every logit"}
             if not raw.get("data"):
@@ -271,10 +302,12 @@ class TrainConfig:
             kinds = [k.strip() for k in f.type.split("|")]
             if value is None and "None" in kinds:
                 continue
+            if "bool" in kinds and not isinstance(value, bool):
+                raise InputError(f"{f.name} must be true or false, got {value!r}")
             scalar = next((k for k in kinds if k in ("float", "int")), None)
             listed = next((k[5:-1] for k in kinds if k in ("list[float]", "list[int]")), None)
             if isinstance(value, list) and listed:
-                setattr(self, f.name, [_number(f.name, v, listed) for v in value])
+                setattr(self, f.name, [_number(f.name, v, listed, True) for v in value])
             elif scalar:
                 setattr(self, f.name, _number(f.name, value, scalar))
 
@@ -309,9 +342,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _number(name: str, value: object, kind: str) -> int | float:
-    """``value`` as a finite ``kind`` ("int" or "float") for field ``name``: a string is read as
-    the number it spells, an int field takes a whole float; else :class:`InputError`."""
+def _number(name: str, value: object, kind: str, listed: bool = False) -> int | float:
+    """``value`` as a finite ``kind`` ("int" or "float") for field ``name`` (an element of it with
+    ``listed``): a string is read as the number it spells, an int field takes a whole float; else
+    :class:`InputError`."""
     v = value
     if isinstance(v, str):
         with contextlib.suppress(ValueError):
@@ -322,8 +356,9 @@ def _number(name: str, value: object, kind: str) -> int | float:
             v = int(v)
     ok = numbers.Integral if kind == "int" else numbers.Real
     if isinstance(v, bool) or not isinstance(v, ok) or not math.isfinite(v):
-        what = "an integer" if kind == "int" else "a finite number"
-        raise InputError(f"{name} must be {what} (in a list where it takes one), got {value!r}")
+        what = "an integer such as 4" if kind == "int" else "a finite number such as 1.0e-3"
+        rule = f"must hold numbers ({what})" if listed else f"must be {what}"
+        raise InputError(f"{name} {rule}, got {value!r}")
     return int(v) if kind == "int" else float(v)
 
 

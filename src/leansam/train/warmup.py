@@ -355,7 +355,7 @@ def prompt_warmup(
 
     records = run.loop(compute, curve_evaluator(cfg, content_free(model)))
     drawn = None
-    if cfg.min_box_iou and run.step >= run.last_step:
+    if cfg.min_box_iou and run.step >= run.total_steps:  # a run cut by max_steps: no check
         hint = cfg.box_sizes_start is None
         drawn = check_box_prior(model, cfg.min_box_iou, Path(cfg.out) / "model.pt", hint)
     return {**finish_run(run, model, records, resumed, datasets), "box_iou": drawn}
