@@ -891,9 +891,10 @@ def test_pe_scale_draws_a_seeded_positional_encoding_that_the_checkpoint_keeps(t
     assert torch.equal(matrix[:, half:], 4.0 * base[:, half:])
     # stage prompt may go on from a warm start with other frequencies
     assert TrainConfig(**{**cfg.as_dict(), "decoder_checkpoint": "x.pt"}).pe_scale == 8.0
+    for bad in (dict(pe_scale=0.0), dict(pe_scale=[1.0, -2.0])):
+        with pytest.raises(InputError, match="pe_scale must be a number > 0 or a list of them"):
+            TrainConfig(**{**cfg.as_dict(), **bad})
     for bad in (
-        dict(pe_scale=0.0),
-        dict(pe_scale=[1.0, -2.0]),
         dict(pe_scale=2.0, stage="finetune", data=["d"], decoder_checkpoint="x.pt"),
         dict(pe_scale=2.0, stage="distill", teacher="sam-vit-tiny", data=["d"]),
     ):

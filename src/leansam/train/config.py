@@ -195,17 +195,19 @@ class TrainConfig:
         if self.pe_scale is not None:
             values = self.pe_scale if isinstance(self.pe_scale, list) else [self.pe_scale]
             numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+            if not values or not numbers or min(values) <= 0:
+                raise InputError(
+                    f"pe_scale must be a number > 0 or a list of them (SAM's: 1.0), got "
+                    f"{self.pe_scale}"
+                )
             if (
-                not values
-                or not numbers
-                or min(values) <= 0
-                or self.stage == "distill"
+                self.stage == "distill"
                 or self.init_checkpoint
                 or (self.decoder_checkpoint and self.stage != "prompt")
             ):
                 raise InputError(
-                    "pe_scale (a number > 0, or a list of them) draws the positional encoding of "
-                    "a prompt encoder trained from scratch: not in stage distill, nor with "
+                    "pe_scale draws the positional encoding of a prompt encoder trained from "
+                    "scratch: not in stage distill, nor with "
                     "init_checkpoint, nor with decoder_checkpoint outside stage prompt"
                 )
         if self.embedding_zero_init and (self.stage != "finetune" or self.init_checkpoint):
