@@ -90,6 +90,9 @@ eval-baselines: $(STAMP)
 # weights/. About 60 minutes on 2 CPU cores; every step resumes where an interrupted run stopped.
 LEANSAM = $(VENV)/bin/leansam
 OWN_IMAGES = $(DATA)/coco-mval/images $(DATA)/coco-mini/train2017
+# The decoder warm start fails (min_box_iou) when it stays on its plateau: `make weights
+# WARMUP_SEED=1` reruns it with another seed in a folder of its own, and phase A starts from that.
+WARMUP_OUT = out/own/decoder-warmup$(if $(WARMUP_SEED),-seed$(WARMUP_SEED))
 weights: $(STAMP)
 	$(LEANSAM) data coco-to-sa1b --images $(DATA)/coco-mval/images \
 		--annotations $(DATA)/coco-mval/annotations/instances.json --out out/sa1b/coco-mval
@@ -97,8 +100,10 @@ weights: $(STAMP)
 		--annotations $(DATA)/coco-mini/annotations/instances_train2017.json \
 		--out out/sa1b/coco-mini-train
 	$(LEANSAM) data synth --out out/sa1b/synth --count 400 --seed 0
-	$(LEANSAM) train prompt --recipe recipes/own/decoder-warmup.yaml --resume
-	$(LEANSAM) train finetune --recipe recipes/own/teacher.yaml --resume
+	$(LEANSAM) train prompt --recipe recipes/own/decoder-warmup.yaml --out $(WARMUP_OUT) \
+		$(if $(WARMUP_SEED),--seed $(WARMUP_SEED)) --resume
+	$(LEANSAM) train finetune --recipe recipes/own/teacher.yaml \
+		--decoder-checkpoint $(WARMUP_OUT)/model.pt --resume
 	$(LEANSAM) train finetune --recipe recipes/own/teacher-b.yaml --resume
 	$(LEANSAM) train distill --recipe recipes/own/student-stage1.yaml --data $(OWN_IMAGES) --resume
 	$(LEANSAM) train finetune --recipe recipes/own/student-stage2.yaml --resume
