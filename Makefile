@@ -91,7 +91,8 @@ eval-baselines: $(STAMP)
 LEANSAM = $(VENV)/bin/leansam
 OWN_IMAGES = $(DATA)/coco-mval/images $(DATA)/coco-mini/train2017
 # The decoder warm start fails (min_box_iou) when it stays on its plateau: `make weights
-# WARMUP_SEED=1` reruns it with another seed in a folder of its own, and phase A starts from that.
+# WARMUP_SEED=1` reruns it with another seed in a folder of its own, and phase A starts from that
+# (keep WARMUP_SEED on every later run; README "leansam's own models").
 WARMUP_OUT = out/own/decoder-warmup$(if $(WARMUP_SEED),-seed$(WARMUP_SEED))
 weights: $(STAMP)
 	$(LEANSAM) data coco-to-sa1b --images $(DATA)/coco-mval/images \

@@ -34,7 +34,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 130
     if int(os.environ.get("RANK", "0")) == 0:
         last = result["records"][-1]["loss"] if result["records"] else float("nan")
-        skipped = f", {result['skipped_samples']} unreadable samples skipped" if cfg.data else ""
+        n = result["skipped_samples"]
+        skipped = f", {n} unreadable samples skipped" if n else ""
         drawn = result.get("box_iou")
         check = ""
         if drawn:
@@ -66,7 +67,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         t.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
         t.add_argument("--out", help="output folder (overrides the recipe)")
         t.add_argument("--data", nargs="+", help="data folders (override the recipe)")
-        t.add_argument("--epochs", type=float, help="default: the recipe's")
+        t.add_argument(
+            "--epochs",
+            type=float,
+            help="epochs to train, fractions allowed (default: the recipe's)",
+        )
         t.add_argument(
             "--max-steps", type=int, help="stop after this many steps (default: the recipe's)"
         )

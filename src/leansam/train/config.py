@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 from ..errors import InputError, require
 
+#: the training stages (``leansam train <stage>``)
+STAGES = ("distill", "finetune", "prompt")
+
 
 @dataclass
 class TrainConfig:
@@ -150,7 +153,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_numbers()
-        if self.stage not in ("distill", "finetune", "prompt"):
+        if self.stage not in STAGES:
             raise InputError(f"stage must be distill, finetune or prompt, got {self.stage!r}")
         if self.stage == "distill" and not self.teacher:
             raise InputError("stage 1 (distill) needs a teacher model")
@@ -167,8 +170,10 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "bce_weight", "iou_loss_weight"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be 0 or positive, got {getattr(self, name)}")
-        if self.decoder_lr_scale <= 0:
-            raise InputError(f"decoder_lr_scale must be positive, got {self.decoder_lr_scale}")
+        if self.decoder_lr_scale < 0:
+            raise InputError(
+                f"decoder_lr_scale must be 0 (frozen) or positive, got {self.decoder_lr_scale}"
+            )
         for name in ("box_sizes", "box_sizes_start"):
             pair = getattr(self, name)
             if pair is not None and not _size_range(pair):
@@ -259,6 +264,10 @@ class TrainConfig:
             raise InputError(f"recipe {path} is not valid YAML: {where}") from None
         if not isinstance(raw, dict):
             raise InputError(f"recipe {path} must be a mapping of keys (stage: ..., model: ...)")
+        if "stage" in raw and raw["stage"] not in STAGES:
+            raise InputError(
+                f"recipe {path}: stage must be distill, finetune or prompt, got {raw['stage']!r}"
+            )
         stage = overrides.get("stage")
         if stage and raw.get("stage", stage) != stage:
             raise InputError(
@@ -298,7 +307,8 @@ class TrainConfig:
     def _check_numbers(self) -> None:
         """Number fields hold finite numbers, in lists too: YAML reads ``1e-6`` (no dot) as a
         string, which is taken as the number it spells; an int takes a whole float (``2.0``);
-        anything else is one clear error instead of a TypeError deep in training."""
+        flags hold true or false; anything else is one clear error instead of a TypeError deep
+        in training."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             kinds = [k.strip() for k in f.type.split("|")]
