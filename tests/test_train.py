@@ -754,6 +754,26 @@ def test_min_box_iou_fails_a_warm_start_that_draws_no_boxes(tmp_path, capsys, mo
         TrainConfig(**short, out="x", min_box_iou=2)
 
 
+def test_min_box_iou_fails_every_gloo_process_together(tmp_path):
+    """Under torchrun (2 gloo processes) a warm start that fails min_box_iou stops both
+    processes with the one-line message (rank 0 measures, every rank takes its result: a rank
+    that passed alone would wait at the final barrier for good) and writes no model.pt."""
+    recipe = _recipe(tmp_path, stage="prompt", model="sam-vit-tiny", items_per_epoch=8, epochs=1,
+                     batch_size=2, save_every=1, grid=8, lr=1e-6, min_box_iou=0.95)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(29900 + os.getpid() % 90), "-m", "leansam.cli", "train",
+            "prompt", "--recipe", recipe, "--out", str(tmp_path / "two"),
+        ],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert run.stderr.count("leansam: error: the warm start draws boxes of 128 / 256 px") == 2
+    assert not (tmp_path / "two" / "model.pt").exists()
+    assert (tmp_path / "two" / "checkpoint.pt").exists()
+
+
 def _val_subset(limit: int = 2):
     from leansam.eval.dataset import EvalDataset
 
