@@ -199,8 +199,7 @@ class TrainConfig:
             raise InputError("warmup_steps must be 0 or positive")
         if self.pe_scale is not None:
             values = self.pe_scale if isinstance(self.pe_scale, list) else [self.pe_scale]
-            numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-            if not values or not numbers or min(values) <= 0:
+            if not values or min(values) <= 0:  # numbers already (_check_numbers)
                 raise InputError(
                     f"pe_scale must be a number > 0 or a list of them (SAM's: 1.0), got "
                     f"{self.pe_scale}"
@@ -287,7 +286,8 @@ class TrainConfig:
                 for k, h in zip(unknown, hints, strict=True)
             ]
             raise InputError(f"recipe {path}: unknown keys {', '.join(named)}")
-        required = [f.name for f in dataclasses.fields(cls) if f.name not in cls.defaults()]
+        defaults = cls.defaults()
+        required = [f.name for f in dataclasses.fields(cls) if f.name not in defaults]
         missing = [k for k in required if k not in raw]
         if missing == ["data"]:
             raise InputError(f"recipe {path}: no training data given: set data or pass --data")

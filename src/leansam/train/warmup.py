@@ -4,7 +4,6 @@ over a content-free image embedding, before stage 2; then, optionally, the box p
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -357,7 +356,9 @@ def prompt_warmup(
     drawn = None
     if cfg.min_box_iou and run.step >= run.total_steps:  # a run cut by max_steps: no check
         hint = cfg.box_sizes_start is None
-        drawn = check_box_prior(model, cfg.min_box_iou, Path(cfg.out) / "model.pt", hint)
+        drawn = check_box_prior(
+            model, cfg.min_box_iou, Path(cfg.out) / "model.pt", run.rank == 0, hint
+        )
     return {**finish_run(run, model, records, resumed, datasets), "box_iou": drawn}
 
 
@@ -366,26 +367,31 @@ BOX_CHECK_SIDES = (128, 256)
 
 
 def check_box_prior(
-    model: nn.Module, minimum: float, weights: Path, curriculum_hint: bool = True
+    model: nn.Module,
+    minimum: float,
+    weights: Path,
+    measure: bool = True,
+    curriculum_hint: bool = True,
 ) -> dict[int, float]:
     """Box drawing of the content-free decoder (:func:`leansam.eval.diagnose.box_drawing` at
     :data:`BOX_CHECK_SIDES`: mean IoU with the box per side); raises :class:`TrainingError` when
     their mean is below ``minimum``: the decoder draws nothing (the all-background plateau),
-    everything (the all-foreground one) or poor boxes, whatever the loss says. Rank 0 measures
-    and every process takes its result, so that all of them pass or fail together. On failure a
+    everything (the all-foreground one) or poor boxes, whatever the loss says. The process with
+    ``measure`` (rank 0) measures and every process takes its result, so that all of them pass
+    or fail together. On failure a
     ``weights`` file left by an earlier pass of the same run is removed, so that no later stage
     takes a rejected decoder. ``curriculum_hint``: the message suggests ``box_sizes_start``."""
     from ..distributed import all_gather_objects
     from ..eval.diagnose import box_drawing
 
     drawn = None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if measure:
         with torch.no_grad():  # no dropout or batch norm in the prompt encoder and decoder
             drawn = box_drawing(model, BOX_CHECK_SIDES)
     drawn = all_gather_objects(drawn)[0]
     mean = sum(drawn.values()) / len(drawn)
     if mean < minimum:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if measure:
             weights.unlink(missing_ok=True)
         sides = " / ".join(f"{v:.2f}" for v in drawn.values())
         hint = " or a size curriculum (box_sizes_start, box_size_ramp)" if curriculum_hint else ""
