@@ -148,6 +148,27 @@ def test_distill_flips_cache_the_mirrored_images(images_small, tmp_path):
     assert not torch.allclose(mirrored, plain, atol=1e-2)
 
 
+def test_train_shows_progress_bars_unless_no_progress(images_small, tmp_path, capsys):
+    """Rank 0 shows a bar for the teacher cache and one for the steps, on stderr; --no-progress
+    shows neither and changes nothing else."""
+    from leansam.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"stage: distill\nmodel: {STUDENT}\nteacher: sam-vit-tiny\ndata: [{images_small}]\n"
+        "out: unused\nepochs: 1\nbatch_size: 2\nsave_every: 1\n"
+    )
+    base = ["train", "distill", "--recipe", str(recipe)]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "teacher embeddings: 100%" in err and "train distill: 100%" in err, err
+    assert main([*base, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "distill: step 2/2" in captured.out
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 class Kill(Exception):
     pass
 

@@ -25,16 +25,20 @@ class _NoBar:
         pass
 
 
-def progress_bar(*, total: int | None, desc: str, enabled: bool = True, unit: str = "it") -> Any:
-    """A tqdm bar on stderr (``update`` / ``close`` / ``set_postfix_str``), or a no-op stand-in
-    when ``enabled`` is false or tqdm is missing."""
+def progress_bar(
+    *, total: int | None, desc: str, enabled: bool = True, unit: str = "it", initial: int = 0
+) -> Any:
+    """A tqdm bar on stderr (``update`` / ``close`` / ``set_postfix_str``) starting at ``initial``
+    (a resumed job), or a no-op stand-in when ``enabled`` is false or tqdm is missing."""
     if not enabled:
         return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, unit=unit, initial=initial, file=sys.stderr, dynamic_ncols=True
+    )
 
 
 def progress(

@@ -28,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     run = {"distill": distill, "finetune": finetune, "prompt": prompt_warmup}[cfg.stage]
     try:
-        result = run(cfg, resume=args.resume)
+        result = run(cfg, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
         print("leansam: interrupted; continue with the same command plus --resume", file=sys.stderr)
         return 130
@@ -84,4 +84,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 help="take the prompt encoder and mask decoder from this checkpoint (any model)",
             )
         t.add_argument("--resume", action="store_true", help="continue the run in --out")
+        t.add_argument("--no-progress", action="store_true", help="no progress bar")
         t.set_defaults(func=_cmd_train)

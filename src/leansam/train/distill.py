@@ -14,6 +14,7 @@ from torch import nn
 from ..distributed import barrier, init_from_env
 from ..errors import InputError
 from ..io import IMAGE_SUFFIXES, image_files, load_image
+from ..progress import progress as progress_iter
 from ..registry import create_model
 from ..transforms import ResizeLongestSide
 from .config import TrainConfig
@@ -59,7 +60,11 @@ def encoder_input(model, path: Path, device, flip: bool = False) -> torch.Tensor
 
 
 def build_teacher_cache(
-    cfg: TrainConfig, items: list[tuple[Path, bool]], shard_size: int = 32
+    cfg: TrainConfig,
+    items: list[tuple[Path, bool]],
+    shard_size: int = 32,
+    *,
+    progress: bool = True,
 ) -> Path:
     """Teacher embeddings of every image, computed once: ``teacher_cache/shard_NNNNN.pt`` (fp16
     unless ``cache_fp16`` is off), written atomically; finished shards are kept on a rerun and
@@ -71,10 +76,11 @@ def build_teacher_cache(
     teacher = create_model(cfg.teacher, checkpoint=cfg.teacher_checkpoint, device=device, seed=0)
     n_shards = math.ceil(len(items) / shard_size)
     dtype = torch.float16 if cfg.cache_fp16 else torch.float32
-    for k in range(rank, n_shards, world):
+    mine = [k for k in range(rank, n_shards, world) if not (cache / f"shard_{k:05d}.pt").exists()]
+    for k in progress_iter(
+        mine, desc="teacher embeddings", unit="shard", enabled=progress and rank == 0
+    ):
         path = cache / f"shard_{k:05d}.pt"
-        if path.exists():
-            continue
         chunk = items[k * shard_size : (k + 1) * shard_size]
         with torch.inference_mode():
             emb = torch.cat(
@@ -90,7 +96,11 @@ def build_teacher_cache(
 
 
 def distill(
-    cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
 ) -> dict:
     """Stage 1: MSE between the student's and the teacher's 256 x 64 x 64 image embeddings. The
     resulting ``model.pt`` holds the student encoder with the teacher's prompt encoder and mask
@@ -101,7 +111,7 @@ def distill(
     items = [
         (f, flip) for flip in ((False, True) if cfg.distill_flips else (False,)) for f in files
     ]
-    cache = build_teacher_cache(cfg, items)
+    cache = build_teacher_cache(cfg, items, progress=progress)
     shards = sorted(cache.glob("shard_*.pt"))
     targets = torch.cat([torch.load(p, weights_only=True)["emb"] for p in shards])
     if len(targets) != len(items):
@@ -114,7 +124,7 @@ def distill(
     student.prompt_encoder.load_state_dict(teacher.prompt_encoder.state_dict())
     student.mask_decoder.load_state_dict(teacher.mask_decoder.state_dict())
     encoder = student.image_encoder
-    run = Run(cfg, len(items), encoder, DistillStep(encoder))
+    run = Run(cfg, len(items), encoder, DistillStep(encoder), progress=progress)
     resumed = run.resume(resume)
 
     def compute(step: int, indices: list[int]) -> torch.Tensor:

@@ -199,7 +199,11 @@ def batch_samples(
 
 
 def finetune(
-    cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
 ) -> dict:
     """Stage 2: end-to-end training on SA-1B folders. Writes ``checkpoint.pt`` (resumable),
     ``metrics.jsonl`` and, at the end, ``model.pt`` (a plain state dict for ``create_model``)."""
@@ -213,7 +217,7 @@ def finetune(
     if cfg.embedding_zero_init:
         zero_image_embedding(model)
     step_module = FinetuneStep(model, cfg)
-    run = Run(cfg, len(items), model, step_module)
+    run = Run(cfg, len(items), model, step_module, progress=progress)
     resumed = run.resume(resume)
 
     def compute(step: int, indices: list[int]) -> torch.Tensor:

@@ -22,8 +22,9 @@ from torch import nn
 
 from ..checkpoint import save_state_dict
 from ..distributed import barrier, default_device, init_from_env
-from ..errors import InputError, require
+from ..errors import InputError
 from ..io import atomic_replace, atomic_write_bytes, atomic_write_json
+from ..progress import progress_bar
 from ..provenance import cpu_has_bf16, describe_environment
 from .config import TrainConfig
 
@@ -72,9 +73,16 @@ class Run:
     """Order, optimisation, checkpoints and logs common to both stages."""
 
     def __init__(
-        self, cfg: TrainConfig, n_items: int, trainable: nn.Module, step_module: nn.Module
+        self,
+        cfg: TrainConfig,
+        n_items: int,
+        trainable: nn.Module,
+        step_module: nn.Module,
+        *,
+        progress: bool = True,
     ):
         self.cfg = cfg
+        self.progress = progress  # the bar on rank 0
         self.rank, self.world = init_from_env()
         self.out = Path(cfg.out)
         self.n = n_items
@@ -192,12 +200,13 @@ class Run:
                     "environment": describe_environment(),
                 },
             )
-        bar = None
-        if self.rank == 0:
-            tqdm = require("tqdm", "data").tqdm
-            bar = tqdm(
-                total=self.last_step, initial=self.step, desc=f"train {self.cfg.stage}", unit="step"
-            )
+        bar = progress_bar(
+            total=self.last_step,
+            initial=self.step,
+            desc=f"train {self.cfg.stage}",
+            unit="step",
+            enabled=self.progress and self.rank == 0,
+        )
         records = []
         every = self.cfg.eval_every if evaluate is not None else 0
         if every and self.step == 0:
@@ -220,15 +229,14 @@ class Run:
             if self.rank == 0:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.set_postfix_str(f"loss={loss:.4f}")
                 bar.update()
             if every and (self.step % every == 0 or self.step == self.last_step):
                 self._curve_point(evaluate, curve_path)
                 self._train_mode()
             if self.step % self.cfg.save_every == 0 or self.step == self.last_step:
                 self.save()
-        if bar is not None:
-            bar.close()
+        bar.close()
         self.trainable.eval()
         return records
 

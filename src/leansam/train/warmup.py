@@ -289,7 +289,11 @@ class PromptStep(nn.Module):
 
 
 def prompt_warmup(
-    cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
 ) -> dict:
     """Warm start for a mask decoder trained from scratch: boxes -> the box's own mask, on a
     content-free image embedding and a ``cfg.grid`` x ``cfg.grid`` grid.
@@ -316,7 +320,7 @@ def prompt_warmup(
     )
     datasets, items = training_items(cfg) if cfg.data else ([], [])
     per_epoch = len(items) if cfg.data else cfg.items_per_epoch
-    run = Run(cfg, per_epoch, prompt_parts, PromptStep(model, cfg))
+    run = Run(cfg, per_epoch, prompt_parts, PromptStep(model, cfg), progress=progress)
     resumed = run.resume(resume)
 
     full = max(model.prompt_encoder.image_embedding_size)
