@@ -148,10 +148,12 @@ def test_distill_flips_cache_the_mirrored_images(images_small, tmp_path):
     assert not torch.allclose(mirrored, plain, atol=1e-2)
 
 
-def test_train_shows_progress_bars_unless_no_progress(images_small, tmp_path, capsys):
-    """Rank 0 shows a bar for the teacher cache and one for the steps, on stderr; --no-progress
-    shows neither and changes nothing else."""
+def test_train_shows_progress_bars_unless_no_progress(images_small, tmp_path, capsys, monkeypatch):
+    """Rank 0 shows a bar for the teacher cache and one for the steps, on stderr; a resumed run's
+    bar starts at its step and a finished cache shows none; --no-progress shows neither and
+    changes nothing else; other ranks compute their shards without a bar."""
     from leansam.cli import main
+    from leansam.train import distill as distill_module
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -159,14 +161,26 @@ def test_train_shows_progress_bars_unless_no_progress(images_small, tmp_path, ca
         "out: unused\nepochs: 1\nbatch_size: 2\nsave_every: 1\n"
     )
     base = ["train", "distill", "--recipe", str(recipe)]
-    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "a"), "--max-steps", "1"]) == 0
     err = capsys.readouterr().err
     assert "teacher embeddings: 100%" in err and "train distill: 100%" in err, err
+    assert main([*base, "--out", str(tmp_path / "a"), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "teacher embeddings" not in err and " 1/2 " in err and " 2/2 " in err, err
+    assert "train distill:   0%" not in err  # starts at the resumed step
     assert main([*base, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and "distill: step 2/2" in captured.out
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    monkeypatch.setattr(distill_module, "init_from_env", lambda: (1, 2))  # rank 1 of 2
+    cfg = TrainConfig(stage="distill", model=STUDENT, teacher="sam-vit-tiny",
+                      data=[str(images_small)], out=str(tmp_path / "c"))  # fmt: skip
+    files = sorted(images_small.glob("*.jpg"))
+    cache = distill_module.build_teacher_cache(cfg, [(f, False) for f in files], shard_size=2)
+    assert capsys.readouterr().err == ""
+    assert [p.name for p in cache.glob("shard_*.pt")] == ["shard_00001.pt"]
 
 
 class Kill(Exception):

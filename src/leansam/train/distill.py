@@ -14,7 +14,7 @@ from torch import nn
 from ..distributed import barrier, init_from_env
 from ..errors import InputError
 from ..io import IMAGE_SUFFIXES, image_files, load_image
-from ..progress import progress as progress_iter
+from ..progress import progress_bar
 from ..registry import create_model
 from ..transforms import ResizeLongestSide
 from .config import TrainConfig
@@ -76,10 +76,17 @@ def build_teacher_cache(
     teacher = create_model(cfg.teacher, checkpoint=cfg.teacher_checkpoint, device=device, seed=0)
     n_shards = math.ceil(len(items) / shard_size)
     dtype = torch.float16 if cfg.cache_fp16 else torch.float32
-    mine = [k for k in range(rank, n_shards, world) if not (cache / f"shard_{k:05d}.pt").exists()]
-    for k in progress_iter(
-        mine, desc="teacher embeddings", unit="shard", enabled=progress and rank == 0
-    ):
+    mine = list(range(rank, n_shards, world))
+    todo = [k for k in mine if not (cache / f"shard_{k:05d}.pt").exists()]
+    # rank 0's share of the shards (each process computes its own), counting finished ones
+    bar = progress_bar(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        desc="teacher embeddings",
+        unit="shard",
+        enabled=progress and rank == 0 and bool(todo),
+    )
+    for k in todo:
         path = cache / f"shard_{k:05d}.pt"
         chunk = items[k * shard_size : (k + 1) * shard_size]
         with torch.inference_mode():
@@ -91,6 +98,8 @@ def build_teacher_cache(
             )
         names = [f.name + (" (mirrored)" if flip else "") for f, flip in chunk]
         atomic_torch_save({"files": names, "emb": emb.to(dtype).cpu()}, path)
+        bar.update()
+    bar.close()
     barrier()
     return cache
 

@@ -207,36 +207,38 @@ class Run:
             unit="step",
             enabled=self.progress and self.rank == 0,
         )
-        records = []
-        every = self.cfg.eval_every if evaluate is not None else 0
-        if every and self.step == 0:
-            self._curve_point(evaluate, curve_path)
-        self._train_mode()
-        while self.step < self.last_step:
-            t0 = time.perf_counter()
-            loss = self.optimise(compute_loss(self.step, self.indices(self.step)))
-            self.step += 1
-            dt = time.perf_counter() - t0
-            rec = {
-                "step": self.step,
-                "epoch": self.step / self.steps_per_epoch,
-                "loss": loss,
-                "lr": self.scheduler.get_last_lr()[0],
-                "seconds": dt,
-                "images_per_s": self.global_batch / dt,
-            }
-            records.append(rec)
-            if self.rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.set_postfix_str(f"loss={loss:.4f}")
-                bar.update()
-            if every and (self.step % every == 0 or self.step == self.last_step):
+        try:
+            records = []
+            every = self.cfg.eval_every if evaluate is not None else 0
+            if every and self.step == 0:
                 self._curve_point(evaluate, curve_path)
-                self._train_mode()
-            if self.step % self.cfg.save_every == 0 or self.step == self.last_step:
-                self.save()
-        bar.close()
+            self._train_mode()
+            while self.step < self.last_step:
+                t0 = time.perf_counter()
+                loss = self.optimise(compute_loss(self.step, self.indices(self.step)))
+                self.step += 1
+                dt = time.perf_counter() - t0
+                rec = {
+                    "step": self.step,
+                    "epoch": self.step / self.steps_per_epoch,
+                    "loss": loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "seconds": dt,
+                    "images_per_s": self.global_batch / dt,
+                }
+                records.append(rec)
+                if self.rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    bar.set_postfix_str(f"loss={loss:.4f}")
+                    bar.update()
+                if every and (self.step % every == 0 or self.step == self.last_step):
+                    self._curve_point(evaluate, curve_path)
+                    self._train_mode()
+                if self.step % self.cfg.save_every == 0 or self.step == self.last_step:
+                    self.save()
+        finally:  # also on an interruption: the next message starts on its own line
+            bar.close()
         self.trainable.eval()
         return records
 
