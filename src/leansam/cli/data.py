@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c2s.add_argument("--annotations", required=True, help="COCO instances JSON")
     c2s.add_argument("--out", required=True, help="output folder for sa_<id>.jpg / .json")
     c2s.add_argument("--include-crowd", action="store_true", help="keep iscrowd regions")
-    c2s.add_argument("--no-progress", action="store_true")
+    c2s.add_argument("--no-progress", action="store_true", help="no progress bar")
     c2s.set_defaults(func=_cmd_coco_to_sa1b)
     syn = data.add_parser(
         "synth", help="procedurally generated multi-object scenes in SA-1B layout"

@@ -126,5 +126,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     qz.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     qz.add_argument("--out", required=True, help="the quantized model file, e.g. q.pt")
     qz.add_argument("--report", help="per-tensor report JSON (default: OUT.report.json)")
-    qz.add_argument("--no-progress", action="store_true")
+    qz.add_argument("--no-progress", action="store_true", help="no progress bar")
     qz.set_defaults(func=_cmd_quantize)
