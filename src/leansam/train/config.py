@@ -153,8 +153,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_numbers()
-        if self.stage not in STAGES:
-            raise InputError(f"stage must be distill, finetune or prompt, got {self.stage!r}")
+        _check_stage(self.stage)
         if self.stage == "distill" and not self.teacher:
             raise InputError("stage 1 (distill) needs a teacher model")
         if self.amp not in ("none", "bf16", "fp16", "auto"):
@@ -263,10 +262,8 @@ class TrainConfig:
             raise InputError(f"recipe {path} is not valid YAML: {where}") from None
         if not isinstance(raw, dict):
             raise InputError(f"recipe {path} must be a mapping of keys (stage: ..., model: ...)")
-        if "stage" in raw and raw["stage"] not in STAGES:
-            raise InputError(
-                f"recipe {path}: stage must be distill, finetune or prompt, got {raw['stage']!r}"
-            )
+        if "stage" in raw:
+            _check_stage(raw["stage"], f"recipe {path}: ")
         stage = overrides.get("stage")
         if stage and raw.get("stage", stage) != stage:
             raise InputError(
@@ -352,6 +349,13 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_stage(stage: object, where: str = "") -> None:
+    """:class:`InputError` (its message after ``where``) unless ``stage`` is one of STAGES."""
+    if stage not in STAGES:
+        names = f"{', '.join(STAGES[:-1])} or {STAGES[-1]}"
+        raise InputError(f"{where}stage must be {names}, got {stage!r}")
 
 
 def _number(name: str, value: object, kind: str, listed: bool = False) -> int | float:
