@@ -153,7 +153,10 @@ def test_cli_bench(tmp_path):
     assert "decoder on openvino (multimask, masks at full size): " in r.stdout
     record = json.loads(out.read_text())
     assert set(record["encoder"]) == {"torch", "openvino"}
-    assert record["encoder"]["openvino"]["max_abs_diff_vs_eager"] <= 1e-4
+    # fp32 on both sides: the bench's untrained default-init model amplifies kernel reorderings
+    # (5.8e-4 seen on one CI machine's CPU, 1.2e-6 on the Xeon here); bf16 would be 3-9e-2.
+    # The 1e-4 of README's runtime table is test_fp32_runtimes_match_eager's, on the test model.
+    assert 0 <= record["encoder"]["openvino"]["max_abs_diff_vs_eager"] <= 2e-3
     assert set(record["decoder_ms_per_box_by_runtime"]) == {"openvino"}
     assert set(record["decoder_ms_per_box_by_runtime"]["openvino"]) == {"1", "4"}
     assert record["encoder"]["torch"]["seconds_per_image"] > 0
