@@ -1060,6 +1060,55 @@ def test_embedding_zero_init_starts_training_from_the_decoders_prior(sa1b_small,
         _ft_cfg(sa1b_small, tmp_path / "y", embedding_zero_init=True, init_checkpoint="x.pt")
 
 
+def test_prior_distill_keeps_the_decoders_content_free_prior(sa1b_small, tmp_path):
+    """prior_distill_weight: the loss is zero with zero gradient at the prior and positive away
+    from it; trained with it, the decoder's content-free masks stay closer to the starting
+    decoder's than without, the saved weights hold no copy of the prior, and it needs a
+    decoder_checkpoint in stage finetune."""
+    from leansam import create_model
+    from leansam.train.finetune import frozen_prompt_decoder
+    from leansam.train.losses import prior_distill_loss
+
+    prior_logits = torch.randn(2, 3, 16, 16) * 4
+    x = prior_logits.clone().requires_grad_(True)
+    at_prior = prior_distill_loss(x, prior_logits)
+    at_prior.sum().backward()
+    assert at_prior.shape == (2,) and at_prior.abs().max() < 1e-6
+    assert x.grad.abs().max() == 0
+    assert (prior_distill_loss(prior_logits + 1, prior_logits) > 0.01).all()
+
+    start = create_model(STUDENT, seed=4)
+    torch.save(start.state_dict(), tmp_path / "decoder.pt")
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(8, 2, generator=g) * 300
+    boxes = torch.cat([xy, xy + 40 + torch.rand(8, 2, generator=g) * 200], 1)
+    zero = torch.zeros(1, *start.image_encoder(torch.zeros(1, 3, 512, 512)).shape[1:])
+
+    def content_free_logits(m):
+        with torch.no_grad():
+            return m.decode(zero, boxes=boxes, multimask_output=False)[0]
+
+    want = content_free_logits(frozen_prompt_decoder(start))
+    assert torch.equal(want, content_free_logits(start))
+    drift = {}
+    for weight in (0.0, 500.0):
+        out = tmp_path / f"w{weight}"
+        cfg = _ft_cfg(
+            sa1b_small, out, decoder_checkpoint=str(tmp_path / "decoder.pt"), epochs=2,
+            num_points=0, bce_weight=1.0, box_prob=1.0, prior_distill_weight=weight,
+        )  # fmt: skip
+        finetune(cfg)
+        trained = create_model(STUDENT, checkpoint=out / "model.pt")
+        assert set(trained.state_dict()) == set(start.state_dict())
+        drift[weight] = (content_free_logits(trained) - want).abs().mean().item()
+    assert 0 < drift[500.0] < 0.5 * drift[0.0], drift
+    for bad in (dict(), dict(stage="distill", teacher="sam-vit-tiny")):
+        with pytest.raises(InputError, match="prior_distill_weight keeps the box prior"):
+            _ft_cfg(sa1b_small, tmp_path / "bad", prior_distill_weight=1.0, **bad)
+    with pytest.raises(InputError, match="prior_distill_weight must be 0 or positive"):
+        _ft_cfg(sa1b_small, tmp_path / "bad", prior_distill_weight=-1.0, decoder_checkpoint="d")
+
+
 def test_two_gloo_processes_survive_a_batch_with_no_readable_sample(sa1b_small, tmp_path):
     """3 of 4 images truncated, 1 image per process and step: in some step one process has no
     readable sample while the other has one; the empty process's zero loss still goes through

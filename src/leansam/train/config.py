@@ -54,6 +54,13 @@ class TrainConfig:
     #: (issue 21), and the encoder's contribution grows from nothing (ControlNet's zero
     #: convolution; the architecture is unchanged)
     embedding_zero_init: bool = False
+    #: stage ``finetune`` with ``decoder_checkpoint``: weight of a loss that keeps the starting
+    #: prompt encoder and decoder's box prior while they learn to read the image (Learning
+    #: without Forgetting, Li & Hoiem 2016): on a zero image embedding, the trained decoder's
+    #: low-res logits are fitted to the frozen starting decoder's probabilities for the same
+    #: prompts (``losses.prior_distill_loss``: KL per mask over its area). 0: off. Costs two
+    #: decoder passes per mask and no encoder pass (issue 21)
+    prior_distill_weight: float = 0.0
     weight_decay: float = 0.1
     #: linear warm-up over the first steps before the cosine decay (0: none, as in the paper's
     #: stage 2 that starts from trained weights; useful when training from scratch)
@@ -166,7 +173,9 @@ class TrainConfig:
         for name in (*positive, "save_every"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "bce_weight", "iou_loss_weight"):
+        for name in (
+            "weight_decay", "grad_clip", "bce_weight", "iou_loss_weight", "prior_distill_weight",
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be 0 or positive, got {getattr(self, name)}")
         if self.decoder_lr_scale < 0:
@@ -217,6 +226,11 @@ class TrainConfig:
             raise InputError(
                 "embedding_zero_init starts an image encoder trained from scratch at zero: stage "
                 "finetune only, without init_checkpoint"
+            )
+        if self.prior_distill_weight and (self.stage != "finetune" or not self.decoder_checkpoint):
+            raise InputError(
+                "prior_distill_weight keeps the box prior of a decoder_checkpoint: stage finetune "
+                "with decoder_checkpoint only"
             )
         share = self.grid_window_share
         if not 0 < share <= 1 or (share != 1 and not self.grid_window):

@@ -18,7 +18,7 @@ from ..registry import create_model
 from ..transforms import ResizeLongestSide
 from .config import TrainConfig
 from .loop import Run, curve_evaluator, finish_run, train_autocast, train_device
-from .losses import iou_loss, mask_loss
+from .losses import iou_loss, mask_loss, prior_distill_loss
 from .prompts import sample_prompts
 
 
@@ -29,6 +29,9 @@ class FinetuneStep(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        # the starting prompt encoder and decoder, frozen (prior_distill_weight); kept out of the
+        # module tree so that it is neither trained, saved, nor synchronised by DDP
+        self.__dict__["prior"] = frozen_prompt_decoder(model) if cfg.prior_distill_weight else None
 
     def forward(self, samples: list[dict], seeds: list[int]) -> torch.Tensor:
         if not samples:  # a batch with no readable sample: a zero loss that touches every weight,
@@ -49,8 +52,31 @@ class FinetuneStep(nn.Module):
             )  # fmt: skip
             if self.cfg.iou_loss_weight:
                 loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), s["gt"], iou_pred)
+            if self.prior is not None:
+                prompts = (s["points"], s["labels"], s["boxes"], None, s["multimask"])
+                zero = torch.zeros_like(emb[i : i + 1])
+                with torch.no_grad():
+                    want, _ = self.prior.decode(zero, *prompts)
+                free, _ = model.decode(zero, *prompts)
+                loss = loss + self.cfg.prior_distill_weight * prior_distill_loss(
+                    free.float(), want.float()
+                )
             losses.append(loss)
         return torch.cat(losses).mean()
+
+
+def frozen_prompt_decoder(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model``'s prompt encoder and mask decoder as they are now, with the
+    model's ``decode``; it holds no image encoder (``prior_distill_weight``)."""
+    import copy
+
+    frozen = copy.copy(model)  # a shallow copy: new dicts below, so the model is never touched
+    frozen._parameters, frozen._buffers = {}, dict(model._buffers)
+    frozen._modules = {
+        part: copy.deepcopy(model._modules[part]) for part in ("prompt_encoder", "mask_decoder")
+    }
+    frozen.requires_grad_(False)
+    return frozen.eval()
 
 
 def zoom(

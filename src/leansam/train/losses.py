@@ -121,3 +121,18 @@ def iou_loss(logits: torch.Tensor, gt: torch.Tensor, iou_pred: torch.Tensor) -> 
     union = (pred | target).flatten(2).sum(-1).float()
     actual = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
     return F.mse_loss(iou_pred.float(), actual, reduction="none").mean(dim=1)
+
+
+def prior_distill_loss(logits: torch.Tensor, prior_logits: torch.Tensor) -> torch.Tensor:
+    """Learning without Forgetting for a box prior (``TrainConfig.prior_distill_weight``): the
+    per-logit KL divergence of B x C x h x w low-res logits from the frozen prior's probabilities
+    (``prior_logits``, same shape, no gradient), summed over each mask and divided by the prior
+    mask's area plus one logit, so that a small object's prior counts as much as a large one's
+    (as Dice does). Zero, with zero gradient, where the logits equal the prior's. Returns B losses
+    (mean over the C masks)."""
+    b, c, h, w = logits.shape
+    pred = logits.reshape(b * c, h * w)
+    target = prior_logits.detach().float().sigmoid().reshape(b * c, h * w)
+    entropy = F.binary_cross_entropy(target, target, reduction="none")
+    kl = F.binary_cross_entropy_with_logits(pred, target, reduction="none") - entropy
+    return (kl.sum(-1) / (target.sum(-1) + 1)).reshape(b, c).mean(dim=1)
