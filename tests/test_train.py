@@ -1063,8 +1063,8 @@ def test_embedding_zero_init_starts_training_from_the_decoders_prior(sa1b_small,
 def test_prior_distill_keeps_the_decoders_content_free_prior(sa1b_small, tmp_path):
     """prior_distill_weight: the loss is zero with zero gradient at the prior and positive away
     from it; trained with it, the decoder's content-free masks stay closer to the starting
-    decoder's than without, the saved weights hold no copy of the prior, and it needs a
-    decoder_checkpoint in stage finetune."""
+    decoder's than without; the saved weights hold no copy of the prior; box prompts only; it
+    needs a decoder_checkpoint in stage finetune."""
     from leansam import create_model
     from leansam.train.finetune import frozen_prompt_decoder
     from leansam.train.losses import prior_distill_loss
@@ -1102,6 +1102,21 @@ def test_prior_distill_keeps_the_decoders_content_free_prior(sa1b_small, tmp_pat
         assert set(trained.state_dict()) == set(start.state_dict())
         drift[weight] = (content_free_logits(trained) - want).abs().mean().item()
     assert 0 < drift[500.0] < 0.5 * drift[0.0], drift
+    # the term applies to box prompts only (a box prior knows no points): a decoder moved away
+    # from its prior pays it on boxes, not on points
+    ds = SA1BDataset(sa1b_small)
+    for box_prob, extra in ((1.0, True), (0.0, False)):
+        losses = []
+        for weight in (0.0, 500.0):
+            cfg = _ft_cfg(sa1b_small, tmp_path / "x", decoder_checkpoint="d", box_prob=box_prob,
+                          multimask_prob=0.0, prior_distill_weight=weight)  # fmt: skip
+            m = create_model(STUDENT, seed=4).eval()
+            step = FinetuneStep(m, cfg)
+            with torch.no_grad():
+                m.mask_decoder.output_upscaling[0].weight.mul_(1.5)
+                sample = prepare_sample(ds[0], m.image_size, cfg, np.random.default_rng(1), "cpu")
+                losses.append(float(step([sample], [0])))
+        assert (losses[1] > losses[0]) if extra else (losses[1] == losses[0]), (box_prob, losses)
     for bad in (dict(), dict(stage="distill", teacher="sam-vit-tiny")):
         with pytest.raises(InputError, match="prior_distill_weight keeps the box prior"):
             _ft_cfg(sa1b_small, tmp_path / "bad", prior_distill_weight=1.0, **bad)

@@ -58,8 +58,9 @@ class TrainConfig:
     #: prompt encoder and decoder's box prior while they learn to read the image (Learning
     #: without Forgetting, Li & Hoiem 2016): on a zero image embedding, the trained decoder's
     #: low-res logits are fitted to the frozen starting decoder's probabilities for the same
-    #: prompts (``losses.prior_distill_loss``: KL per mask over its area). 0: off. Costs two
-    #: decoder passes per mask and no encoder pass (issue 21)
+    #: box prompts (``losses.prior_distill_loss``: KL per mask over its area; point prompts, which
+    #: a box prior does not know, are left out). 0: off. Costs two decoder passes per boxed mask
+    #: and no encoder pass (issue 21)
     prior_distill_weight: float = 0.0
     weight_decay: float = 0.1
     #: linear warm-up over the first steps before the cosine decay (0: none, as in the paper's

@@ -52,7 +52,7 @@ class FinetuneStep(nn.Module):
             )  # fmt: skip
             if self.cfg.iou_loss_weight:
                 loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), s["gt"], iou_pred)
-            if self.prior is not None:
+            if self.prior is not None and s["points"] is None:  # a box prior: box prompts only
                 prompts = (s["points"], s["labels"], s["boxes"], None, s["multimask"])
                 zero = torch.zeros_like(emb[i : i + 1])
                 with torch.no_grad():
