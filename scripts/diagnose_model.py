@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         help="no model: box and ellipse fills at pixel and at embedding-cell resolution "
         "(diagnose.grid_ceiling)",
     )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = ap.parse_args(argv)
     if args.grid_ceiling:
         d = grid_ceiling(EvalDataset.load(args.images, args.annotations, limit=args.limit))
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     data = EvalDataset.load(args.images, args.annotations, limit=args.limit)
-    d = diagnose_boxes(model, data, progress=True)
+    d = diagnose_boxes(model, data, progress=not args.no_progress)
     name = args.name or (Path(args.checkpoint).parent.name if args.checkpoint else args.model)
     sys.stdout.write(diagnosis_markdown(name, d))
     print(f"objects: {d['count']}")

@@ -848,6 +848,25 @@ def test_learning_curve_is_logged_and_survives_a_resume(sa1b_small, tmp_path):
         _ft_cfg(sa1b_small, tmp_path / "d", eval_every=2)
 
 
+def test_diagnose_script_writes_its_table_and_json_with_no_bar_when_asked(tmp_path):
+    """scripts/diagnose_model.py on the shipped student, first val image: the table on stdout,
+    the JSON beside it, a bar on stderr, and with --no-progress nothing there."""
+    from conftest import REPO
+
+    out = tmp_path / "d.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "diagnose_model.py"), "--limit", "1",
+           "--json", str(out), "--name", "first"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "diagnose: 100%" in r.stderr
+    r = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    record = json.loads(out.read_text())
+    assert record["name"] == "first" and record["limit"] == 1
+    assert f"objects: {record['count']}" in r.stdout and "| first | predicted |" in r.stdout
+
+
 def test_diagnosis_box_fill_matches_the_baseline_and_oracle_bounds_the_choice():
     from leansam import create_model
     from leansam.eval import evaluate
