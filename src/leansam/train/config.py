@@ -57,10 +57,11 @@ class TrainConfig:
     #: stage ``finetune`` with ``decoder_checkpoint``: weight of a loss that keeps the starting
     #: prompt encoder and decoder's box prior while they learn to read the image (Learning
     #: without Forgetting, Li & Hoiem 2016): on a zero image embedding, the trained decoder's
-    #: low-res logits are fitted to the frozen starting decoder's probabilities for the same
-    #: box prompts (``losses.prior_distill_loss``: KL per mask over its area; point prompts, which
-    #: a box prior does not know, are left out). 0: off. Costs two decoder passes per boxed mask
-    #: and no encoder pass (issue 21)
+    #: low-res logits, single-mask and multimask outputs alike, are fitted to the frozen starting
+    #: decoder's probabilities for the same box prompts (``losses.prior_distill_loss``: a
+    #: class-balanced KL; point prompts, which a box prior does not know, are left out). 0: off.
+    #: Costs two decoder passes per boxed mask and no encoder pass. Experimental: MODEL_CARD.md
+    #: (issue 21) has its one measured run
     prior_distill_weight: float = 0.0
     weight_decay: float = 0.1
     #: linear warm-up over the first steps before the cosine decay (0: none, as in the paper's
@@ -232,6 +233,11 @@ class TrainConfig:
             raise InputError(
                 "prior_distill_weight keeps the box prior of a decoder_checkpoint: stage finetune "
                 "with decoder_checkpoint only"
+            )
+        if self.prior_distill_weight and not (self.box_prob and self.decoder_lr_scale):
+            raise InputError(
+                "prior_distill_weight acts on box prompts of a decoder that trains: set box_prob "
+                "and decoder_lr_scale above 0, or prior_distill_weight to 0"
             )
         share = self.grid_window_share
         if not 0 < share <= 1 or (share != 1 and not self.grid_window):

@@ -29,8 +29,9 @@ class FinetuneStep(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        # the starting prompt encoder and decoder, frozen (prior_distill_weight); kept out of the
-        # module tree so that it is neither trained, saved, nor synchronised by DDP
+        # the starting prompt encoder and decoder, frozen (prior_distill_weight). Built here, before
+        # Run.resume loads trained weights, so a resumed run keeps the decoder_checkpoint's prior.
+        # Kept out of the module tree, so that DDP neither broadcasts its buffers nor converts it.
         self.__dict__["prior"] = frozen_prompt_decoder(model) if cfg.prior_distill_weight else None
 
     def forward(self, samples: list[dict], seeds: list[int]) -> torch.Tensor:
@@ -53,16 +54,21 @@ class FinetuneStep(nn.Module):
             if self.cfg.iou_loss_weight:
                 loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), s["gt"], iou_pred)
             if self.prior is not None and s["points"] is None:  # a box prior: box prompts only
-                prompts = (s["points"], s["labels"], s["boxes"], None, s["multimask"])
                 zero = torch.zeros_like(emb[i : i + 1])
                 with torch.no_grad():
-                    want, _ = self.prior.decode(zero, *prompts)
-                free, _ = model.decode(zero, *prompts)
-                loss = loss + self.cfg.prior_distill_weight * prior_distill_loss(
-                    free.float(), want.float()
-                )
+                    want = all_masks(self.prior, zero, s["boxes"])
+                free = all_masks(model, zero, s["boxes"])
+                loss = loss + self.cfg.prior_distill_weight * prior_distill_loss(free, want)
             losses.append(loss)
         return torch.cat(losses).mean()
+
+
+def all_masks(model: nn.Module, image_embeddings: torch.Tensor, boxes: torch.Tensor):
+    """The single-mask and the 3 multimask outputs at once, B x 4 x 256 x 256 low-res logits, for
+    B boxes (1024 frame) on 1 x D x 64 x 64 image embeddings (``MaskDecoder.predict_masks``)."""
+    sparse, dense = model.prompt_encoder(None, boxes, None)
+    pe = model.prompt_encoder.get_dense_pe()
+    return model.mask_decoder.predict_masks(image_embeddings, pe, sparse, dense)[0]
 
 
 def frozen_prompt_decoder(model: nn.Module) -> nn.Module:

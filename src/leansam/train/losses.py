@@ -126,13 +126,18 @@ def iou_loss(logits: torch.Tensor, gt: torch.Tensor, iou_pred: torch.Tensor) -> 
 def prior_distill_loss(logits: torch.Tensor, prior_logits: torch.Tensor) -> torch.Tensor:
     """Learning without Forgetting for a box prior (``TrainConfig.prior_distill_weight``): the
     per-logit KL divergence of B x C x h x w low-res logits from the frozen prior's probabilities
-    (``prior_logits``, same shape, no gradient), summed over each mask and divided by the prior
-    mask's area plus one logit, so that a small object's prior counts as much as a large one's
-    (as Dice does). Zero, with zero gradient, where the logits equal the prior's. Returns B losses
-    (mean over the C masks)."""
+    (``prior_logits``, same shape, no gradient), class-balanced as ``bce_balanced`` is: the mean
+    over the prior's object (weighted by its probability) and the mean over its background,
+    averaged, so that a small object's prior counts as much as a large one's and a mask's far
+    background does not swamp it. Zero, with zero gradient, where the logits equal the prior's.
+    Returns B losses (mean over the C masks)."""
     b, c, h, w = logits.shape
-    pred = logits.reshape(b * c, h * w)
-    target = prior_logits.detach().float().sigmoid().reshape(b * c, h * w)
-    entropy = F.binary_cross_entropy(target, target, reduction="none")
+    pred = logits.reshape(b * c, h * w).float()
+    prior = prior_logits.detach().reshape(b * c, h * w).float()
+    target = prior.sigmoid()
+    # KL = cross-entropy - entropy; both from logits, which autocast allows on every device
+    entropy = F.binary_cross_entropy_with_logits(prior, target, reduction="none")
     kl = F.binary_cross_entropy_with_logits(pred, target, reduction="none") - entropy
-    return (kl.sum(-1) / (target.sum(-1) + 1)).reshape(b, c).mean(dim=1)
+    pos = (kl * target).sum(-1) / target.sum(-1).clamp(min=1e-6)
+    neg = (kl * (1 - target)).sum(-1) / (1 - target).sum(-1).clamp(min=1e-6)
+    return (0.5 * (pos + neg)).reshape(b, c).mean(dim=1)
