@@ -61,7 +61,7 @@ class TrainConfig:
     #: decoder's probabilities for the same box prompts (``losses.prior_distill_loss``: a
     #: class-balanced KL; point prompts, which a box prior does not know, are left out). 0: off.
     #: Costs two decoder passes per boxed mask and no encoder pass. Experimental: MODEL_CARD.md
-    #: (issue 21) has its one measured run
+    #: (issue 21) has its measured runs
     prior_distill_weight: float = 0.0
     weight_decay: float = 0.1
     #: linear warm-up over the first steps before the cosine decay (0: none, as in the paper's
