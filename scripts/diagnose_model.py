@@ -28,12 +28,24 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-mi
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="leansam-efficientvit-s")
-    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument(
+        "--model", default="leansam-efficientvit-s", help="model name (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--checkpoint",
+        default=None,
+        help="weights (default: leansam's own for leansam-* models, else random)",
+    )
     ap.add_argument("--name", default=None, help="row label (default: the model or checkpoint)")
     ap.add_argument("--limit", type=int, default=None, help="first N val images by id")
-    ap.add_argument("--images", default=str(DATA / "val2017"))
-    ap.add_argument("--annotations", default=str(DATA / "annotations" / "instances_val2017.json"))
+    ap.add_argument(
+        "--images", default=str(DATA / "val2017"), help="image folder (default: coco-mini val2017)"
+    )
+    ap.add_argument(
+        "--annotations",
+        default=str(DATA / "annotations" / "instances_val2017.json"),
+        help="COCO instances JSON (default: coco-mini val2017's)",
+    )
     ap.add_argument("--json", default=None, help="also write the diagnosis here")
     ap.add_argument(
         "--box-drawing",
