@@ -60,6 +60,14 @@ def _focal(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamm
     return ((alpha * target + (1 - alpha) * (1 - target)) * loss).mean(-1)
 
 
+def _class_balanced_mean(per_logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row of ... x P: the mean of ``per_logit`` over the (soft) target's object and its mean
+    over the background, averaged (``bce_balanced``, ``prior_distill_loss``)."""
+    pos = (per_logit * target).sum(-1) / target.sum(-1).clamp(min=1e-6)
+    neg = (per_logit * (1 - target)).sum(-1) / (1 - target).sum(-1).clamp(min=1e-6)
+    return 0.5 * (pos + neg)
+
+
 def mask_loss(
     logits: torch.Tensor,
     gt: torch.Tensor,
@@ -100,10 +108,9 @@ def mask_loss(
     if focal:
         first = _focal(pred, target)
     elif bce_balanced:
-        bce = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
-        pos = (bce * target).sum(-1) / target.sum(-1).clamp(min=1e-6)
-        neg = (bce * (1 - target)).sum(-1) / (1 - target).sum(-1).clamp(min=1e-6)
-        first = 0.5 * (pos + neg)
+        first = _class_balanced_mean(
+            F.binary_cross_entropy_with_logits(pred, target, reduction="none"), target
+        )
     else:
         first = F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean(-1)
     loss = bce_weight * first + _dice(pred, target)
@@ -138,6 +145,4 @@ def prior_distill_loss(logits: torch.Tensor, prior_logits: torch.Tensor) -> torc
     # KL = cross-entropy - entropy; both from logits, which autocast allows on every device
     entropy = F.binary_cross_entropy_with_logits(prior, target, reduction="none")
     kl = F.binary_cross_entropy_with_logits(pred, target, reduction="none") - entropy
-    pos = (kl * target).sum(-1) / target.sum(-1).clamp(min=1e-6)
-    neg = (kl * (1 - target)).sum(-1) / (1 - target).sum(-1).clamp(min=1e-6)
-    return (0.5 * (pos + neg)).reshape(b, c).mean(dim=1)
+    return _class_balanced_mean(kl, target).reshape(b, c).mean(dim=1)
