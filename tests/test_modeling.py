@@ -201,9 +201,9 @@ def test_decoder_broadcasts_one_embedding_over_prompts():
 
 def test_decoder_inference_path_equals_sam_as_written():
     """The inference pass (folded attentions, tiled up-scaling, prompt chunks) computes SAM's
-    decoder: compared with the autograd path, which is the upstream code, on 20 prompt sets
-    (two chunks) with a shared and with per-prompt embeddings; the loop-free up-scaling used
-    for traced graphs agrees too."""
+    decoder: compared with the autograd pass (checked against segment-anything's own decoder,
+    gradients included, in test_parity.py) on 20 prompt sets (two chunks) with a shared and
+    with per-prompt embeddings; the loop-free up-scaling used for traced graphs agrees too."""
     torch.manual_seed(0)
     model = create_model("sam-vit-tiny")
     for p in model.mask_decoder.parameters():  # random weights of a trained model's scale

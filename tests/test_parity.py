@@ -152,3 +152,66 @@ def test_batched_boxes_match_reference_batch(pair):
     assert np.abs(low - ref_low.numpy()).max() <= LOGIT_TOL
     assert np.abs(iou - ref_iou.numpy()).max() <= LOGIT_TOL
     assert mask_agreement(masks, ref_masks.numpy()) >= MASK_AGREEMENT
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-embedding", "embedding-per-prompt"])
+def test_training_pass_matches_reference_outputs_and_gradients(shared):
+    """The decoder's autograd pass (fused attentions, channels-last up-scaling: the training
+    path) computes segment-anything's own decoder: outputs, and gradients of every decoder
+    weight, the prompt encoder and the image embedding, in float32 on 6 box prompts over one
+    shared embedding and over one embedding per prompt."""
+    name = "leansam-efficientvit-s"  # SAM's full-size decoder (256 wide, 8 heads)
+    ref = randomize_(build_reference(name), seed=1).train()
+    ours = Sam(VARIANTS[name]).train()
+    ours.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(6, 2, generator=g) * 800
+    boxes = torch.cat([xy, xy + 16 + torch.rand(6, 2, generator=g) * 200], 1)
+    emb0 = torch.randn(1 if shared else 6, 256, 64, 64, generator=g)
+    weights = torch.randn(6, 3, 256, 256, generator=g)  # a loss that weighs every logit
+
+    def run(model, decode):
+        model.zero_grad()
+        emb = emb0.clone().requires_grad_(True)
+        low, iou = decode(model, emb)
+        ((low * weights).mean() + iou.square().sum()).backward()
+        grads = {
+            k: (p.grad if p.grad is not None else torch.zeros_like(p))
+            for k, p in model.named_parameters()
+            if not k.startswith("image_encoder.")
+        }
+        return low.detach(), iou.detach(), emb.grad, grads
+
+    def reference(model, emb):
+        sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+        pe = model.prompt_encoder.get_dense_pe()
+        if shared:  # upstream's MaskDecoder repeats one embedding over the prompts
+            return model.mask_decoder(emb, pe, sparse, dense, multimask_output=True)
+        outs = [  # and takes one embedding per call
+            model.mask_decoder(emb[i : i + 1], pe, sparse[i : i + 1], dense[i : i + 1], True)
+            for i in range(6)
+        ]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    ref_low, ref_iou, ref_emb_grad, ref_grads = run(ref, reference)
+    low, iou, emb_grad, grads = run(ours, lambda m, e: m.decode(e, None, None, boxes, None))
+    assert low.shape == (6, 3, 256, 256)
+    torch.testing.assert_close(low, ref_low, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(iou, ref_iou, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(emb_grad, ref_emb_grad, rtol=1e-4, atol=1e-9)
+    assert grads.keys() == ref_grads.keys()
+    unused = 0
+    for k, ref_grad in ref_grads.items():
+        scale = float(ref_grad.abs().max())
+        if k.endswith("k_proj.bias"):
+            # constant along each softmax row: the output does not depend on it, its gradient
+            # is zero up to rounding (the fused token->image paths give none)
+            weight_scale = float(ref_grads[k.replace(".bias", ".weight")].abs().max())
+            assert scale <= 1e-6 * weight_scale, k
+            assert float(grads[k].abs().max()) <= 1e-6 * weight_scale, k
+            unused += 1
+            continue
+        torch.testing.assert_close(
+            grads[k], ref_grad, rtol=1e-3, atol=1e-4 * scale + 1e-12, msg=lambda m, k=k: f"{k}: {m}"
+        )
+    assert unused == 7  # the two layers' three attentions and the final one

@@ -144,14 +144,17 @@ class MaskDecoder(nn.Module):
     def _predict(
         self, src: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SAM's decoder as written (training, autograd)."""
-        _, c, h, w = src.shape
+        """The training (autograd) pass: the transformer's fused attentions and the loop-free
+        channels-last up-scaling, SAM's decoder up to float rounding in outputs and gradients
+        (``tests/test_modeling.py``, against segment-anything's own decoder). Upstream's
+        up-scaling of the transposed image tokens keeps them channels-last while the
+        hypernetwork product's gradient comes back contiguous, and CPU kernels that mix the two
+        layouts run up to 10x slower (GELU's backward on the 32 x 256 x 256 activations
+        dominated a training step: BENCHMARKS.md, "Training step")."""
+        _, _, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens)
         hyper_in, iou_pred = self._heads(hs)
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(-1, c, h, w))
-        b2, c2, h2, w2 = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b2, c2, h2 * w2)).view(b2, -1, h2, w2)
-        return masks, iou_pred
+        return self._upscale_channels_last(src, hyper_in, h, w), iou_pred
 
     def _infer(
         self,
@@ -199,7 +202,8 @@ class MaskDecoder(nn.Module):
         products (LayerNorm and GELU between them) followed by the product with the
         hypernetwork outputs, so the 32-channel 4h x 4w intermediate (8 MB per prompt set)
         never leaves the cache; each tile's masks are written into place. The same
-        function as the plain path up to float rounding (timings: BENCHMARKS.md, "Decoder").
+        function as upstream's ``output_upscaling(...)`` then ``hyper_in @ upscaled``, up to
+        float rounding (timings: BENCHMARKS.md, "Decoder").
         Traced graphs (ONNX export) and GPUs (where the loop would launch thousands of small
         kernels) take the loop-free :meth:`_upscale_channels_last`."""
         if src.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
@@ -233,9 +237,10 @@ class MaskDecoder(nn.Module):
         self, src: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int
     ) -> torch.Tensor:
         """``output_upscaling`` and the hypernetwork product on B x hw x C image tokens kept in
-        channels-last layout, without loops (for traced graphs): no transpose copy in, LayerNorm
-        as one fused pass over the channel axis, masks read out as (HW x C') @ (C' x masks). The
-        same function as the plain path up to float rounding; for inference."""
+        channels-last layout, without loops (traced graphs, GPUs and the autograd pass
+        :meth:`_predict`): no transpose copy in, LayerNorm as one fused pass over the channel
+        axis, masks read out as (HW x C') @ (C' x masks), every tensor in one layout. The same
+        function as upstream's up-scaling and hypernetwork product up to float rounding."""
         up1, norm, act1, up2, act2 = self.output_upscaling
         b, _, c = src.shape
         x = up1(src.view(b, h, w, c).permute(0, 3, 1, 2))  # channels-last in and out

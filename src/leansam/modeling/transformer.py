@@ -14,8 +14,9 @@ from .common import MLPBlock, QuantPoints, quant_point, softmax_ftz
 class Attention(QuantPoints, nn.Module):
     """Multi-head attention whose projections may shrink the width by ``downsample_rate``;
     quantization points (:class:`~leansam.modeling.common.QuantPoints`) at the projected q, k,
-    v and the softmax output. With quantizers in place the fused inference paths
-    (``attend_*``) run the plain :meth:`forward`, which has the points."""
+    v and the softmax output. The two-way transformer calls the fused paths (``attend_*``), in
+    training and inference alike; with quantizers in place they run the plain :meth:`forward`,
+    which has the points."""
 
     QUANT_POINTS = ("q_quant", "k_quant", "v_quant", "attn_quant")
 
@@ -83,8 +84,9 @@ class Attention(QuantPoints, nn.Module):
         set) without projecting the N keys and values: q.(Wk x + bk) = (Wk^T q).x + q.bk, where
         q.bk is constant along the softmax and drops out, and, as attention rows sum to 1,
         attn @ (Wv x + bv) = (attn @ x) Wv^T + bv. 2 x N x C x heads x T multiply-adds instead
-        of 2 x N x C x internal_dim; the same function as :meth:`forward` up to float rounding.
-        For inference (used without autograd)."""
+        of 2 x N x C x internal_dim; the same function as :meth:`forward` up to float rounding,
+        with the same gradients except that ``k_proj.bias``, on which the output does not
+        depend, gets none (under :meth:`forward` its gradient is zero up to rounding)."""
         if self.quantized:
             return self(q, k, v)
         b, t, _ = q.shape
@@ -113,7 +115,7 @@ class Attention(QuantPoints, nn.Module):
         batched multiply-add. With ``project_q`` the queries are projected as usual (one image
         shared by all prompt sets: computed once); otherwise the keys are mapped into the input
         space instead, (Wq x + bq).k = x.(Wq^T k) + bq.k. Same function as ``residual +
-        forward(q, k, v)`` up to float rounding; for inference."""
+        forward(q, k, v)`` up to float rounding, and the same gradients."""
         if self.quantized:
             return residual + self(q, k, v)
         b, t, _ = k.shape
@@ -199,30 +201,22 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q=q, k=q, v=queries)
         queries = self.norm1(queries)
 
-        # Without autograd (inference) and with one image per prompt set, the image-side
-        # projections are folded into the few token-side ones (Attention.attend_*): same
-        # function, fewer multiply-adds per prompt. One image shared by all prompt sets (the
-        # first layer) keeps the image-side projections, computed once for all.
-        fast = not torch.is_grad_enabled()
+        # With one image per prompt set, the image-side projections are folded into the few
+        # token-side ones (Attention.attend_*): same function, fewer multiply-adds per prompt,
+        # in inference and in training alike. One image shared by all prompt sets (the first
+        # layer) keeps the image-side projections, computed once for all.
         shared = keys.shape[0] == 1 and queries.shape[0] > 1
         q = queries + query_pe
         k = keys + key_pe  # keys do not change before the image->token attention: reused there
         t2i = self.cross_attn_token_to_image
-        if not fast:
-            attn = t2i(q=q, k=k, v=keys)
-        elif shared:
-            attn = t2i.attend_to_shared_image(q, k, keys)
-        else:
-            attn = t2i.attend_to_image(q, k, keys)
+        attend = t2i.attend_to_shared_image if shared else t2i.attend_to_image
+        attn = attend(q, k, keys)
         queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
         i2t = self.cross_attn_image_to_token
-        if fast:
-            keys = i2t.attend_from_image(k, q, queries, residual=keys, project_q=shared)
-        else:
-            keys = keys + i2t(q=k, k=q, v=queries)
+        keys = i2t.attend_from_image(k, q, queries, residual=keys, project_q=shared)
         return queries, self.norm4(keys)
 
 
@@ -277,9 +271,7 @@ class TwoWayTransformer(nn.Module):
         q = queries + point_embedding
         k = keys + key_pe
         final = self.final_attn_token_to_image
-        if torch.is_grad_enabled():
-            attn = final(q=q, k=k, v=keys)
-        elif keys.shape[0] == 1 < queries.shape[0]:
+        if keys.shape[0] == 1 < queries.shape[0]:
             attn = final.attend_to_shared_image(q, k, keys)
         else:
             attn = final.attend_to_image(q, k, keys)

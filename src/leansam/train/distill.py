@@ -21,6 +21,8 @@ from .config import TrainConfig
 from .loop import (
     Run,
     atomic_torch_save,
+    channels_last,
+    channels_last_input,
     curve_evaluator,
     finish_run,
     train_autocast,
@@ -132,12 +134,13 @@ def distill(
     # in stage 1; taken now so that the learning curve measures the whole student).
     student.prompt_encoder.load_state_dict(teacher.prompt_encoder.state_dict())
     student.mask_decoder.load_state_dict(teacher.mask_decoder.state_dict())
-    encoder = student.image_encoder
+    encoder = channels_last(student.image_encoder)
     run = Run(cfg, len(items), encoder, DistillStep(encoder), progress=progress)
     resumed = run.resume(resume)
 
     def compute(step: int, indices: list[int]) -> torch.Tensor:
         x = torch.cat([encoder_input(student, items[i][0], device, items[i][1]) for i in indices])
+        x = channels_last_input(x)
         y = targets[indices].to(device)
         if on_step is not None:
             on_step(step)

@@ -17,7 +17,15 @@ from ..modeling.common import LayerNorm2d
 from ..registry import create_model
 from ..transforms import ResizeLongestSide
 from .config import TrainConfig
-from .loop import Run, curve_evaluator, finish_run, train_autocast, train_device
+from .loop import (
+    Run,
+    channels_last,
+    channels_last_input,
+    curve_evaluator,
+    finish_run,
+    train_autocast,
+    train_device,
+)
 from .losses import iou_loss, mask_loss, prior_distill_loss
 from .prompts import sample_prompts
 
@@ -39,7 +47,7 @@ class FinetuneStep(nn.Module):
             # computed here so that DDP's gradient all-reduce still runs on this process
             return sum(p.sum() for p in self.parameters()) * 0.0
         model = self.model
-        x = torch.cat([model.preprocess(s["image"][None]) for s in samples])
+        x = channels_last_input(torch.cat([model.preprocess(s["image"][None]) for s in samples]))
         emb = model.image_encoder(x)
         losses = []
         for i, s in enumerate(samples):
@@ -248,6 +256,7 @@ def finetune(
     redraw_positional_encoding(model, cfg)
     if cfg.embedding_zero_init:
         zero_image_embedding(model)
+    channels_last(model.image_encoder)
     step_module = FinetuneStep(model, cfg)
     run = Run(cfg, len(items), model, step_module, progress=progress)
     resumed = run.resume(resume)

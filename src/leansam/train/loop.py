@@ -312,6 +312,20 @@ def train_autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def channels_last(encoder: nn.Module) -> nn.Module:
+    """``encoder``'s convolution weights in channels-last (NHWC) layout, in place, for training:
+    oneDNN's CPU convolutions and their backward are faster on NHWC weights and inputs
+    (BENCHMARKS.md, "Training step"); the same function up to float rounding. Callers pass the
+    encoder's inputs through :func:`channels_last_input`; saved weights are contiguous
+    (:func:`~leansam.checkpoint.save_state_dict`)."""
+    return encoder.to(memory_format=torch.channels_last)
+
+
+def channels_last_input(x: torch.Tensor) -> torch.Tensor:
+    """A B x 3 x H x W encoder input in channels-last layout (see :func:`channels_last`)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def train_device() -> torch.device:
     """This process's device: its GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
     return torch.device(default_device() or "cpu")
