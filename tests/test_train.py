@@ -73,7 +73,7 @@ def _fixed_batch_loss(model, data, cfg) -> float:
 def test_finetune_learns(sa1b_small, tmp_path):
     from leansam import create_model
 
-    cfg = _ft_cfg(sa1b_small, tmp_path / "ft", epochs=6)
+    cfg = _ft_cfg(sa1b_small, tmp_path / "ft", epochs=6, iou_loss_weight=0.5)
     before = _fixed_batch_loss(create_model(STUDENT, seed=0), sa1b_small, cfg)
     result = finetune(cfg)
     after_model = create_model(STUDENT, checkpoint=tmp_path / "ft" / "model.pt")
@@ -84,6 +84,11 @@ def test_finetune_learns(sa1b_small, tmp_path):
     assert [r["step"] for r in log] == list(range(1, 13))
     assert log[-1]["lr"] < log[0]["lr"]  # cosine decay
     assert all(np.isfinite(r["loss"]) for r in log)
+    # each term is logged, and the loss is their weighted sum
+    for r in log:
+        terms = r["loss_terms"]
+        assert terms.keys() == {"mask", "iou"} and terms["mask"] > 0 and terms["iou"] > 0
+        assert r["loss"] == pytest.approx(terms["mask"] + 0.5 * terms["iou"], rel=1e-5)
 
 
 def test_distill_learns_and_takes_teacher_decoder(images_small, tmp_path):
@@ -272,6 +277,9 @@ def test_two_gloo_processes_match_one(sa1b_small, images_small, tmp_path, stage)
     assert len(l1) == len(l2) == 2  # 4 items, global batch 2
     for a, b in zip(l1, l2, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["loss"], b["loss"])
+        if stage == "finetune":  # the terms too, averaged over the processes
+            assert a["loss_terms"].keys() == b["loss_terms"].keys() == {"mask"}
+            assert abs(a["loss_terms"]["mask"] - b["loss_terms"]["mask"]) <= 1e-5
     run2 = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run2["world_size"] == 2
 
@@ -1136,6 +1144,14 @@ def test_prior_distill_keeps_the_decoders_content_free_prior(sa1b_small, tmp_pat
         trained = create_model(STUDENT, checkpoint=out / "model.pt")
         assert set(trained.state_dict()) == set(start.state_dict())
         drift[weight] = (content_free_logits(trained) - want).abs().mean().item()
+        log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        for r in log:  # the prior term is logged beside the others when it is on
+            terms = r["loss_terms"]
+            assert terms.keys() == ({"mask", "prior_distill"} if weight else {"mask"})
+            total = terms["mask"] + weight * terms.get("prior_distill", 0.0)
+            assert r["loss"] == pytest.approx(total, rel=1e-5)
+        if weight:
+            assert log[-1]["loss_terms"]["prior_distill"] > 0
     assert 0 < drift[500.0] < 0.5 * drift[0.0], drift
     # the term applies to box prompts only (a box prior knows no points): a decoder moved away
     # from its prior pays it on boxes, not on points

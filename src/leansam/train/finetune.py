@@ -42,13 +42,28 @@ class FinetuneStep(nn.Module):
         # Kept out of the module tree, so that DDP neither broadcasts its buffers nor converts it.
         self.__dict__["prior"] = frozen_prompt_decoder(model) if cfg.prior_distill_weight else None
 
+    def term_names(self) -> list[str]:
+        """The loss terms this configuration computes (``metrics.jsonl``'s ``loss_terms``)."""
+        names = ["mask"]
+        if self.cfg.iou_loss_weight:
+            names.append("iou")
+        if self.prior is not None:
+            names.append("prior_distill")
+        return names
+
     def forward(self, samples: list[dict], seeds: list[int]) -> torch.Tensor:
+        """The step's loss: the mean over its prompts of the mask loss, plus ``iou_loss_weight``
+        x the IoU-head loss and ``prior_distill_weight`` x the prior term. Each unweighted term's
+        mean over the same prompts (0 where a term does not apply) is left in ``self.terms``
+        (detached), so that the loss is their weighted sum."""
+        self.terms = {k: torch.zeros(()) for k in self.term_names()}
         if not samples:  # a batch with no readable sample: a zero loss that touches every weight,
             # computed here so that DDP's gradient all-reduce still runs on this process
             return sum(p.sum() for p in self.parameters()) * 0.0
         model = self.model
         x = channels_last_input(torch.cat([model.preprocess(s["image"][None]) for s in samples]))
         emb = model.image_encoder(x)
+        terms: dict[str, list[torch.Tensor]] = {k: [] for k in self.terms}
         losses = []
         for i, s in enumerate(samples):
             low, iou_pred = model.decode(
@@ -59,15 +74,24 @@ class FinetuneStep(nn.Module):
                 low.float(), s["gt"], num_points=self.cfg.num_points, focal=self.cfg.focal,
                 bce_weight=self.cfg.bce_weight, bce_balanced=self.cfg.bce_balanced, generator=g,
             )  # fmt: skip
+            terms["mask"].append(loss)
             if self.cfg.iou_loss_weight:
-                loss = loss + self.cfg.iou_loss_weight * iou_loss(low.float(), s["gt"], iou_pred)
-            if self.prior is not None and s["points"] is None:  # a box prior: box prompts only
-                zero = torch.zeros_like(emb[i : i + 1])
-                with torch.no_grad():
-                    want = all_masks(self.prior, zero, s["boxes"])
-                free = all_masks(model, zero, s["boxes"])
-                loss = loss + self.cfg.prior_distill_weight * prior_distill_loss(free, want)
+                iou = iou_loss(low.float(), s["gt"], iou_pred)
+                terms["iou"].append(iou)
+                loss = loss + self.cfg.iou_loss_weight * iou
+            if self.prior is not None:
+                if s["points"] is None:  # a box prior: box prompts only
+                    zero = torch.zeros_like(emb[i : i + 1])
+                    with torch.no_grad():
+                        want = all_masks(self.prior, zero, s["boxes"])
+                    free = all_masks(model, zero, s["boxes"])
+                    prior = prior_distill_loss(free, want)
+                    loss = loss + self.cfg.prior_distill_weight * prior
+                else:
+                    prior = torch.zeros_like(loss)
+                terms["prior_distill"].append(prior)
             losses.append(loss)
+        self.terms = {k: torch.cat(v).detach().mean().cpu() for k, v in terms.items()}
         return torch.cat(losses).mean()
 
 
@@ -261,14 +285,15 @@ def finetune(
     run = Run(cfg, len(items), model, step_module, progress=progress)
     resumed = run.resume(resume)
 
-    def compute(step: int, indices: list[int]) -> torch.Tensor:
+    def compute(step: int, indices: list[int]) -> tuple[torch.Tensor, dict]:
         samples, seeds = batch_samples(
             datasets, items, step, indices, model.image_size, cfg, device
         )
         if on_step is not None:
             on_step(step)
         with train_autocast(cfg, device):
-            return run.step_module(samples, seeds)  # a zero loss when no sample was readable
+            loss = run.step_module(samples, seeds)  # a zero loss when no sample was readable
+        return loss, step_module.terms
 
     records = run.loop(compute, curve_evaluator(cfg, model))
     return finish_run(run, model, records, resumed, datasets)

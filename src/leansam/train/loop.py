@@ -156,25 +156,34 @@ class Run:
             )
         barrier()
 
-    def optimise(self, loss: torch.Tensor) -> float:
+    def optimise(
+        self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None = None
+    ) -> tuple[float, dict[str, float]]:
+        """One optimizer step on ``loss``; returns the loss and its ``terms`` (scalars), each
+        averaged over the processes."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_value_(self.trainable.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        value = loss.detach().float()
-        if self.world > 1:
-            torch.distributed.all_reduce(value)
-            value /= self.world
-        return float(value)
+        names = list(terms or {})
+        values = torch.stack([loss.detach().float().cpu(), *(terms[k].float() for k in names)])
+        if self.world > 1:  # every process has the same terms: their names follow the config
+            values = values.to(loss.device)
+            torch.distributed.all_reduce(values)
+            values /= self.world
+        values = values.tolist()
+        return values[0], dict(zip(names, values[1:], strict=True))
 
     def loop(
         self,
-        compute_loss: Callable[[int, list[int]], torch.Tensor],
+        compute_loss: Callable[[int, list[int]], torch.Tensor | tuple[torch.Tensor, dict]],
         evaluate: Callable[[], dict] | None = None,
     ) -> list[dict]:
-        """Run steps from the current one to the last; returns this run's log records. With
+        """Run steps from the current one to the last; returns this run's log records.
+        ``compute_loss`` returns the step's loss, or the loss and a dict of its terms (scalar
+        tensors, logged as ``loss_terms``). With
         ``evaluate`` and ``cfg.eval_every``, rank 0 appends ``{"step", "epoch", **evaluate()}``
         to ``curve.jsonl`` before the first step and every ``eval_every`` steps (the learning
         curve; the model is in eval mode meanwhile)."""
@@ -215,13 +224,15 @@ class Run:
             self._train_mode()
             while self.step < self.last_step:
                 t0 = time.perf_counter()
-                loss = self.optimise(compute_loss(self.step, self.indices(self.step)))
+                out = compute_loss(self.step, self.indices(self.step))
+                loss, terms = self.optimise(*out) if isinstance(out, tuple) else self.optimise(out)
                 self.step += 1
                 dt = time.perf_counter() - t0
                 rec = {
                     "step": self.step,
                     "epoch": self.step / self.steps_per_epoch,
                     "loss": loss,
+                    **({"loss_terms": terms} if terms else {}),
                     "lr": self.scheduler.get_last_lr()[0],
                     "seconds": dt,
                     "images_per_s": self.global_batch / dt,
