@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from conftest import COCO_MINI
 
 from leansam.data.coco import ann_to_mask, load_coco
 from leansam.data.sa1b import SA1BDataset, coco_to_sa1b
+from leansam.errors import InputError
 from leansam.train.losses import iou_loss, mask_loss, point_sample, uncertain_point_coords
 from leansam.train.prompts import mask_boxes, sample_prompts
 
@@ -208,6 +210,83 @@ def test_synthetic_scenes(tmp_path):
     again, again_masks = make_scene(np.random.default_rng([0, 1]), size=128)
     assert np.array_equal(again_masks, masks) and np.array_equal(again, image)
     assert np.array_equal(ds[1].masks, masks)  # masks round-trip exactly through RLE
+
+
+def _color_sources(root) -> list:
+    """Two SA-1B folders of blue images, each with one red square object (its mask exact)."""
+    from PIL import Image
+
+    from leansam.data.sa1b import mask_record, write_sa1b_pair
+
+    folders = []
+    for d, (h, w) in enumerate(((100, 80), (60, 90))):
+        folder = root / f"src{d}"
+        folder.mkdir()
+        for i in range(2):
+            image = np.zeros((h, w, 3), np.uint8)
+            image[..., 2] = 255
+            mask = np.zeros((h, w), bool)
+            mask[10 + 5 * i : 40 + 5 * i, 20:50] = True
+            image[mask] = (255, 0, 0)
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")  # lossless: exact colours
+            write_sa1b_pair(folder, i, buf.getvalue(), h, w, [mask_record(mask, 0)])
+        folders.append(folder)
+    return folders
+
+
+def test_copy_paste_scenes(tmp_path):
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    from leansam.data.paste import MIN_PIXELS, ObjectPool, make_paste_scene, write_paste_scenes
+
+    sources = _color_sources(tmp_path)
+    pool = ObjectPool(sources)
+    assert len(pool.objects) == 4 and len(pool.images) == 4
+    for i in range(10):
+        rng = np.random.default_rng([0, i])
+        image, masks, n_pasted = make_paste_scene(pool, rng, size=128, objects=(3, 3))
+        assert image.dtype == np.uint8 and max(image.shape[:2]) == 128
+        assert masks.shape[1:] == image.shape[:2] and masks.dtype == bool
+        assert 1 <= n_pasted <= 3 and len(masks) <= 1 + n_pasted  # one background object
+        assert (masks.reshape(len(masks), -1).sum(1) >= MIN_PIXELS).all()
+        # pasted objects lie on top: each pasted mask is disjoint from every other mask
+        for k in range(len(masks) - n_pasted, len(masks)):
+            others = np.delete(masks, k, axis=0).any(0)
+            assert not (masks[k] & others).any()
+        # red inside every object (away from the softened edge), blue away from all objects
+        for m in masks:
+            inner = binary_erosion(m, iterations=2)
+            assert np.abs(image[inner].astype(int) - (255, 0, 0)).max() <= 2
+        outside = ~binary_dilation(masks.any(0), iterations=2)
+        assert np.abs(image[outside].astype(int) - (0, 0, 255)).max() <= 2
+        again = make_paste_scene(pool, np.random.default_rng([0, i]), size=128, objects=(3, 3))
+        assert np.array_equal(again[0], image) and np.array_equal(again[1], masks)
+    out = tmp_path / "paste"
+    assert write_paste_scenes(sources, out, 3, size=128, progress=False) == 3
+    assert write_paste_scenes(sources, out, 4, size=128, progress=False) == 1  # resumes
+    ds = SA1BDataset(out)
+    assert len(ds) == 4
+    _, masks, _ = make_paste_scene(pool, np.random.default_rng([0, 2]), size=128)
+    assert np.array_equal(ds[2].masks, masks)  # masks round-trip exactly through RLE
+    with pytest.raises(InputError, match="is one of the sources"):
+        write_paste_scenes([out], out, 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no sa_"):
+        write_paste_scenes([tmp_path / "empty"], tmp_path / "x", 1)
+    # the command line: scenes written, then one line and exit 2 for a missing source
+    cli = [sys.executable, "-m", "leansam.cli", "data", "paste", "--out", str(tmp_path / "c")]
+    ok = subprocess.run(
+        [*cli, "--sources", *map(str, sources), "--count", "2", "--size", "96", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ok.returncode == 0 and "wrote 2 copy-paste scenes" in ok.stdout, ok.stderr
+    assert len(SA1BDataset(tmp_path / "c")) == 2 and ok.stderr == ""
+    bad = subprocess.run(
+        [*cli, "--sources", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"leansam: error: SA-1B folder not found: {tmp_path / 'missing'}"
 
 
 def test_dense_mask_loss():

@@ -1,4 +1,4 @@
-"""``leansam data``: dataset tools (COCO to SA-1B layout, synthetic scenes)."""
+"""``leansam data``: dataset tools (COCO to SA-1B layout, synthetic and copy-paste scenes)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,23 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_paste(args: argparse.Namespace) -> int:
+    from ..data.paste import write_paste_scenes
+
+    if args.count < 1:
+        raise InputError("--count must be at least 1")
+    if args.size < 64:
+        raise InputError("--size must be at least 64 pixels")
+    n = write_paste_scenes(
+        args.sources, args.out, args.count, seed=args.seed, size=args.size,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"wrote {n} copy-paste scenes to {args.out}")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..data.paste import write_paste_scenes
     from ..data.synth import write_scenes
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(
@@ -53,8 +69,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     syn.add_argument("--out", required=True, help="output folder for sa_<i>.jpg / .json")
     syn.add_argument("--count", type=int, default=400, help="number of scenes")
-    syn.add_argument("--seed", type=int, default=default_of(write_scenes, "seed"))
+    syn.add_argument(
+        "--seed",
+        type=int,
+        default=default_of(write_scenes, "seed"),
+        help="scene i depends only on the seed and i",
+    )
     syn.add_argument(
         "--size", type=int, default=default_of(write_scenes, "size"), help="long side in pixels"
     )
     syn.set_defaults(func=_cmd_synth)
+    paste = data.add_parser(
+        "paste",
+        help="copy-paste scenes: real objects cut out along their masks and pasted onto other "
+        "images of SA-1B folders (Ghiasi et al., CVPR 2021), in SA-1B layout",
+    )
+    paste.add_argument(
+        "--sources", nargs="+", required=True, help="SA-1B folders to take objects and images from"
+    )
+    paste.add_argument("--out", required=True, help="output folder for sa_<i>.jpg / .json")
+    paste.add_argument("--count", type=int, default=1000, help="number of scenes")
+    paste.add_argument(
+        "--seed",
+        type=int,
+        default=default_of(write_paste_scenes, "seed"),
+        help="scene i depends only on the seed, i and the sources",
+    )
+    paste.add_argument(
+        "--size",
+        type=int,
+        default=default_of(write_paste_scenes, "size"),
+        help="long side of the scenes in pixels",
+    )
+    paste.add_argument("--no-progress", action="store_true", help="no progress bar")
+    paste.set_defaults(func=_cmd_paste)
