@@ -883,6 +883,42 @@ def test_diagnose_script_writes_its_table_and_json_with_no_bar_when_asked(tmp_pa
     assert f"objects: {record['count']}" in r.stdout and "| first | predicted |" in r.stdout
 
 
+def test_object_sizes_script_counts_coco_size_classes_at_640_pixels(tmp_path):
+    """scripts/object_sizes.py: masks per size class, areas rescaled to a 640-px long side for
+    SA-1B folders; COCO's own areas (crowd left out) for the evaluation file."""
+    from conftest import REPO
+
+    from leansam.data.sa1b import mask_record, write_sa1b_pair
+
+    folder = tmp_path / "sa1b"
+    folder.mkdir()
+    mask = np.zeros((320, 200), bool)
+    records = []
+    for k, side in enumerate((10, 20, 60)):  # x4 in area at 640 px: 400, 1600, 14400 pixels
+        m = mask.copy()
+        m[:side, :side] = True
+        records.append(mask_record(m, k))
+    write_sa1b_pair(folder, 0, b"", 320, 200, records)
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"images": [{"id": 1}], "annotations": [
+        {"area": 500.0}, {"area": 5000.0}, {"area": 9216.0}, {"area": 50.0, "iscrowd": 1},
+    ]}))  # fmt: skip
+    out = tmp_path / "sizes.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "object_sizes.py"), str(folder),
+           "--coco", str(coco), "--json", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    assert rows[str(folder)] == {
+        "images": 1, "masks": 3, "masks_per_image": 3.0, "small": 1 / 3, "medium": 1 / 3,
+        "large": 1 / 3,
+    }  # fmt: skip
+    assert rows[str(coco)]["masks"] == 3 and rows[str(coco)]["large"] == 1 / 3  # 96^2 is large
+    assert f"| {folder} | 1 | 3 | 3.0 | 33 % | 33 % | 33 % |" in r.stdout
+    bad = subprocess.run([*cmd[:2], str(tmp_path / "missing")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not a folder" in bad.stderr
+
+
 def test_diagnosis_box_fill_matches_the_baseline_and_oracle_bounds_the_choice():
     from leansam import create_model
     from leansam.eval import evaluate
