@@ -71,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * r['small']:.0f} % | {100 * r['medium']:.0f} % | {100 * r['large']:.0f} % |"
         )
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        from leansam.io import atomic_write_json
+        from leansam.provenance import describe_environment
+
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        config["folders"] = [str(f) for f in args.folders]
+        record = {"config": config, "long_side": LONG_SIDE, "environment": describe_environment()}
+        atomic_write_json(args.json, {**record, "rows": rows})
     return 0
 
 

@@ -199,7 +199,55 @@ def test_decoder_broadcasts_one_embedding_over_prompts():
             model.mask_decoder(emb.expand(3, -1, -1, -1), pe, sparse, dense, False)
 
 
-def test_decoder_inference_path_equals_sam_as_written():
+@pytest.mark.parametrize("shared", [True, False], ids=["one-image", "image-per-prompt"])
+def test_folded_attentions_equal_plain_attention_with_gradients(shared):
+    """Attention.attend_* (the decoder's folded paths, in training and inference) against the
+    plain forward on a tiny attention: outputs, and gradients of the inputs and weights (k_proj's
+    bias excepted: the output does not depend on it, and the token->image paths give it none);
+    under bf16 autocast the image->token path keeps the residual's float32, as ``r + attn``."""
+    from leansam.modeling.transformer import Attention
+
+    torch.manual_seed(0)
+    att = Attention(32, 4, 2)
+    n_img, b = 1 if shared else 3, 3
+    img, tok, r = torch.randn(n_img, 50, 32), torch.randn(b, 5, 32), torch.randn(n_img, 50, 32)
+
+    def grads_of(fn):
+        att.zero_grad(set_to_none=True)
+        x = [t.clone().requires_grad_(True) for t in (img, tok, r)]
+        out = fn(*x)
+        out.square().sum().backward()
+        weights = {k: p.grad for k, p in att.named_parameters() if k != "k_proj.bias"}
+        return out.detach(), [t.grad for t in x], weights
+
+    folded_t2i = att.attend_to_shared_image if shared else att.attend_to_image
+    pairs = [
+        (lambda i, t, _r: folded_t2i(t, i, i), lambda i, t, _r: att(t, i, i)),
+        (
+            lambda i, t, rr: att.attend_from_image(i, t, t, residual=rr, project_q=shared),
+            lambda i, t, rr: rr + att(i, t, t),
+        ),
+    ]
+    for fused, plain in pairs:
+        (out_f, in_f, w_f), (out_p, in_p, w_p) = grads_of(fused), grads_of(plain)
+        torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+        for a, c in zip(in_f, in_p, strict=True):
+            if c is not None:
+                torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+        for k, c in w_p.items():
+            torch.testing.assert_close(w_f[k], c, rtol=1e-4, atol=1e-5, msg=k)
+    big = torch.randn(n_img, 4096, 32), torch.randn(b, 7, 32), torch.randn(n_img, 4096, 32)
+    with torch.no_grad():
+        ref = big[2] + att(*big[:1], big[1], big[1])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = att.attend_from_image(big[0], big[1], big[1], residual=big[2], project_q=shared)
+            plain = big[2] + att(big[0], big[1], big[1])
+    assert fused.dtype == torch.float32
+    err = [float((x.float() - ref).norm() / ref.norm()) for x in (fused, plain)]
+    assert 0 < err[0] <= 2 * err[1], err
+
+
+def test_decoder_inference_path_equals_the_training_path():
     """The inference pass (folded attentions, tiled up-scaling, prompt chunks) computes SAM's
     decoder: compared with the autograd pass (checked against segment-anything's own decoder,
     gradients included, in test_parity.py) on 20 prompt sets (two chunks) with a shared and

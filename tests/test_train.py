@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -70,12 +71,30 @@ def _fixed_batch_loss(model, data, cfg) -> float:
         return float(step(samples, list(range(len(samples)))))
 
 
-def test_finetune_learns(sa1b_small, tmp_path):
+def _channels_last_check(monkeypatch, module) -> Callable[[int], None]:
+    """An ``on_step`` hook asserting that the encoder ``module``'s trainer converted (through
+    its ``channels_last``) trains with channels-last convolutions, 3 x 3 ones included."""
+    encoders = []
+    convert = module.channels_last
+    monkeypatch.setattr(module, "channels_last", lambda e: encoders.append(convert(e)) or e)
+
+    def check(step: int) -> None:
+        (encoder,) = encoders
+        convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert any(m.weight.shape[1] > 1 and m.weight.shape[2] > 1 for m in convs)
+        for m in convs:
+            assert m.weight.is_contiguous(memory_format=torch.channels_last), (step, m)
+
+    return check
+
+
+def test_finetune_learns(sa1b_small, tmp_path, monkeypatch):
+    import leansam.train.finetune as trainer
     from leansam import create_model
 
     cfg = _ft_cfg(sa1b_small, tmp_path / "ft", epochs=6, iou_loss_weight=0.5)
     before = _fixed_batch_loss(create_model(STUDENT, seed=0), sa1b_small, cfg)
-    result = finetune(cfg)
+    result = finetune(cfg, on_step=_channels_last_check(monkeypatch, trainer))
     after_model = create_model(STUDENT, checkpoint=tmp_path / "ft" / "model.pt")
     after = _fixed_batch_loss(after_model, sa1b_small, cfg)
     assert result["steps"] == result["total_steps"] == 12
@@ -91,7 +110,8 @@ def test_finetune_learns(sa1b_small, tmp_path):
         assert r["loss"] == pytest.approx(terms["mask"] + 0.5 * terms["iou"], rel=1e-5)
 
 
-def test_distill_learns_and_takes_teacher_decoder(images_small, tmp_path):
+def test_distill_learns_and_takes_teacher_decoder(images_small, tmp_path, monkeypatch):
+    import leansam.train.distill as trainer
     from leansam import create_model
     from leansam.checkpoint import load_state_dict
     from leansam.train.distill import encoder_input
@@ -117,7 +137,7 @@ def test_distill_learns_and_takes_teacher_decoder(images_small, tmp_path):
 
     student = create_model(STUDENT, seed=0)
     before = mse(student.eval())
-    result = distill(cfg)
+    result = distill(cfg, on_step=_channels_last_check(monkeypatch, trainer))
     trained = create_model(STUDENT, checkpoint=tmp_path / "ds" / "model.pt")
     assert mse(trained) < 0.7 * before
     assert result["steps"] == 16
@@ -908,7 +928,10 @@ def test_object_sizes_script_counts_coco_size_classes_at_640_pixels(tmp_path):
            "--coco", str(coco), "--json", str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    rows = json.loads(out.read_text())
+    record = json.loads(out.read_text())
+    assert record["config"]["folders"] == [str(folder)] and record["long_side"] == 640
+    assert "torch" in record["environment"]
+    rows = record["rows"]
     assert rows[str(folder)] == {
         "images": 1, "masks": 3, "masks_per_image": 3.0, "small": 1 / 3, "medium": 1 / 3,
         "large": 1 / 3,
@@ -1236,6 +1259,10 @@ def test_two_gloo_processes_survive_a_batch_with_no_readable_sample(sa1b_small, 
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert (tmp_path / "two" / "model.pt").exists()
+    # the empty process's zero terms are averaged in like its zero loss: loss == terms' sum
+    log = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert log and all(r["loss_terms"].keys() == {"mask"} for r in log)
+    assert all(r["loss"] == pytest.approx(r["loss_terms"]["mask"], rel=1e-5) for r in log)
 
 
 def test_prompt_stage_with_data_takes_boxes_only():

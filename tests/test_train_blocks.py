@@ -241,6 +241,7 @@ def test_copy_paste_scenes(tmp_path):
     from leansam.data.paste import MIN_PIXELS, ObjectPool, make_paste_scene, write_paste_scenes
 
     sources = _color_sources(tmp_path)
+    (sources[1] / "sa_9.json").write_text("{not json")  # unreadable: left out of the pool
     pool = ObjectPool(sources)
     assert len(pool.objects) == 4 and len(pool.images) == 4
     for i in range(10):
@@ -271,6 +272,14 @@ def test_copy_paste_scenes(tmp_path):
     assert np.array_equal(ds[2].masks, masks)  # masks round-trip exactly through RLE
     with pytest.raises(InputError, match="is one of the sources"):
         write_paste_scenes([out], out, 1)
+    with pytest.raises(InputError, match="holds scenes made with another size"):
+        write_paste_scenes(sources, out, 5, size=96, progress=False)  # would mix two sizes
+    with pytest.raises(InputError, match="holds scenes made with another seed, sources"):
+        write_paste_scenes(sources[:1], out, 5, seed=1, size=128, progress=False)
+    with pytest.raises(InputError, match="is a file"):
+        write_paste_scenes(sources, out / "sa_0.json", 1)
+    with pytest.raises(InputError, match="--seed must be 0 or more"):
+        write_paste_scenes(sources, tmp_path / "neg", 1, seed=-1)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no sa_"):
         write_paste_scenes([tmp_path / "empty"], tmp_path / "x", 1)
@@ -281,7 +290,11 @@ def test_copy_paste_scenes(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert ok.returncode == 0 and "wrote 2 copy-paste scenes" in ok.stdout, ok.stderr
-    assert len(SA1BDataset(tmp_path / "c")) == 2 and ok.stderr == ""
+    assert len(SA1BDataset(tmp_path / "c")) == 2
+    assert ok.stderr.splitlines() == [  # the unreadable source file, named once
+        f"skipping sa_9.json: SA-1B annotation file {sources[1] / 'sa_9.json'} is not valid "
+        "JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
+    ]
     bad = subprocess.run(
         [*cli, "--sources", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120
     )

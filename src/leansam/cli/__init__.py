@@ -6,7 +6,8 @@ User mistakes (a missing image, a bad box, an unknown model, a wrong checkpoint)
 One module per subcommand (or group) holds its parser and its handler; :mod:`.parsing` holds
 the pieces they share. Handlers import the library modules they run inside their functions;
 building the parser imports the light modules whose dataclasses and signatures hold the flag
-defaults (``quant``, ``eval``, ``service``, ``bench``, ``demo``, ``data.synth``), never
+defaults (``quant``, ``eval``, ``service``, ``bench``, ``demo``, ``data.synth``,
+``data.paste``), never
 FastAPI, ONNX or the training stages.
 """
 

@@ -79,10 +79,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--size", type=int, default=default_of(write_scenes, "size"), help="long side in pixels"
     )
     syn.set_defaults(func=_cmd_synth)
+    paste_help = (
+        "copy-paste scenes: real objects cut out along their masks and pasted onto other "
+        "images of SA-1B folders (Ghiasi et al., CVPR 2021), in SA-1B layout"
+    )
     paste = data.add_parser(
         "paste",
-        help="copy-paste scenes: real objects cut out along their masks and pasted onto other "
-        "images of SA-1B folders (Ghiasi et al., CVPR 2021), in SA-1B layout",
+        help=paste_help,
+        description=paste_help + ". 3-10 objects per scene, each flipped with p 0.5 and scaled "
+        "to a box side log-uniform in 3-60 % of the long side, over a random image of the "
+        "sources whose own objects stay annotated where still visible. Scene i depends only on "
+        "--seed, i, --size and the sources (recorded in OUT/paste.json); a rerun resumes.",
     )
     paste.add_argument(
         "--sources", nargs="+", required=True, help="SA-1B folders to take objects and images from"

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ..errors import InputError
+from ..io import atomic_write_json, read_json
 from ..progress import progress_bar
 from .sa1b import SA1BDataset, mask_record, write_sa1b_pair
 
@@ -43,6 +44,18 @@ def _resize(image: np.ndarray, masks: np.ndarray, scale: float) -> tuple[np.ndar
     return im, ms > 127
 
 
+def _areas(ds: SA1BDataset, i: int) -> np.ndarray | None:
+    """The pixel areas of file ``i``'s masks from its annotation file's ``area`` fields (masks
+    decoded only where one is missing), or None when the file cannot be read."""
+    try:
+        anns = read_json(ds.files[i], "SA-1B annotation file")["annotations"]
+        areas = [a["area"] for a in anns if ds._keep(a)]
+    except (InputError, KeyError, TypeError):
+        masks = ds.masks(i)  # counts and names the unreadable file once
+        return None if masks is None else masks.reshape(len(masks), -1).sum(1)
+    return np.asarray(areas, dtype=float) if areas else None
+
+
 class ObjectPool:
     """Every mask of at least ``min_pixels`` pixels in the SA-1B folders ``sources``, as (folder,
     file, mask) indices; cut-outs are read when drawn."""
@@ -51,17 +64,14 @@ class ObjectPool:
         if not sources:
             raise InputError("copy-paste needs at least one source folder")
         self.datasets = [SA1BDataset(s) for s in sources]
-        self.images = [
-            (d, i) for d in range(len(self.datasets)) for i in range(len(self.datasets[d]))
-        ]
-        self.objects = []
+        self.images, self.objects = [], []
         for d, ds in enumerate(self.datasets):
             for i in range(len(ds)):
-                masks = ds.masks(i)
-                if masks is None:
+                areas = _areas(ds, i)
+                if areas is None:  # unreadable: neither a background nor a source of objects
                     continue
-                areas = masks.reshape(len(masks), -1).sum(1)
-                self.objects += [(d, i, k) for k in np.flatnonzero(areas >= min_pixels)]
+                self.images.append((d, i))
+                self.objects += [(d, i, int(k)) for k in np.flatnonzero(areas >= min_pixels)]
         if not self.objects:
             raise InputError(f"no object of at least {min_pixels} pixels in {list(sources)}")
 
@@ -149,13 +159,32 @@ def write_paste_scenes(
 ) -> int:
     """Write ``count`` copy-paste scenes (:func:`make_paste_scene`) from the SA-1B folders
     ``sources`` as ``sa_<i>.jpg`` + ``sa_<i>.json`` in ``out_dir``; scene i depends only on
-    (seed, i) and the sources, and existing pairs are kept (a rerun resumes). Returns the number
-    written. Raises InputError for a missing or empty source folder."""
+    (seed, i), ``size`` and the sources (recorded in ``out_dir/paste.json``), and existing pairs
+    are kept (a rerun resumes). Returns the number written. Raises InputError for a missing or
+    empty source folder, an ``out_dir`` that is a source or a file, a negative seed, or a rerun
+    with other settings."""
     out = Path(out_dir)
     if any(Path(s).resolve() == out.resolve() for s in sources):
         raise InputError(f"--out {out} is one of the sources: write the scenes elsewhere")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    if seed < 0:
+        raise InputError(f"--seed must be 0 or more, not {seed}")
     pool = ObjectPool(sources)
     out.mkdir(parents=True, exist_ok=True)
+    # the settings the scenes depend on: a rerun into the same folder must use the same ones
+    manifest = {"seed": seed, "size": size, "sources": [str(Path(p).resolve()) for p in sources]}
+    recorded = out / "paste.json"
+    if recorded.exists():
+        before = read_json(recorded, "copy-paste manifest")
+        if before != manifest:
+            changed = ", ".join(k for k in manifest if before.get(k) != manifest[k])
+            raise InputError(
+                f"{out} holds scenes made with another {changed}: use a new --out, or the same "
+                f"settings ({recorded})"
+            )
+    else:
+        atomic_write_json(recorded, manifest)
     todo = [i for i in range(count) if not (out / f"sa_{i}.json").exists()]
     bar = progress_bar(
         total=count, initial=count - len(todo), desc="copy-paste scenes", unit="scene",
@@ -163,10 +192,14 @@ def write_paste_scenes(
     )  # fmt: skip
     written = 0
     for i in todo:
-        image, masks, _ = make_paste_scene(pool, np.random.default_rng([seed, i]), size=size)
+        for attempt in range(10):  # a scene left with no mask is drawn again, deterministically
+            rng = np.random.default_rng([seed, i] + ([attempt] if attempt else []))
+            image, masks, _ = make_paste_scene(pool, rng, size=size)
+            if len(masks):
+                break
+        else:
+            raise InputError(f"no mask of {MIN_PIXELS} pixels survives in 10 draws of scene {i}")
         bar.update()
-        if not len(masks):
-            continue
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="JPEG", quality=90)
         records = [mask_record(m, i * 1000 + k) for k, m in enumerate(masks)]

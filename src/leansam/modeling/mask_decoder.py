@@ -146,7 +146,7 @@ class MaskDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The training (autograd) pass: the transformer's fused attentions and the loop-free
         channels-last up-scaling, SAM's decoder up to float rounding in outputs and gradients
-        (``tests/test_modeling.py``, against segment-anything's own decoder). Upstream's
+        (``tests/test_parity.py``, against segment-anything's own decoder). Upstream's
         up-scaling of the transposed image tokens keeps them channels-last while the
         hypernetwork product's gradient comes back contiguous, and CPU kernels that mix the two
         layouts run up to 10x slower (GELU's backward on the 32 x 256 x 256 activations

@@ -141,6 +141,11 @@ class Attention(QuantPoints, nn.Module):
         attn = softmax_ftz(attn.reshape(b, h, t, -1), dim=2).reshape(b, h * t, -1)
         wo = self.out_proj.weight.reshape(-1, h, d).permute(1, 2, 0)  # h x d x C
         m = self._per_head(vh, wo).reshape(b, h * t, -1) + self.out_proj.bias / h
+        if torch.is_autocast_enabled(residual.device.type):
+            # under autocast the fused add would round the residual stream (the image tokens) to
+            # the low precision at every layer; added outside, it keeps its own, as upstream's
+            # ``keys + attn`` does
+            return residual + torch.bmm(attn.transpose(1, 2), m)
         return torch.baddbmm(residual.expand(b, -1, -1), attn.transpose(1, 2), m)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ class FinetuneStep(nn.Module):
                     prior = torch.zeros_like(loss)
                 terms["prior_distill"].append(prior)
             losses.append(loss)
-        self.terms = {k: torch.cat(v).detach().mean().cpu() for k, v in terms.items()}
+        self.terms = {k: torch.cat(v).detach().mean() for k, v in terms.items()}
         return torch.cat(losses).mean()
 
 

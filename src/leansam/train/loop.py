@@ -168,9 +168,10 @@ class Run:
         self.optimizer.step()
         self.scheduler.step()
         names = list(terms or {})
-        values = torch.stack([loss.detach().float().cpu(), *(terms[k].float() for k in names)])
+        values = torch.stack(  # on the loss's device: one transfer (one GPU sync) per step
+            [loss.detach().float(), *(terms[k].float().to(loss.device) for k in names)]
+        )
         if self.world > 1:  # every process has the same terms: their names follow the config
-            values = values.to(loss.device)
             torch.distributed.all_reduce(values)
             values /= self.world
         values = values.tolist()
@@ -326,10 +327,15 @@ def train_autocast(cfg: TrainConfig, device: torch.device):
 def channels_last(encoder: nn.Module) -> nn.Module:
     """``encoder``'s convolution weights in channels-last (NHWC) layout, in place, for training:
     oneDNN's CPU convolutions and their backward are faster on NHWC weights and inputs
-    (BENCHMARKS.md, "Training step"); the same function up to float rounding. Callers pass the
-    encoder's inputs through :func:`channels_last_input`; saved weights are contiguous
-    (:func:`~leansam.checkpoint.save_state_dict`)."""
-    return encoder.to(memory_format=torch.channels_last)
+    (BENCHMARKS.md, "Training step"); the same function up to float rounding. Only convolutions
+    change (other 4-D tensors, such as a ViT's position embedding, keep their layout). Callers
+    pass the encoder's inputs through :func:`channels_last_input`. ``model.pt`` is saved
+    contiguous (:func:`~leansam.checkpoint.save_state_dict`); ``checkpoint.pt`` keeps the
+    layout, which loading copies into any."""
+    for module in encoder.modules():
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+            module.to(memory_format=torch.channels_last)
+    return encoder
 
 
 def channels_last_input(x: torch.Tensor) -> torch.Tensor:
