@@ -149,8 +149,8 @@ class MaskDecoder(nn.Module):
         (``tests/test_parity.py``, against segment-anything's own decoder). Upstream's
         up-scaling of the transposed image tokens keeps them channels-last while the
         hypernetwork product's gradient comes back contiguous, and CPU kernels that mix the two
-        layouts run up to 10x slower (GELU's backward on the 32 x 256 x 256 activations
-        dominated a training step: BENCHMARKS.md, "Training step")."""
+        layouts are slow (GELU's backward on the 32 x 256 x 256 activations dominated a
+        training step: BENCHMARKS.md, "Training step")."""
         _, _, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens)
         hyper_in, iou_pred = self._heads(hs)
