@@ -53,13 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--coco", type=Path, help="a COCO instances file (the evaluation split)")
     ap.add_argument("--json", type=Path, help="also write the table as JSON here")
     args = ap.parse_args(argv)
+    if not args.folders and not args.coco:
+        ap.error("give SA-1B folders, --coco FILE, or both")
     rows = {}
     for folder in args.folders:
-        if not folder.is_dir():
-            print(f"error: {folder} is not a folder", file=sys.stderr)
+        if not folder.is_dir() or not any(folder.glob("sa_*.json")):
+            print(f"error: {folder} is not a folder of sa_*.json files", file=sys.stderr)
             return 2
         rows[str(folder)] = shares(*sa1b_areas(folder))
     if args.coco:
+        if not args.coco.is_file():
+            print(f"error: --coco {args.coco} is not a file", file=sys.stderr)
+            return 2
         coco = json.loads(args.coco.read_text())
         anns = [a for a in coco["annotations"] if not a.get("iscrowd")]
         rows[str(args.coco)] = shares([a["area"] for a in anns], len(coco["images"]))

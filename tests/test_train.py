@@ -939,7 +939,7 @@ def test_object_sizes_script_counts_coco_size_classes_at_640_pixels(tmp_path):
     assert rows[str(coco)]["masks"] == 3 and rows[str(coco)]["large"] == 1 / 3  # 96^2 is large
     assert f"| {folder} | 1 | 3 | 3.0 | 33 % | 33 % | 33 % |" in r.stdout
     bad = subprocess.run([*cmd[:2], str(tmp_path / "missing")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "is not a folder" in bad.stderr
+    assert bad.returncode == 2 and "is not a folder of sa_" in bad.stderr
 
 
 def test_diagnosis_box_fill_matches_the_baseline_and_oracle_bounds_the_choice():

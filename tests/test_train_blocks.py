@@ -278,6 +278,10 @@ def test_copy_paste_scenes(tmp_path):
         write_paste_scenes(sources[:1], out, 5, seed=1, size=128, progress=False)
     with pytest.raises(InputError, match="is a file"):
         write_paste_scenes(sources, out / "sa_0.json", 1)
+    with pytest.raises(InputError, match="cannot create --out"):
+        write_paste_scenes(sources, out / "sa_0.json" / "under", 1)
+    with pytest.raises(InputError, match="holds SA-1B files not written by copy-paste"):
+        write_paste_scenes(sources[:1], sources[1], 1)  # another dataset: never mixed in
     with pytest.raises(InputError, match="--seed must be 0 or more"):
         write_paste_scenes(sources, tmp_path / "neg", 1, seed=-1)
     (tmp_path / "empty").mkdir()

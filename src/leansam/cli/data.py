@@ -46,7 +46,7 @@ def _cmd_paste(args: argparse.Namespace) -> int:
         args.sources, args.out, args.count, seed=args.seed, size=args.size,
         progress=not args.no_progress,
     )  # fmt: skip
-    print(f"wrote {n} copy-paste scenes to {args.out}")
+    print(f"wrote {n} copy-paste scenes to {args.out} ({args.count - n} already there)")
     return 0
 
 
@@ -100,7 +100,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--seed",
         type=int,
         default=default_of(write_paste_scenes, "seed"),
-        help="scene i depends only on the seed, i and the sources",
+        help="scene i depends only on the seed, i, --size and the sources",
     )
     paste.add_argument(
         "--size",

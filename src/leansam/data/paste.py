@@ -170,11 +170,18 @@ def write_paste_scenes(
         raise InputError(f"--out {out} is a file, not a folder")
     if seed < 0:
         raise InputError(f"--seed must be 0 or more, not {seed}")
+    recorded = out / "paste.json"
+    if out.is_dir() and not recorded.exists() and any(out.glob("sa_*.json")):
+        raise InputError(
+            f"--out {out} holds SA-1B files not written by copy-paste: use a new folder"
+        )
     pool = ObjectPool(sources)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create --out {out}: {e.strerror}") from None
     # the settings the scenes depend on: a rerun into the same folder must use the same ones
     manifest = {"seed": seed, "size": size, "sources": [str(Path(p).resolve()) for p in sources]}
-    recorded = out / "paste.json"
     if recorded.exists():
         before = read_json(recorded, "copy-paste manifest")
         if before != manifest:
