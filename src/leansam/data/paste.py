@@ -14,7 +14,6 @@ rerun resumes.
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from PIL import Image, ImageFilter
 from ..errors import InputError
 from ..io import atomic_write_json, read_json
 from ..progress import progress_bar
-from .sa1b import SA1BDataset, mask_record, write_sa1b_pair
+from .sa1b import SA1BDataset, write_sa1b_scene
 
 #: masks smaller than this many pixels are dropped (objects to cut, and visible parts kept)
 MIN_PIXELS = 30
@@ -207,10 +206,7 @@ def write_paste_scenes(
         else:
             raise InputError(f"no mask of {MIN_PIXELS} pixels survives in 10 draws of scene {i}")
         bar.update()
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="JPEG", quality=90)
-        records = [mask_record(m, i * 1000 + k) for k, m in enumerate(masks)]
-        write_sa1b_pair(out, i, buf.getvalue(), *image.shape[:2], records)
+        write_sa1b_scene(out, i, image, masks, i * 1000)
         written += 1
     bar.close()
     return written

@@ -55,6 +55,17 @@ def write_sa1b_pair(
     )
 
 
+def write_sa1b_scene(
+    out: Path, image_id: int, image: np.ndarray, masks: np.ndarray, first_ann_id: int
+) -> None:
+    """A generated scene (H x W x 3 uint8 image, N x H x W bool masks) as ``sa_<id>.jpg`` (JPEG,
+    quality 90) + ``sa_<id>.json``, annotation ids ``first_ann_id`` + 0..N-1."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)
+    records = [mask_record(m, first_ann_id + k) for k, m in enumerate(masks)]
+    write_sa1b_pair(out, image_id, buf.getvalue(), *image.shape[:2], records)
+
+
 def coco_to_sa1b(
     images_dir: str | os.PathLike,
     annotations: str | os.PathLike,

@@ -9,14 +9,13 @@ models (MODEL_CARD.md) so that a decoder trained from scratch learns box and poi
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .sa1b import mask_record, write_sa1b_pair
+from .sa1b import write_sa1b_scene
 
 
 def _texture(rng: np.random.Generator, h: int, w: int, color: np.ndarray) -> np.ndarray:
@@ -91,9 +90,6 @@ def write_scenes(out_dir: str | os.PathLike, count: int, *, seed: int = 0, size:
         image, masks = make_scene(np.random.default_rng([seed, i]), size)
         if not len(masks):
             continue
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="JPEG", quality=90)
-        records = [mask_record(m, i * 100 + k) for k, m in enumerate(masks)]
-        write_sa1b_pair(out, i, buf.getvalue(), *image.shape[:2], records)
+        write_sa1b_scene(out, i, image, masks, i * 100)
         written += 1
     return written
