@@ -86,14 +86,17 @@ eval-baselines: $(STAMP)
 	$(VENV)/bin/leansam eval $(EVAL_ARGS) --model grabcut --protocol detector --detections gt \
 		--out out/eval/grabcut-det
 
-# leansam's own models (MODEL_CARD.md): data conversion, teacher, student stage 1 + 2, publish to
-# weights/. About 60 minutes on 2 CPU cores; every step resumes where an interrupted run stopped.
+# leansam's own models (MODEL_CARD.md): data conversion, the decoder's box prior, teacher, student
+# stage 1 + 2 and clicks, publish to weights/. About 2 hours on 2 CPU cores with AMX (MODEL_CARD.md);
+# every step resumes where an interrupted run stopped.
 LEANSAM = $(VENV)/bin/leansam
 OWN_IMAGES = $(DATA)/coco-mval/images $(DATA)/coco-mini/train2017
 # The decoder warm start fails (min_box_iou) when it stays on its plateau: `make weights
-# WARMUP_SEED=1` reruns it with another seed in a folder of its own, and phase A starts from that
-# (keep WARMUP_SEED on every later run; README "leansam's own models").
+# WARMUP_SEED=1` reruns it with another seed in folders of their own, and the teacher starts from
+# that (keep WARMUP_SEED on every later run; README "leansam's own models"). The warm start runs on
+# 1 thread: its result depends on the seed and the thread count (MODEL_CARD.md).
 WARMUP_OUT = out/own/decoder-warmup$(if $(WARMUP_SEED),-seed$(WARMUP_SEED))
+SHAPES_OUT = out/own/decoder-shapes$(if $(WARMUP_SEED),-seed$(WARMUP_SEED))
 weights: $(STAMP)
 	$(LEANSAM) data coco-to-sa1b --images $(DATA)/coco-mval/images \
 		--annotations $(DATA)/coco-mval/annotations/instances.json --out out/sa1b/coco-mval
@@ -102,26 +105,32 @@ weights: $(STAMP)
 		--out out/sa1b/coco-mini-train
 	$(LEANSAM) data synth --out out/sa1b/synth --count 400 --seed 0
 	$(LEANSAM) train prompt --recipe recipes/own/decoder-warmup.yaml --out $(WARMUP_OUT) \
-		$(if $(WARMUP_SEED),--seed $(WARMUP_SEED)) --resume
-	$(LEANSAM) train finetune --recipe recipes/own/teacher.yaml \
+		--threads 1 $(if $(WARMUP_SEED),--seed $(WARMUP_SEED)) --resume
+	$(LEANSAM) train prompt --recipe recipes/own/decoder-shapes.yaml --out $(SHAPES_OUT) \
 		--decoder-checkpoint $(WARMUP_OUT)/model.pt --resume
-	$(LEANSAM) train finetune --recipe recipes/own/teacher-b.yaml --resume
+	$(LEANSAM) train finetune --recipe recipes/own/teacher.yaml \
+		--decoder-checkpoint $(SHAPES_OUT)/model.pt --resume
 	$(LEANSAM) train distill --recipe recipes/own/student-stage1.yaml --data $(OWN_IMAGES) --resume
 	$(LEANSAM) train finetune --recipe recipes/own/student-stage2.yaml --resume
+	$(LEANSAM) train finetune --recipe recipes/own/student-clicks.yaml --resume
 	$(LEANSAM) weights publish --model leansam-vit-s --checkpoint out/own/teacher/model.pt
-	$(LEANSAM) weights publish --model leansam-efficientvit-s \
-		--checkpoint out/own/student-stage2/model.pt
+	$(LEANSAM) weights publish --model leansam-efficientvit-s --checkpoint out/own/student/model.pt
 
-# The stage-2-only student of MODEL_CARD.md (an ablation, not part of `make weights`): no stage 1,
-# as many steps as the distilled student's stage 1 + 2 took in wall time (set in its recipe).
+# The stage-2-only student of MODEL_CARD.md (an ablation, not part of `make weights`): no teacher and
+# no stage 1, as many steps as the distilled student's stage 1 + 2 take in wall time (its recipe).
 weights-ablation: $(STAMP)
-	$(LEANSAM) train finetune --recipe recipes/own/student-stage2-only.yaml --resume
+	$(LEANSAM) train finetune --recipe recipes/own/student-stage2-only.yaml \
+		--decoder-checkpoint $(SHAPES_OUT)/model.pt --resume
 
 # The own-model rows of EVALUATION.md (box protocol on coco-mini val, never trained on).
 eval-own: $(STAMP)
 	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-vit-s --protocol box --out out/eval/teacher-box
 	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol box \
 		--out out/eval/student-box
+	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol click --clicks 1,3,5 \
+		--out out/eval/student-click
+	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol box \
+		--checkpoint out/own/student-stage2/model.pt --out out/eval/student-s2-box
 	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol box \
 		--checkpoint out/own/student-stage2-only/model.pt --out out/eval/student-s2only-box
 

@@ -195,7 +195,11 @@ def test_train_shows_progress_bars_unless_no_progress(images_small, tmp_path, ca
     assert "train distill:   0%" not in err  # starts at the resumed step
     assert main([*base, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert captured.err == "" and "distill: step 2/2" in captured.out
+    assert captured.err == "" and "distill: step 2/2, last loss " in captured.out
+    # a finished run resumed (make weights reruns every step) takes no step and says so
+    assert main([*base, "--out", str(tmp_path / "b"), "--no-progress", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "distill: step 2/2, already finished; weights: " in out and "nan" not in out, out
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -373,25 +377,28 @@ def test_shipped_recipes_parse():
 
 
 def test_own_recipes_chain():
-    """make weights: teacher -> stage 1 (from the teacher) -> stage 2 (from stage 1)."""
+    """make weights: warm start -> shape prior -> teacher -> stage 1 (from the teacher) -> stage 2
+    (from stage 1) -> clicks (from stage 2); the ablation starts from the same prior."""
     from conftest import REPO
 
     own = REPO / "recipes" / "own"
-    warm = TrainConfig.from_yaml(own / "decoder-warmup.yaml")
-    phase_a = TrainConfig.from_yaml(own / "teacher.yaml")
-    assert warm.stage == "prompt" and warm.data == [] and warm.model == phase_a.model
-    assert phase_a.decoder_checkpoint == f"{warm.out}/model.pt"
-    teacher = TrainConfig.from_yaml(own / "teacher-b.yaml")
-    assert phase_a.init_checkpoint is None and teacher.init_checkpoint == f"{phase_a.out}/model.pt"
-    s1 = TrainConfig.from_yaml(own / "student-stage1.yaml")
-    s2 = TrainConfig.from_yaml(own / "student-stage2.yaml")
-    only = TrainConfig.from_yaml(own / "student-stage2-only.yaml")
-    assert teacher.model == phase_a.model == s1.teacher == "leansam-vit-s"
-    assert s1.teacher_checkpoint == f"{teacher.out}/model.pt"
+    load = lambda name: TrainConfig.from_yaml(own / f"{name}.yaml")  # noqa: E731
+    warm, shapes, teacher = load("decoder-warmup"), load("decoder-shapes"), load("teacher")
+    s1, s2, clicks = load("student-stage1"), load("student-stage2"), load("student-clicks")
+    only = load("student-stage2-only")
+    assert warm.stage == shapes.stage == "prompt" and warm.data == shapes.data == []
+    assert warm.min_box_iou > 0 and warm.model == shapes.model == teacher.model == s1.teacher
+    assert shapes.decoder_checkpoint == f"{warm.out}/model.pt"
+    assert teacher.decoder_checkpoint == only.decoder_checkpoint == f"{shapes.out}/model.pt"
+    assert teacher.init_checkpoint is None and only.init_checkpoint is None
+    assert s1.teacher == "leansam-vit-s" and s1.teacher_checkpoint == f"{teacher.out}/model.pt"
     assert s2.init_checkpoint == f"{s1.out}/model.pt"
-    assert only.decoder_checkpoint == f"{teacher.out}/model.pt" and only.init_checkpoint is None
-    assert s1.model == s2.model == only.model == "leansam-efficientvit-s"
-    assert s2.data == only.data == teacher.data
+    assert clicks.init_checkpoint == f"{s2.out}/model.pt"
+    assert s1.model == s2.model == clicks.model == only.model == "leansam-efficientvit-s"
+    assert s2.data == only.data == teacher.data == clicks.data
+    # box prompts until the clicks step, which trains corrective clicks beside boxes
+    assert teacher.box_prob == s2.box_prob == only.box_prob == 1.0
+    assert clicks.box_prob < 1 and clicks.click_rounds >= 4  # the protocol's 5 clicks
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -1237,6 +1244,58 @@ def test_prior_distill_keeps_the_decoders_content_free_prior(sa1b_small, tmp_pat
         with pytest.raises(InputError, match=r"^prior_distill_weight acts on box prompts"):
             _ft_cfg(sa1b_small, tmp_path / "bad", prior_distill_weight=1.0, decoder_checkpoint="d",
                     **bad)  # fmt: skip
+
+
+def test_click_rounds_train_on_corrective_clicks_from_the_models_own_errors(sa1b_small, tmp_path):
+    from leansam import create_model
+
+    ds = SA1BDataset(sa1b_small)
+    cfg = _ft_cfg(sa1b_small, tmp_path / "x", box_prob=0.0, click_rounds=3, num_points=0)
+    m = create_model(STUDENT, seed=4).eval()
+    calls = []
+    decode = m.decode
+
+    def spy(emb, points, labels, *args, **kw):
+        out = decode(emb, points, labels, *args, **kw)
+        calls.append((points.clone(), labels.clone(), out[0].detach(), out[1].detach()))
+        return out
+
+    m.decode = spy
+    step = FinetuneStep(m, cfg)
+    rounds = []
+    for i in range(12):
+        sample = prepare_sample(ds[i % len(ds)], m.image_size, cfg, np.random.default_rng(i), "cpu")
+        assert sample["points"].shape[:2] == (4, 1) and (sample["labels"] == 1).all()
+        rounds.append(sample["click_rounds"])
+        calls.clear()
+        loss = step([sample], [i])
+        assert torch.isfinite(loss)
+        r = sample["click_rounds"]
+        assert len(calls) == r + 1  # r rounds without gradient, then the trained prediction
+        gt = sample["gt"] > 0.5
+        for k, (points, labels, low, iou) in enumerate(calls):
+            assert points.shape[:2] == labels.shape == (4, k + 1)
+            assert torch.equal(points[:, :1], sample["points"])  # earlier clicks are kept
+            if k == 0:
+                continue
+            # click k was drawn from the error of round k-1's best predicted output
+            prev_low, prev_iou = calls[k - 1][2], calls[k - 1][3]
+            best = prev_low[torch.arange(4), prev_iou.argmax(1)][:, None]
+            pred = torch.nn.functional.interpolate(best, gt.shape[-2:], mode="bilinear")[:, 0] > 0
+            xy = (points[:, k] / (1024 / gt.shape[-1])).round().long()
+            for j in range(4):
+                x, y = int(xy[j, 0]), int(xy[j, 1])
+                inside = bool(gt[j, y, x])
+                assert int(labels[j, k]) == int(inside)  # positive exactly on object pixels
+                if (pred[j] != gt[j]).any():
+                    assert bool(pred[j, y, x]) != inside  # on the error region
+    assert set(rounds) == {0, 1, 2, 3}
+    for bad, why in (
+        (dict(click_rounds=-1), "click_rounds must be 0"),
+        (dict(click_rounds=2, box_prob=1.0), "click_rounds simulates corrective clicks"),
+    ):
+        with pytest.raises(InputError, match=why):
+            _ft_cfg(sa1b_small, tmp_path / "bad", **bad)
 
 
 def test_two_gloo_processes_survive_a_batch_with_no_readable_sample(sa1b_small, tmp_path):

@@ -15,7 +15,7 @@ from leansam.data.coco import ann_to_mask, load_coco
 from leansam.data.sa1b import SA1BDataset, coco_to_sa1b
 from leansam.errors import InputError
 from leansam.train.losses import iou_loss, mask_loss, point_sample, uncertain_point_coords
-from leansam.train.prompts import mask_boxes, sample_prompts
+from leansam.train.prompts import error_clicks, mask_boxes, sample_prompts
 
 IMAGES = COCO_MINI / "train2017"
 ANNS = COCO_MINI / "annotations" / "instances_train2017.json"
@@ -123,6 +123,33 @@ def test_prompt_sampling():
     assert a.multimask == b.multimask and np.array_equal(
         a.points if a.points is not None else a.boxes, b.points if b.points is not None else b.boxes
     )
+
+
+def test_error_clicks_land_on_the_error_with_its_label():
+    gt = np.zeros((4, 30, 40), dtype=bool)
+    gt[:3, 10:20, 5:25] = True
+    pred = np.zeros_like(gt)
+    pred[1] = True  # everything: the error is the background
+    pred[2] = gt[2]  # no error: a positive click in the mask
+    rng = np.random.default_rng(0)
+    seen = {0: set(), 1: set()}
+    for _ in range(200):
+        xy, labels = error_clicks(pred, gt, rng)
+        x, y = xy.astype(int).T
+        assert xy.shape == (4, 2) and labels.tolist() == [1, 0, 1, -1]
+        assert gt[0, y[0], x[0]] and not gt[1, y[1], x[1]] and gt[2, y[2], x[2]]
+        assert (xy[3] == 0).all()  # empty mask, empty prediction: a padding point
+        seen[0].add((x[0], y[0]))
+        seen[1].add((x[1], y[1]))
+    assert len(seen[0]) > 90 and len(seen[1]) > 150  # spread over the region, not one pixel
+    # a mixed error: missed pixels give positive clicks, spurious ones negative, by area
+    pred[0] = False
+    pred[0, 10:20, 5:15] = True  # half the object found
+    pred[0, 0:10, 0:10] = True  # and as much background (100 px each)
+    labels = [int(error_clicks(pred, gt, rng)[1][0]) for _ in range(400)]
+    assert 0.35 < np.mean(labels) < 0.65
+    a, b = (error_clicks(pred, gt, np.random.default_rng(3)) for _ in range(2))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
 def test_point_sample_and_uncertainty():
@@ -272,10 +299,16 @@ def test_copy_paste_scenes(tmp_path):
     assert np.array_equal(ds[2].masks, masks)  # masks round-trip exactly through RLE
     with pytest.raises(InputError, match="is one of the sources"):
         write_paste_scenes([out], out, 1)
-    with pytest.raises(InputError, match="holds scenes made with another size"):
+    with pytest.raises(InputError, match=r"another configuration \(differs in size\).*--fresh"):
         write_paste_scenes(sources, out, 5, size=96, progress=False)  # would mix two sizes
-    with pytest.raises(InputError, match="holds scenes made with another seed, sources"):
+    with pytest.raises(InputError, match=r"another configuration \(differs in seed, sources\)"):
         write_paste_scenes(sources[:1], out, 5, seed=1, size=128, progress=False)
+    # --fresh: the old scenes go, the new settings' are written from scene 0
+    assert write_paste_scenes(sources, out, 2, size=96, fresh=True, progress=False) == 2
+    assert sorted(f.name for f in out.glob("sa_*")) == [
+        "sa_0.jpg", "sa_0.json", "sa_1.jpg", "sa_1.json"
+    ]  # fmt: skip
+    assert max(SA1BDataset(out)[0].image.shape[:2]) == 96
     with pytest.raises(InputError, match="is a file"):
         write_paste_scenes(sources, out / "sa_0.json", 1)
     with pytest.raises(InputError, match="cannot create --out"):
@@ -304,6 +337,15 @@ def test_copy_paste_scenes(tmp_path):
     )
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"leansam: error: SA-1B folder not found: {tmp_path / 'missing'}"
+    args = [*cli, "--sources", *map(str, sources), "--count", "1", "--size", "64", "--no-progress"]
+    other = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and other.stderr.strip().endswith(
+        "holds results of another configuration (differs in size): use a new --out, or --fresh "
+        "to discard them"
+    ), other.stderr
+    fresh = subprocess.run([*args, "--fresh"], capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0 and "wrote 1 copy-paste scenes" in fresh.stdout, fresh.stderr
+    assert len(SA1BDataset(tmp_path / "c")) == 1
 
 
 def test_dense_mask_loss():

@@ -43,7 +43,7 @@ def _cmd_paste(args: argparse.Namespace) -> int:
     if args.size < 64:
         raise InputError("--size must be at least 64 pixels")
     n = write_paste_scenes(
-        args.sources, args.out, args.count, seed=args.seed, size=args.size,
+        args.sources, args.out, args.count, seed=args.seed, size=args.size, fresh=args.fresh,
         progress=not args.no_progress,
     )  # fmt: skip
     print(f"wrote {n} copy-paste scenes to {args.out} ({args.count - n} already there)")
@@ -96,6 +96,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     paste.add_argument("--out", required=True, help="output folder for sa_<i>.jpg / .json")
     paste.add_argument("--count", type=int, default=1000, help="number of scenes")
+    paste.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete the scenes of other settings in --out first (a rerun otherwise refuses them)",
+    )
     paste.add_argument(
         "--seed",
         type=int,

@@ -33,7 +33,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("leansam: interrupted; continue with the same command plus --resume", file=sys.stderr)
         return 130
     if int(os.environ.get("RANK", "0")) == 0:
-        last = result["records"][-1]["loss"] if result["records"] else float("nan")
+        # a resumed run that had already finished takes no step: say so instead of a loss
+        records = result["records"]
+        last = f"last loss {records[-1]['loss']:.5f}" if records else "already finished"
         n = result["skipped_samples"]
         skipped = f", {n} unreadable samples skipped" if n else ""
         drawn = result.get("box_iou")
@@ -43,7 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             check = f", box IoU {' / '.join(f'{v:.2f}' for v in drawn.values())} at {sides} px"
         print(
             f"{cfg.stage}: step {result['steps']}/{result['total_steps']}, "
-            f"last loss {last:.5f}{check}{skipped}; weights: {cfg.out}/model.pt"
+            f"{last}{check}{skipped}; weights: {cfg.out}/model.pt"
         )
     return 0
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ..distributed import claim_run_folder
 from ..errors import InputError
-from ..io import atomic_write_json, read_json
+from ..io import read_json
 from ..progress import progress_bar
 from .sa1b import SA1BDataset, write_sa1b_scene
 
@@ -154,14 +155,15 @@ def write_paste_scenes(
     *,
     seed: int = 0,
     size: int = 512,
+    fresh: bool = False,
     progress: bool = True,
 ) -> int:
     """Write ``count`` copy-paste scenes (:func:`make_paste_scene`) from the SA-1B folders
     ``sources`` as ``sa_<i>.jpg`` + ``sa_<i>.json`` in ``out_dir``; scene i depends only on
     (seed, i), ``size`` and the sources (recorded in ``out_dir/paste.json``), and existing pairs
-    are kept (a rerun resumes). Returns the number written. Raises InputError for a missing or
-    empty source folder, an ``out_dir`` that is a source or a file, a negative seed, or a rerun
-    with other settings."""
+    are kept (a rerun resumes); ``fresh`` deletes the scenes of other settings first. Returns the
+    number written. Raises InputError for a missing or empty source folder, an ``out_dir`` that is
+    a source or a file, a negative seed, or a rerun with other settings without ``fresh``."""
     out = Path(out_dir)
     if any(Path(s).resolve() == out.resolve() for s in sources):
         raise InputError(f"--out {out} is one of the sources: write the scenes elsewhere")
@@ -181,16 +183,12 @@ def write_paste_scenes(
         raise InputError(f"cannot create --out {out}: {e.strerror}") from None
     # the settings the scenes depend on: a rerun into the same folder must use the same ones
     manifest = {"seed": seed, "size": size, "sources": [str(Path(p).resolve()) for p in sources]}
-    if recorded.exists():
-        before = read_json(recorded, "copy-paste manifest")
-        if before != manifest:
-            changed = ", ".join(k for k in manifest if before.get(k) != manifest[k])
-            raise InputError(
-                f"{out} holds scenes made with another {changed}: use a new --out, or the same "
-                f"settings ({recorded})"
-            )
-    else:
-        atomic_write_json(recorded, manifest)
+
+    def clear() -> None:
+        for f in [*out.glob("sa_*.json"), *out.glob("sa_*.jpg")]:
+            f.unlink()
+
+    claim_run_folder(recorded, manifest, fresh=fresh, clear=clear)
     todo = [i for i in range(count) if not (out / f"sa_{i}.json").exists()]
     bar = progress_bar(
         total=count, initial=count - len(todo), desc="copy-paste scenes", unit="scene",

@@ -72,6 +72,14 @@ class TrainConfig:
     #: prompt simulation (SPEC: a box with p 0.5, else 1-10 points; multimask with p 0.5)
     box_prob: float = 0.5
     multimask_prob: float = 0.5
+    #: stage 2, point prompts: SAM's interactive training (Kirillov et al. 2023, appendix A,
+    #: "Training algorithm") instead of 1-10 positive points. One positive point is drawn from
+    #: each mask, then 0 to ``click_rounds`` more (uniform per image): each round the model
+    #: predicts from the clicks so far, without gradient (the output with the highest predicted
+    #: IoU, as the click protocol of SPEC section 6 takes), and a click is drawn uniformly from
+    #: that prediction's error region, positive on a missed pixel and negative on a spurious one.
+    #: The loss is on the prediction from all the clicks. 0: off (SPEC section 5's points)
+    click_rounds: int = 0
     focal: bool = False
     #: weight of the BCE (or focal) term next to Dice; SPEC: 20 (fine-tuning a trained SAM). From
     #: scratch, 20 drives every mask to background for hundreds of steps: leansam's own models use 1
@@ -207,6 +215,13 @@ class TrainConfig:
             raise InputError("box_prob and multimask_prob must lie in [0, 1]")
         if self.warmup_steps < 0:
             raise InputError("warmup_steps must be 0 or positive")
+        if self.click_rounds < 0:
+            raise InputError(f"click_rounds must be 0 (off) or positive, got {self.click_rounds}")
+        if self.click_rounds and (self.stage != "finetune" or self.box_prob == 1):
+            raise InputError(
+                "click_rounds simulates corrective clicks on point prompts: stage finetune with "
+                "box_prob below 1"
+            )
         if self.pe_scale is not None:
             values = self.pe_scale if isinstance(self.pe_scale, list) else [self.pe_scale]
             if not values or min(values) <= 0:  # numbers already (_check_numbers)

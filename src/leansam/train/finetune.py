@@ -27,7 +27,7 @@ from .loop import (
     train_device,
 )
 from .losses import iou_loss, mask_loss, prior_distill_loss
-from .prompts import sample_prompts
+from .prompts import error_clicks, sample_prompts
 
 
 class FinetuneStep(nn.Module):
@@ -66,8 +66,11 @@ class FinetuneStep(nn.Module):
         terms: dict[str, list[torch.Tensor]] = {k: [] for k in self.terms}
         losses = []
         for i, s in enumerate(samples):
+            points, labels = s["points"], s["labels"]
+            if s.get("click_rounds"):
+                points, labels = self.corrective_clicks(emb[i : i + 1].detach(), s, seeds[i])
             low, iou_pred = model.decode(
-                emb[i : i + 1], s["points"], s["labels"], s["boxes"], None, s["multimask"]
+                emb[i : i + 1], points, labels, s["boxes"], None, s["multimask"]
             )
             g = torch.Generator(device=low.device).manual_seed(seeds[i])
             loss = mask_loss(
@@ -93,6 +96,29 @@ class FinetuneStep(nn.Module):
             losses.append(loss)
         self.terms = {k: torch.cat(v).detach().mean() for k, v in terms.items()}
         return torch.cat(losses).mean()
+
+    def corrective_clicks(
+        self, emb: torch.Tensor, s: dict, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s``'s point prompts after its ``click_rounds`` rounds of corrective clicks
+        (``TrainConfig.click_rounds``): N x K x 2 points (1024 frame) and N x K labels, K = 1 +
+        rounds. Each round decodes without gradient on ``emb`` (1 x D x 64 x 64, detached) and
+        adds one click per mask drawn from the error of the output with the highest predicted IoU,
+        compared with ``s["gt"]`` in the padded input frame."""
+        rng = np.random.default_rng([seed, 1])  # apart from the loss's generator
+        points, labels = s["points"], s["labels"]
+        gt = s["gt"] > 0.5
+        scale = 1024 / gt.shape[-1]  # input frame pixels -> the prompts' 1024 frame
+        for _ in range(s["click_rounds"]):
+            with torch.no_grad():
+                low, iou = self.model.decode(emb, points, labels, None, None, True)
+                best = low[torch.arange(len(low)), iou.argmax(1)][:, None].float()
+                pred = F.interpolate(best, gt.shape[-2:], mode="bilinear", align_corners=False)
+            xy, lab = error_clicks((pred[:, 0] > 0).cpu().numpy(), gt.cpu().numpy(), rng)
+            new = torch.as_tensor(xy * scale, dtype=points.dtype, device=points.device)
+            points = torch.cat([points, new[:, None]], 1)
+            labels = torch.cat([labels, torch.as_tensor(lab, device=labels.device)[:, None]], 1)
+        return points, labels
 
 
 def all_masks(model: nn.Module, image_embeddings: torch.Tensor, boxes: torch.Tensor):
@@ -146,7 +172,8 @@ def zoom(
 
 def prepare_sample(sample, image_size: int, cfg: TrainConfig, rng: np.random.Generator, device):
     """Augment one SA-1B sample and draw its prompts (SPEC section 5): flip, optional scale
-    jitter, ``masks_per_image`` masks (resampled if fewer), box or 1-10 points, multimask."""
+    jitter, ``masks_per_image`` masks (resampled if fewer), box or 1-10 points (or one point and
+    0 to ``click_rounds`` corrective clicks, drawn during the step), multimask."""
     image, masks = sample.image, sample.masks
     if rng.random() < cfg.flip_prob:
         image, masks = image[:, ::-1], masks[:, :, ::-1]
@@ -159,7 +186,13 @@ def prepare_sample(sample, image_size: int, cfg: TrainConfig, rng: np.random.Gen
     n = len(masks)
     idx = rng.choice(n, cfg.masks_per_image, replace=n < cfg.masks_per_image)
     masks = np.ascontiguousarray(masks[idx])
-    prompts = sample_prompts(masks, rng, box_prob=cfg.box_prob, multimask_prob=cfg.multimask_prob)
+    prompts = sample_prompts(
+        masks, rng, box_prob=cfg.box_prob, multimask_prob=cfg.multimask_prob,
+        max_points=1 if cfg.click_rounds else 10,
+    )  # fmt: skip
+    rounds = 0
+    if cfg.click_rounds and prompts.points is not None:
+        rounds = int(rng.integers(cfg.click_rounds + 1))
     size = image.shape[:2]
     frame = ResizeLongestSide(1024)
     to_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float, device=device)  # noqa: E731
@@ -177,6 +210,7 @@ def prepare_sample(sample, image_size: int, cfg: TrainConfig, rng: np.random.Gen
         "labels": labels,
         "multimask": prompts.multimask,
         "gt": gt,
+        "click_rounds": rounds,
     }
 
 

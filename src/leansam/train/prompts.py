@@ -45,6 +45,30 @@ def sample_points(masks: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     return out
 
 
+def error_clicks(
+    pred: np.ndarray, gt: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One corrective click per mask (SAM's interactive training): N x 2 (x, y) pixel positions
+    drawn uniformly from each prediction's error region and N labels, 1 on a missed object pixel
+    and 0 on a spurious one. Where a prediction has no error the click is a positive one drawn
+    from the mask; where the mask is empty too, a padding point (label -1, SAM's "not a point").
+
+    Arguments: pred, gt: N x H x W bool, the same pixel frame."""
+    n = len(gt)
+    xy, labels = np.zeros((n, 2), np.float64), np.full(n, -1, np.int64)
+    w = gt.shape[2]
+    for i in range(n):
+        err = pred[i] != gt[i]
+        region = err if err.any() else gt[i]
+        flat = np.flatnonzero(region)
+        if not len(flat):
+            continue
+        j = int(flat[rng.integers(len(flat))])
+        y, x = divmod(j, w)
+        xy[i], labels[i] = (x, y), int(gt[i, y, x])
+    return xy, labels
+
+
 def sample_prompts(
     masks: np.ndarray,
     rng: np.random.Generator,
@@ -53,7 +77,8 @@ def sample_prompts(
     max_points: int = 10,
     multimask_prob: float = 0.5,
 ) -> Prompts:
-    """Draw the prompts of one image's N masks (N x H x W bool)."""
+    """Draw the prompts of one image's N masks (N x H x W bool): boxes with ``box_prob``, else
+    1 to ``max_points`` positive points (the same number for every mask)."""
     multimask = bool(rng.random() < multimask_prob)
     if rng.random() < box_prob:
         return Prompts(mask_boxes(masks), None, None, multimask)
