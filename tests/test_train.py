@@ -1273,7 +1273,7 @@ def test_click_rounds_train_on_corrective_clicks_from_the_models_own_errors(sa1b
         r = sample["click_rounds"]
         assert len(calls) == r + 1  # r rounds without gradient, then the trained prediction
         gt = sample["gt"] > 0.5
-        for k, (points, labels, low, iou) in enumerate(calls):
+        for k, (points, labels, *_) in enumerate(calls):
             assert points.shape[:2] == labels.shape == (4, k + 1)
             assert torch.equal(points[:, :1], sample["points"])  # earlier clicks are kept
             if k == 0:
