@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 
 STAGES = (
-    ("decoder-warmup", "teacher decoder warm start (synthetic boxes; 'images' are boxes)"),
-    ("teacher-a", "teacher `leansam-vit-s`, phase A (stage-2 pipeline)"),
-    ("teacher", "teacher `leansam-vit-s`, phase B (stage-2 pipeline)"),
-    ("student-stage1", "student `leansam-efficientvit-s`, stage 1 (distill)"),
-    ("student-stage2", "student `leansam-efficientvit-s`, stage 2 (finetune)"),
+    ("decoder-warmup", "decoder warm start (synthetic boxes, 1 thread; 'images' are boxes)"),
+    ("decoder-shapes", "box prior of real shapes (synthetic boxes; 'images' are boxes)"),
+    ("teacher", "teacher `leansam-vit-s` (stage-2 pipeline, boxes)"),
+    ("student-stage1", "student `leansam-efficientvit-s`, stage 1 (distill; cache not included)"),
+    ("student-stage2", "student `leansam-efficientvit-s`, stage 2 (finetune, boxes)"),
+    ("student", "student `leansam-efficientvit-s`, clicks (finetune, boxes and clicks)"),
     ("student-stage2-only", "ablation: student by stage 2 only"),
 )
-
 
 def collect(root: Path) -> list[dict]:
     rows = []

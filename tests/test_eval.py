@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import COCO_MINI, cli_one_and_two_ranks
 
 from leansam.data.coco import ann_to_mask
@@ -392,3 +393,27 @@ def test_shipped_weights_score_their_recorded_box_miou(name, recorded):
     got = evaluate(model, EvalDataset.load(IMAGES, ANNS, limit=10), "box", progress=False)
     for size, value in recorded.items():
         assert got["metrics"]["mIoU"][size] == pytest.approx(value, abs=0.005), size
+
+
+def test_a_run_refuses_to_resume_after_its_weights_changed_under_the_same_path(tmp_path, capsys):
+    """`make weights` republishes weights/ under the same names: the run folder records the
+    checkpoint's sha256, so an earlier model's per-image results are never mixed in."""
+    from leansam import create_model
+    from leansam.cli import main
+
+    ckpt = tmp_path / "model.pt"
+    torch.save(create_model("efficientvit-sam-tiny-l", seed=0).state_dict(), ckpt)
+    args = ["eval", "--images", str(IMAGES), "--annotations", str(ANNS), "--limit", "1",
+            "--model", "efficientvit-sam-tiny-l", "--checkpoint", str(ckpt), "--protocol", "box",
+            "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(args) == 0
+    assert main(args) == 0  # the same file: resumes (nothing left to do)
+    capsys.readouterr()
+    torch.save(create_model("efficientvit-sam-tiny-l", seed=1).state_dict(), ckpt)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "holds results of another configuration (differs in checkpoint_sha256): use a new --out, "
+        "or --fresh to discard them"
+    ), err
+    assert main([*args, "--fresh"]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -173,6 +174,21 @@ def read_json(path: str | os.PathLike, what: str) -> object:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder's files (names and contents, sorted), read in 1 MiB
+    chunks: what a resumable job records of an input whose content may change under the same
+    path (detections, checkpoints)."""
+    h = hashlib.sha256()
+    path = Path(path)
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:

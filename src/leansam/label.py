@@ -18,7 +18,6 @@ done.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -176,16 +175,6 @@ def _pixel_boxes(dets: list[dict], height: int, width: int) -> np.ndarray:
         x, y, w, h = d["bbox"]
         out.append([x, y, x + w, y + h])
     return np.asarray(out, dtype=np.float64)
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file, or of a folder's files (names and contents, sorted)."""
-    h = hashlib.sha256()
-    path = Path(path)
-    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if f.is_file():
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
 
 
 def boxes_to_masks(

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from .parsing import default_of, int_list, runtime_args, runtime_record
+from .parsing import checkpoint_record, default_of, int_list, runtime_args, runtime_record
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -38,7 +38,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             plot=args.plot,
             progress=not args.no_progress,
             config={
-                "checkpoint": getattr(source, "checkpoint", None),
+                **checkpoint_record(getattr(source, "checkpoint", None)),
                 "limit": args.limit,
                 **runtime_record(args),
             },

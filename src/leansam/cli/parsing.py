@@ -172,12 +172,19 @@ def dataset_model(args: argparse.Namespace):
     rank, world = init_from_env()
     device = args.device or (default_device() if world > 1 else None)
     sam = load_model(args.model, args.checkpoint, device=device)
-    config = {
-        "model": args.model,
-        "checkpoint": os.fspath(sam.checkpoint_path) if sam.checkpoint_path else None,
-        **runtime_record(args),
-    }
+    config = {"model": args.model, **checkpoint_record(sam.checkpoint_path), **runtime_record(args)}
     return rank, sam, config
+
+
+def checkpoint_record(path: str | os.PathLike | None) -> dict:
+    """What a resumable run records of its weights: the file and its sha256, so that a rerun
+    after the file changed under the same path (``make weights`` republishing ``weights/``, a
+    retrained ``model.pt``) refuses the earlier results instead of mixing two models'."""
+    from ..io import file_digest
+
+    if not path:
+        return {"checkpoint": None, "checkpoint_sha256": None}
+    return {"checkpoint": os.fspath(path), "checkpoint_sha256": file_digest(path)}
 
 
 def print_skipped(skipped: list[dict], summary_file: str, shown: int = 5) -> None:

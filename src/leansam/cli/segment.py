@@ -58,7 +58,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _detections(args: argparse.Namespace) -> int:
     import os
 
-    from ..label import boxes_to_masks, file_digest, read_detections
+    from ..io import file_digest
+    from ..label import boxes_to_masks, read_detections
     from ..predictor import SamPredictor
     from ..runtime import check_runtime, runtime_calibration
 
