@@ -25,6 +25,7 @@ STAGES = (
     ("student-stage2-only", "ablation: student by stage 2 only"),
 )
 
+
 def collect(root: Path) -> list[dict]:
     rows = []
     for folder, label in STAGES:
