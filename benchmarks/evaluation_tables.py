@@ -20,9 +20,9 @@ def _f(v: float | None, scale: float = 1.0) -> str:
 
 
 def _name(r: dict) -> str:
-    """The model, plus the run folder of its weights when they are not the shipped ones."""
+    """The model, plus the folder of its weights when they are not the shipped ones (weights/)."""
     ckpt = r["config"].get("checkpoint")
-    if ckpt and not str(ckpt).endswith(".safetensors"):
+    if ckpt and Path(ckpt).parent.name != "weights":
         return f"{r['config']['model']} ({Path(ckpt).parent.name})"
     return r["config"]["model"]
 

@@ -4,23 +4,28 @@ covers at IoU >= 0.5.
 
     leansam everything ../shared/data/coco-mini/val2017 --model leansam-efficientvit-s --out out/ev
     python scripts/everything_recall.py out/ev --images ../shared/data/coco-mini/val2017 \
-        --annotations ../shared/data/coco-mini/annotations/instances_val2017.json
+        --annotations ../shared/data/coco-mini/annotations/instances_val2017.json \
+        --out out/ev-recall.json
 
 The folder is the output of ``leansam everything`` over the dataset's image folder (one
-``sa_<name>.json`` per image, named by ``leansam.amg.dataset.output_name``).
+``sa_<name>.json`` per image, named by ``leansam.amg.dataset.output_name``). The figures are
+printed as JSON; ``--out`` also writes them with the labelling run's configuration (its
+``run.json``: model, checkpoint and its sha256, thresholds) and this machine's environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from leansam.amg.dataset import output_name
 from leansam.data.coco import ann_to_mask, load_coco
-from leansam.io import coco_rle_to_mask
+from leansam.io import atomic_write_json, coco_rle_to_mask
+from leansam.provenance import describe_environment
 
 MIN_AREA = 32 * 32
 IOU = 0.5
@@ -32,7 +37,10 @@ def recall(labels: Path, images_dir: Path, annotations: Path) -> dict:
     for info in images:
         path = labels / f"{output_name(images_dir / info['file_name'], images_dir)}.json"
         if not path.exists():
-            raise SystemExit(f"{path} missing: run leansam everything over the dataset first")
+            raise SystemExit(
+                f"everything_recall.py: {path} missing: run leansam everything over the dataset "
+                "first"
+            )
         generated = [
             coco_rle_to_mask(a["segmentation"]) for a in json.loads(path.read_text())["annotations"]
         ]
@@ -61,11 +69,27 @@ def main() -> int:
     ap.add_argument("labels", type=Path, help="output folder of leansam everything")
     ap.add_argument("--images", type=Path, required=True, help="the image folder labelled")
     ap.add_argument("--annotations", type=Path, required=True, help="COCO instances JSON")
+    ap.add_argument("--out", type=Path, help="write the figures, run and environment here")
     args = ap.parse_args()
+    if not args.annotations.is_file():
+        raise SystemExit(f"everything_recall.py: --annotations {args.annotations} not found")
     r = recall(args.labels, args.images, args.annotations)
     print(json.dumps(r, indent=2))
+    if args.out:
+        run = args.labels / "run.json"
+        atomic_write_json(
+            args.out,
+            {
+                **r,
+                "min_area": MIN_AREA,
+                "iou": IOU,
+                "annotations": str(args.annotations),
+                "run": json.loads(run.read_text()) if run.is_file() else None,
+                "environment": describe_environment(),
+            },
+        )
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -910,6 +910,56 @@ def test_diagnose_script_writes_its_table_and_json_with_no_bar_when_asked(tmp_pa
     assert f"objects: {record['count']}" in r.stdout and "| first | predicted |" in r.stdout
 
 
+def test_everything_recall_script_counts_objects_found_at_iou_half(tmp_path):
+    """scripts/everything_recall.py: masks per image, and the share of non-crowd objects of area
+    >= 32^2 that some generated mask covers at IoU >= 0.5, with the labelling run's record."""
+    from conftest import REPO
+
+    from leansam.io import mask_to_coco_rle
+
+    h, w = 80, 100
+    boxes = {1: (0, 0, 40, 40), 2: (50, 10, 40, 40), 3: (0, 50, 10, 10), 4: (60, 55, 35, 20)}
+    anns = [
+        {"id": i, "image_id": 1, "category_id": 1, "bbox": list(b), "area": b[2] * b[3],
+         "iscrowd": int(i == 4), "segmentation": [[b[0], b[1], b[0] + b[2], b[1],
+         b[0] + b[2], b[1] + b[3], b[0], b[1] + b[3]]]}
+        for i, b in boxes.items()
+    ]  # fmt: skip
+    coco = tmp_path / "instances.json"
+    coco.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg", "height": h, "width": w}],
+        "annotations": anns, "categories": [{"id": 1, "name": "x"}],
+    }))  # fmt: skip
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    found = np.zeros((h, w), bool)
+    found[0:40, 0:30] = True  # object 1 at IoU 0.75
+    half = np.zeros((h, w), bool)
+    half[10:50, 50:68] = True  # object 2 at IoU 0.45: not found
+    records = [{"segmentation": mask_to_coco_rle(m)} for m in (found, half, ~found)]
+    (labels / "sa_a.json").write_text(json.dumps({"annotations": records}))
+    (labels / "run.json").write_text(json.dumps({"model": "m", "pred_iou_thresh": 0.88}))
+    script = str(REPO / "scripts" / "everything_recall.py")
+    cmd = [sys.executable, script, str(labels), "--images", str(images), "--annotations",
+           str(coco), "--out", str(tmp_path / "r.json")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    # objects 1 and 2 count (3 is below 32^2, 4 is a crowd region); only 1 is found
+    assert (r["images"], r["masks_per_image"], r["objects"]) == (1, 3.0, 2)
+    assert r["object_recall"] == 0.5 and json.loads(done.stdout)["object_recall"] == 0.5
+    assert r["run"]["pred_iou_thresh"] == 0.88 and r["environment"]["cpu"]
+    (labels / "sa_a.json").unlink()
+    missing = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert (
+        missing.returncode == 1
+        and missing.stderr.strip().startswith("everything_recall.py: ")
+        and "missing: run leansam everything" in missing.stderr
+        and "Traceback" not in missing.stderr
+    )
+
+
 def test_object_sizes_script_counts_coco_size_classes_at_640_pixels(tmp_path):
     """scripts/object_sizes.py: masks per size class, areas rescaled to a 640-px long side for
     SA-1B folders; COCO's own areas (crowd left out) for the evaluation file."""
