@@ -31,8 +31,11 @@ MIN_AREA = 32 * 32
 IOU = 0.5
 
 
-def recall(labels: Path, images_dir: Path, annotations: Path) -> dict:
+def recall(labels: Path, images_dir: Path, annotations: Path, limit: int | None = None) -> dict:
+    """The figures over the first ``limit`` images by id (all with None), as ``leansam eval
+    --limit`` takes them."""
     images, anns = load_coco(annotations)
+    images = images[:limit]
     masks_per_image, found, total = [], 0, 0
     for info in images:
         path = labels / f"{output_name(images_dir / info['file_name'], images_dir)}.json"
@@ -70,10 +73,13 @@ def main() -> int:
     ap.add_argument("--images", type=Path, required=True, help="the image folder labelled")
     ap.add_argument("--annotations", type=Path, required=True, help="COCO instances JSON")
     ap.add_argument("--out", type=Path, help="write the figures, run and environment here")
+    ap.add_argument("--limit", type=int, help="only the first N images by id (all by default)")
     args = ap.parse_args()
     if not args.annotations.is_file():
         raise SystemExit(f"everything_recall.py: --annotations {args.annotations} not found")
-    r = recall(args.labels, args.images, args.annotations)
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"everything_recall.py: --limit must be at least 1, not {args.limit}")
+    r = recall(args.labels, args.images, args.annotations, args.limit)
     print(json.dumps(r, indent=2))
     if args.out:
         run = args.labels / "run.json"
@@ -83,6 +89,7 @@ def main() -> int:
                 **r,
                 "min_area": MIN_AREA,
                 "iou": IOU,
+                "limit": args.limit,
                 "annotations": str(args.annotations),
                 "run": json.loads(run.read_text()) if run.is_file() else None,
                 "environment": describe_environment(),

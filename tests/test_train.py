@@ -950,6 +950,8 @@ def test_everything_recall_script_counts_objects_found_at_iou_half(tmp_path):
     assert (r["images"], r["masks_per_image"], r["objects"]) == (1, 3.0, 2)
     assert r["object_recall"] == 0.5 and json.loads(done.stdout)["object_recall"] == 0.5
     assert r["run"]["pred_iou_thresh"] == 0.88 and r["environment"]["cpu"]
+    assert subprocess.run([*cmd, "--limit", "1"], capture_output=True, timeout=120).returncode == 0
+    assert json.loads((tmp_path / "r.json").read_text())["limit"] == 1
     (labels / "sa_a.json").unlink()
     missing = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert (
