@@ -87,7 +87,7 @@ eval-baselines: $(STAMP)
 		--out out/eval/grabcut-det
 
 # leansam's own models (MODEL_CARD.md): data conversion, the decoder's box prior, teacher, student
-# stage 1 + 2, publish to weights/. About 2 hours on 2 CPU cores with AMX (MODEL_CARD.md);
+# stage 1 + 2 (boxes, then boxes and clicks), publish to weights/. About 2 hours on 2 CPU cores with AMX (MODEL_CARD.md);
 # every step resumes where an interrupted run stopped.
 LEANSAM = $(VENV)/bin/leansam
 OWN_IMAGES = $(DATA)/coco-mval/images $(DATA)/coco-mini/train2017
@@ -112,9 +112,9 @@ weights: $(STAMP)
 		--decoder-checkpoint $(SHAPES_OUT)/model.pt --resume
 	$(LEANSAM) train distill --recipe recipes/own/student-stage1.yaml --data $(OWN_IMAGES) --resume
 	$(LEANSAM) train finetune --recipe recipes/own/student-stage2.yaml --resume
+	$(LEANSAM) train finetune --recipe recipes/own/student-clicks.yaml --resume
 	$(LEANSAM) weights publish --model leansam-vit-s --checkpoint out/own/teacher/model.pt
-	$(LEANSAM) weights publish --model leansam-efficientvit-s \
-		--checkpoint out/own/student-stage2/model.pt
+	$(LEANSAM) weights publish --model leansam-efficientvit-s --checkpoint out/own/student/model.pt
 
 # The stage-2-only student of MODEL_CARD.md (an ablation, not part of `make weights`): no teacher and
 # no stage 1, as many steps as the distilled student's stage 1 + 2 take in wall time (its recipe).
@@ -129,6 +129,10 @@ eval-own: $(STAMP)
 		--out out/eval/student-box
 	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol click --clicks 1,3,5 \
 		--out out/eval/student-click
+	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol box \
+		--checkpoint out/own/student-stage2/model.pt --out out/eval/student-s2-box
+	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol click --clicks 1,3,5 \
+		--checkpoint out/own/student-stage2/model.pt --out out/eval/student-s2-click
 	$(LEANSAM) eval $(EVAL_ARGS) --model leansam-efficientvit-s --protocol box \
 		--checkpoint out/own/student-stage2-only/model.pt --out out/eval/student-s2only-box
 

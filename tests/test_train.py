@@ -378,13 +378,14 @@ def test_shipped_recipes_parse():
 
 def test_own_recipes_chain():
     """make weights: warm start -> shape prior -> teacher -> stage 1 (from the teacher) -> stage 2
-    (from stage 1); the ablation starts from the same prior."""
+    (from stage 1) -> its prompt mix with clicks (from stage 2); the ablation starts from the same
+    prior."""
     from conftest import REPO
 
     own = REPO / "recipes" / "own"
     load = lambda name: TrainConfig.from_yaml(own / f"{name}.yaml")  # noqa: E731
     warm, shapes, teacher = load("decoder-warmup"), load("decoder-shapes"), load("teacher")
-    s1, s2 = load("student-stage1"), load("student-stage2")
+    s1, s2, clicks = load("student-stage1"), load("student-stage2"), load("student-clicks")
     only = load("student-stage2-only")
     assert warm.stage == shapes.stage == "prompt" and warm.data == shapes.data == []
     assert warm.min_box_iou > 0 and warm.model == shapes.model == teacher.model == s1.teacher
@@ -393,9 +394,12 @@ def test_own_recipes_chain():
     assert teacher.init_checkpoint is None and only.init_checkpoint is None
     assert s1.teacher == "leansam-vit-s" and s1.teacher_checkpoint == f"{teacher.out}/model.pt"
     assert s2.init_checkpoint == f"{s1.out}/model.pt"
-    assert s1.model == s2.model == only.model == "leansam-efficientvit-s"
-    assert s2.data == only.data == teacher.data
-    assert teacher.box_prob == s2.box_prob == only.box_prob == 1.0  # box prompts only
+    assert clicks.init_checkpoint == f"{s2.out}/model.pt"
+    assert s1.model == s2.model == clicks.model == only.model == "leansam-efficientvit-s"
+    assert s2.data == only.data == teacher.data == clicks.data
+    # box prompts until the last step, which trains corrective clicks beside boxes
+    assert teacher.box_prob == s2.box_prob == only.box_prob == 1.0
+    assert clicks.box_prob < 1 and clicks.click_rounds >= 4  # the protocol's 5 clicks
 
 
 def test_lr_schedule_warmup_then_cosine():
