@@ -376,9 +376,9 @@ def test_ellipse_fill_is_the_inscribed_ellipse_and_beats_box_fill():
     [
         (
             "leansam-efficientvit-s",
-            {"all": 33.337, "small": 15.308, "medium": 39.522, "large": 59.489},
+            {"all": 49.333, "small": 44.158, "medium": 48.729, "large": 60.045},
         ),
-        ("leansam-vit-s", {"all": 33.107, "small": 15.410, "medium": 38.025, "large": 60.335}),
+        ("leansam-vit-s", {"all": 42.936, "small": 34.160, "medium": 44.665, "large": 57.392}),
     ],
 )
 def test_shipped_weights_score_their_recorded_box_miou(name, recorded):
@@ -386,7 +386,9 @@ def test_shipped_weights_score_their_recorded_box_miou(name, recorded):
     images, box protocol: the recorded mIoU x 100 by size, within 0.005 (masks thresholded at a
     logit of 0 can flip a pixel between CPUs and thread counts; 1e-5 here between 1 and 2
     threads). A changed weight file, preprocessing or decoder moves it. Box-fill scores 62.28 on
-    the same images (above): issue 21's target, shipped weights above box-fill, is not met yet."""
+    the same images (above): issue 21's target, shipped weights above box-fill, is not met yet
+    (the student is 13 points below, the teacher 19), so that is not asserted; the weights before
+    issue 21 scored 33.34 and 33.11 here."""
     from leansam import create_model
 
     model = create_model(name, pretrained=True).eval()
