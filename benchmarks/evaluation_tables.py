@@ -20,11 +20,14 @@ def _f(v: float | None, scale: float = 1.0) -> str:
 
 
 def _name(r: dict) -> str:
-    """The model, plus the folder of its weights when they are not the shipped ones (weights/)."""
+    """The model, plus the folder of its weights when they are not the shipped ones (weights/)
+    and the runtime when it is not plain torch."""
+    name = r["config"]["model"]
     ckpt = r["config"].get("checkpoint")
     if ckpt and Path(ckpt).parent.name != "weights":
-        return f"{r['config']['model']} ({Path(ckpt).parent.name})"
-    return r["config"]["model"]
+        name += f" ({Path(ckpt).parent.name})"
+    runtime = r["config"].get("runtime")
+    return name + (f" [{runtime}]" if runtime and runtime != "torch" else "")
 
 
 def tables(runs: list[dict]) -> str:
@@ -87,11 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no results.json under {args.root}", file=sys.stderr)
         return 2
     print(tables(runs))
-    env = runs[0]["environment"]
-    print(
-        f"Machine: {env['cpu']}, {env['logical_cpus']} logical CPUs; torch {env['torch']}, "
-        f"leansam {env['leansam']}."
-    )
+    machines: dict[str, list[str]] = {}  # each machine with the rows measured on it
+    for r in runs:
+        env = r["environment"]
+        key = (
+            f"{env['cpu']}, {env['logical_cpus']} logical CPUs; torch {env['torch']}, "
+            f"leansam {env['leansam']}"
+        )
+        machines.setdefault(key, []).append(f"{_name(r)} {r['protocol']}")
+    for key, rows in machines.items():
+        which = f" ({', '.join(rows)})" if len(machines) > 1 else ""
+        print(f"Machine: {key}{which}.")
     return 0
 
 
