@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -409,8 +410,14 @@ def test_a_run_refuses_to_resume_after_its_weights_changed_under_the_same_path(t
             "--model", "efficientvit-sam-tiny-l", "--checkpoint", str(ckpt), "--protocol", "box",
             "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(args) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()  # sha256sum's
     assert main(args) == 0  # the same file: resumes (nothing left to do)
     capsys.readouterr()
+    # a folder written before the sha256 was recorded may hold another model's results: refused
+    del run["checkpoint_sha256"]
+    (tmp_path / "run" / "run.json").write_text(json.dumps(run))
+    assert main(args) == 2 and "differs in checkpoint_sha256" in capsys.readouterr().err
     torch.save(create_model("efficientvit-sam-tiny-l", seed=1).state_dict(), ckpt)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

@@ -400,6 +400,10 @@ def test_own_recipes_chain():
     # box prompts until the last step, which trains corrective clicks beside boxes
     assert teacher.box_prob == s2.box_prob == only.box_prob == 1.0
     assert clicks.box_prob < 1 and clicks.click_rounds >= 4  # the protocol's 5 clicks
+    # make weights publishes what these recipes write
+    make = (REPO / "Makefile").read_text()
+    assert f"--model leansam-vit-s --checkpoint {teacher.out}/model.pt" in make
+    assert f"--model leansam-efficientvit-s --checkpoint {clicks.out}/model.pt" in make
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -1325,6 +1329,12 @@ def test_click_rounds_train_on_corrective_clicks_from_the_models_own_errors(sa1b
         assert torch.isfinite(loss)
         r = sample["click_rounds"]
         assert len(calls) == r + 1  # r rounds without gradient, then the trained prediction
+        if r:  # seeded: the same sample and seed give the same clicks
+            first = calls[-1][0]
+            calls.clear()
+            step([sample], [i])
+            assert torch.equal(calls[-1][0], first)
+        h, w = sample["image"].shape[-2:]  # the resized image inside the padded frame
         gt = sample["gt"] > 0.5
         for k, (points, labels, *_) in enumerate(calls):
             assert points.shape[:2] == labels.shape == (4, k + 1)
@@ -1333,14 +1343,16 @@ def test_click_rounds_train_on_corrective_clicks_from_the_models_own_errors(sa1b
                 continue
             # click k was drawn from the error of round k-1's best predicted output
             prev_low, prev_iou = calls[k - 1][2], calls[k - 1][3]
+            assert prev_low.shape[1] == 3  # the multimask outputs, as the click protocol takes
             best = prev_low[torch.arange(4), prev_iou.argmax(1)][:, None]
             pred = torch.nn.functional.interpolate(best, gt.shape[-2:], mode="bilinear")[:, 0] > 0
             xy = (points[:, k] / (1024 / gt.shape[-1])).round().long()
             for j in range(4):
                 x, y = int(xy[j, 0]), int(xy[j, 1])
+                assert x < w and y < h, (x, y, w, h)  # never on the padding
                 inside = bool(gt[j, y, x])
                 assert int(labels[j, k]) == int(inside)  # positive exactly on object pixels
-                if (pred[j] != gt[j]).any():
+                if (pred[j, :h, :w] != gt[j, :h, :w]).any():
                     assert bool(pred[j, y, x]) != inside  # on the error region
     assert set(rounds) == {0, 1, 2, 3}
     for bad, why in (

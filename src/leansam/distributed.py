@@ -49,7 +49,7 @@ def barrier() -> None:
 
 #: configuration fields recorded only by later versions: a run folder whose record lacks one was
 #: written before it existed and resumes whatever its value now
-LATER_FIELDS = ("calib_images", "checkpoint_sha256")
+LATER_FIELDS = ("calib_images",)
 
 
 def claim_run_folder(

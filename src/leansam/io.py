@@ -176,10 +176,19 @@ def read_json(path: str | os.PathLike, what: str) -> object:
         raise InputError(f"{what} {path} is not valid JSON: {e}") from None
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's contents (what ``sha256sum`` prints), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file, or of a folder's files (names and contents, sorted), read in 1 MiB
-    chunks: what a resumable job records of an input whose content may change under the same
-    path (detections, checkpoints)."""
+    """sha256 over a file, or over a folder's files (sorted), each as its name, a zero byte and
+    its contents, read in 1 MiB chunks: what a resumable job records of an input whose content may
+    change under the same path (detections). Not a file's plain sha256: see :func:`file_sha256`."""
     h = hashlib.sha256()
     path = Path(path)
     for f in sorted(path.rglob("*")) if path.is_dir() else [path]:

@@ -7,7 +7,6 @@ They are stored as float16 safetensors and load into float32 models.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .io import file_sha256
 
 #: variant name -> file in the weights folder
 PRETRAINED: dict[str, str] = {
@@ -36,14 +36,6 @@ def has_pretrained(name: str) -> bool:
     return name in PRETRAINED
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def pretrained_path(name: str) -> Path:
     """The verified weights file of ``name``; one-line :class:`CheckpointError` otherwise."""
     if name not in PRETRAINED:
@@ -61,7 +53,7 @@ def pretrained_path(name: str) -> Path:
     manifest = folder / MANIFEST
     if manifest.is_file():
         expected = json.loads(manifest.read_text()).get(name, {}).get("sha256")
-        if expected and _sha256(path) != expected:
+        if expected and file_sha256(path) != expected:
             raise CheckpointError(
                 f"{path} does not match its sha256 in {manifest}: the file is damaged or was "
                 "replaced (a Git LFS pointer?); restore it with `git checkout weights/`"
@@ -92,7 +84,7 @@ def publish(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest[name] = {
         "file": PRETRAINED[name],
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
         "bytes": path.stat().st_size,
         "params": sum(v.numel() for v in state.values()),
         "dtype": str(torch.float16),

@@ -177,14 +177,16 @@ def dataset_model(args: argparse.Namespace):
 
 
 def checkpoint_record(path: str | os.PathLike | None) -> dict:
-    """What a resumable run records of its weights: the file and its sha256, so that a rerun
-    after the file changed under the same path (``make weights`` republishing ``weights/``, a
-    retrained ``model.pt``) refuses the earlier results instead of mixing two models'."""
-    from ..io import file_digest
+    """What a resumable run records of its weights: the file and its sha256 (``sha256sum``'s, the
+    one ``weights/manifest.json`` holds), so that a rerun after the file changed under the same
+    path (``make weights`` republishing ``weights/``, a retrained ``model.pt``) refuses the earlier
+    results instead of mixing two models'. A run folder written before this was recorded is refused
+    too when it has a checkpoint (its results may be another model's): ``--fresh`` once."""
+    from ..io import file_sha256
 
     if not path:
         return {"checkpoint": None, "checkpoint_sha256": None}
-    return {"checkpoint": os.fspath(path), "checkpoint_sha256": file_digest(path)}
+    return {"checkpoint": os.fspath(path), "checkpoint_sha256": file_sha256(path)}
 
 
 def print_skipped(skipped: list[dict], summary_file: str, shown: int = 5) -> None:

@@ -35,7 +35,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         # a resumed run that had already finished takes no step: say so instead of a loss
         records = result["records"]
-        last = f"last loss {records[-1]['loss']:.5f}" if records else "already finished"
+        done = result["steps"] >= result["total_steps"]
+        idle = "already finished" if done else "no step before --max-steps"
+        last = f"last loss {records[-1]['loss']:.5f}" if records else idle
         n = result["skipped_samples"]
         skipped = f", {n} unreadable samples skipped" if n else ""
         drawn = result.get("box_iou")

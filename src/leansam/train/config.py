@@ -78,7 +78,9 @@ class TrainConfig:
     #: predicts from the clicks so far, without gradient (the output with the highest predicted
     #: IoU, as the click protocol of SPEC section 6 takes), and a click is drawn uniformly from
     #: that prediction's error region, positive on a missed pixel and negative on a spurious one.
-    #: The loss is on the prediction from all the clicks. 0: off (SPEC section 5's points)
+    #: The loss is on the prediction from all the clicks. SAM also feeds the previous low-res
+    #: logits back as a mask prompt; leansam does not, as its click protocol does not. 0: off
+    #: (SPEC section 5's points)
     click_rounds: int = 0
     focal: bool = False
     #: weight of the BCE (or focal) term next to Dice; SPEC: 20 (fine-tuning a trained SAM). From

@@ -104,17 +104,20 @@ class FinetuneStep(nn.Module):
         (``TrainConfig.click_rounds``): N x K x 2 points (1024 frame) and N x K labels, K = 1 +
         rounds. Each round decodes without gradient on ``emb`` (1 x D x 64 x 64, detached) and
         adds one click per mask drawn from the error of the output with the highest predicted IoU,
-        compared with ``s["gt"]`` in the padded input frame."""
+        compared with ``s["gt"]`` inside the resized image (never on the input frame's padding)."""
         rng = np.random.default_rng([seed, 1])  # apart from the loss's generator
         points, labels = s["points"], s["labels"]
         gt = s["gt"] > 0.5
         scale = 1024 / gt.shape[-1]  # input frame pixels -> the prompts' 1024 frame
+        h, w = s["image"].shape[-2:]  # the resized image; the rest of the frame is padding
         for _ in range(s["click_rounds"]):
             with torch.no_grad():
                 low, iou = self.model.decode(emb, points, labels, None, None, True)
                 best = low[torch.arange(len(low)), iou.argmax(1)][:, None].float()
                 pred = F.interpolate(best, gt.shape[-2:], mode="bilinear", align_corners=False)
-            xy, lab = error_clicks((pred[:, 0] > 0).cpu().numpy(), gt.cpu().numpy(), rng)
+            # errors inside the image only, as a user sees them (never a click on the padding)
+            pred_in, gt_in = (pred[:, 0, :h, :w] > 0).cpu().numpy(), gt[:, :h, :w].cpu().numpy()
+            xy, lab = error_clicks(pred_in, gt_in, rng)
             new = torch.as_tensor(xy * scale, dtype=points.dtype, device=points.device)
             points = torch.cat([points, new[:, None]], 1)
             labels = torch.cat([labels, torch.as_tensor(lab, device=labels.device)[:, None]], 1)
