@@ -176,12 +176,17 @@ def read_json(path: str | os.PathLike, what: str) -> object:
         raise InputError(f"{what} {path} is not valid JSON: {e}") from None
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's contents (what ``sha256sum`` prints), read in 1 MiB chunks."""
-    h = hashlib.sha256()
+def _hash_file(h, path: str | os.PathLike) -> None:
+    """Feed a file's contents to the hash ``h``, 1 MiB at a time."""
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's contents (what ``sha256sum`` prints), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    _hash_file(h, path)
     return h.hexdigest()
 
 
@@ -194,9 +199,7 @@ def file_digest(path: str | os.PathLike) -> str:
     for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
         if f.is_file():
             h.update(f.name.encode() + b"\0")
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+            _hash_file(h, f)
     return h.hexdigest()
 
 
