@@ -51,7 +51,10 @@ def tables(runs: list[dict]) -> str:
         out += [
             "### Point prompts (simulated clicks), mIoU x 100",
             "",
-            "| model | " + " | ".join(ks) + " | objects |",
+            # the records' keys are "K clicks" for every K (leansam.eval.runner)
+            "| model | "
+            + " | ".join("1 click" if k == "1 clicks" else k for k in ks)
+            + " | objects |",
             "|---|" + "---:|" * (len(ks) + 1),
         ]
         for r in click:
@@ -80,7 +83,7 @@ def tables(runs: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", help="folder whose subfolders hold results.json files")
     args = ap.parse_args(argv)
     root = Path(args.root)

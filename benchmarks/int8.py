@@ -185,7 +185,7 @@ def markdown(paths: list[str]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="efficientvit-sam-l0,leansam-efficientvit-s")
     ap.add_argument("--accuracy-models", default="leansam-efficientvit-s")
     ap.add_argument("--quantized", action="append", default=[], metavar="MODEL=Q.PT")

@@ -89,7 +89,7 @@ def _encoder_batches(model, images: list[np.ndarray], rounds: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every row")
     ap.add_argument("--relaxed", action="store_true", help="pred IoU 0, stability 0.3")

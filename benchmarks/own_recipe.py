@@ -73,7 +73,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="out/own", help="folder with the make-weights runs")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)

@@ -38,7 +38,7 @@ OFF = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
     p.add_argument("bits")
     p.add_argument("method", nargs="?", default="minmax")

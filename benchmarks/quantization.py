@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/quantization.py --models leansam-efficientvit-s \
         --out benchmarks/results/quantization-student.json
-    .venv/bin/python benchmarks/quantization.py --markdown benchmarks/results/quantization-*.json
+    .venv/bin/python benchmarks/quantization.py --markdown \
+        benchmarks/results/quantization-student.json benchmarks/results/quantization-teacher.json
 
 For each model (its shipped weights): FP32, then each method x bit setting quantized with
 calibration on coco-mini **train** (``--calib-count`` images, their GT boxes as prompts) and
@@ -10,7 +11,9 @@ evaluated with the box protocol on coco-mini **val** (never used for calibration
 evaluation ``check_active`` runs the quantized model on a val image and fails unless every
 quantizer is enabled, calibrated and changes its input. Records (mIoU by size, wall times, CAG
 register counts, active quantizers) go to ``--out`` after every configuration; a rerun skips
-the configurations already there (resumable). ``--markdown`` prints the QUANTIZATION.md tables.
+the configurations already there (resumable), but only for the weights they were measured on
+(their sha256 in ``setup.weights_sha256``; a record of other weights is refused).
+``--markdown`` prints the QUANTIZATION.md tables.
 A method ``ahcptq+kernel-bug`` runs AHCPTQ with the published HLUQ kernel's behaviour,
 ``METHOD+mean`` with CAG groups merged at their members' mean instead of by range (the default,
 ``QuantConfig.cag_merge``), ``METHOD+log2`` with plain log2 softmax quantizers instead of the
@@ -32,7 +35,8 @@ import torch
 
 from leansam import SamPredictor, create_model
 from leansam.eval import EvalDataset, evaluate
-from leansam.io import atomic_write_json, load_image
+from leansam.io import atomic_write_json, file_sha256, load_image
+from leansam.pretrained import pretrained_path
 from leansam.provenance import describe_environment
 from leansam.quant import (
     BIT_SETTINGS,
@@ -69,6 +73,16 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     record = json.loads(out.read_text()) if out.exists() else {"runs": []}
     done = {(r["model"], _label(r), r["bits"]) for r in record["runs"]}
+    shas = record.get("setup", {}).get("weights_sha256", {})
+    for name in args.models.split(","):
+        sha = file_sha256(pretrained_path(name))
+        if any(r["model"] == name for r in record["runs"]) and shas.get(name) != sha:
+            sys.exit(
+                f"{out} holds results of other {name} weights (sha256 "
+                f"{shas.get(name) or 'not recorded'}, shipped now {sha[:12]}...): move it away "
+                "or pass another --out"
+            )
+        shas[name] = sha
     val = EvalDataset.load(DATA / "val2017", DATA / "annotations" / "instances_val2017.json")
     record["setup"] = {
         "calibration": f"coco-mini train, first {args.calib_count} annotated images, <= 4 GT "
@@ -78,6 +92,7 @@ def run(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "keep_8bit": args.keep_8bit,
         "threads": args.threads,
+        "weights_sha256": shas,
         "environment": describe_environment(),
     }
     for name in args.models.split(","):
@@ -179,7 +194,7 @@ def markdown(paths: list[str]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="leansam-efficientvit-s,leansam-vit-s")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--bits", default=",".join(BIT_SETTINGS))

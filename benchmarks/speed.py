@@ -473,7 +473,7 @@ ENCODER_MODELS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sections", default="runtimes,encoders,decoder,amg")
     ap.add_argument("--encoders", default=",".join(ENCODER_MODELS))
     ap.add_argument("--runs", type=int, default=7)

@@ -27,7 +27,7 @@ IMAGE = Path(__file__).resolve().parents[2] / "shared/data/coco-mini/val2017/000
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points-per-side", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()

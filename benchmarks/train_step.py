@@ -117,7 +117,7 @@ def measure(name: str, cfg: TrainConfig, dataset, runs: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="leansam-efficientvit-s,leansam-vit-s")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--masks-per-image", type=int, default=4)

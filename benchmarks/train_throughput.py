@@ -29,7 +29,7 @@ COCO = REPO.parent / "shared" / "data" / "coco-mini"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="efficientvit-sam-tiny-l,sam-vit-tiny")
     ap.add_argument("--teacher", default="sam-vit-tiny", help="teacher for the stage-1 rows")
     ap.add_argument("--steps", type=int, default=6)

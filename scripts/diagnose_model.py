@@ -27,7 +27,7 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-mi
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--model", default="leansam-efficientvit-s", help="model name (default: %(default)s)"
     )

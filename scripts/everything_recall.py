@@ -68,7 +68,7 @@ def recall(labels: Path, images_dir: Path, annotations: Path, limit: int | None 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("labels", type=Path, help="output folder of leansam everything")
     ap.add_argument("--images", type=Path, required=True, help="the image folder labelled")
     ap.add_argument("--annotations", type=Path, required=True, help="COCO instances JSON")

@@ -48,7 +48,7 @@ def sa1b_areas(folder: Path) -> tuple[list[float], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", nargs="*", type=Path, help="SA-1B folders")
     ap.add_argument("--coco", type=Path, help="a COCO instances file (the evaluation split)")
     ap.add_argument("--json", type=Path, help="also write the table as JSON here")

@@ -193,6 +193,8 @@ def test_demo_reports_untrained_weights(tmp_path):
     assert all(len(r["iou"]) == r["objects"] >= 1 for r in report["images"])
     md = (out / "report.md").read_text()
     assert "untrained (random)" in md and "| image | objects | mIoU |" in md
+    assert "label each mask with its IoU against the ground-truth mask (measured" in md
+    assert all(len(r["predicted_iou"]) == r["objects"] for r in report["images"])
     assert len(list((out / "overlays").glob("*.png"))) == 2
 
 

@@ -527,6 +527,31 @@ def _check_w8a8(name: str, min_embedding_db: float) -> None:
     assert emb >= min_embedding_db
 
 
+def test_quantization_benchmark_refuses_a_record_of_other_weights(tmp_path):
+    """benchmarks/quantization.py resumes a record only for the weights it was measured on (their
+    sha256 in ``setup.weights_sha256``): after ``make weights`` republished the files it refuses,
+    in one line and before any work, instead of skipping rows of the old model as done."""
+    from leansam.io import file_sha256
+    from leansam.pretrained import pretrained_path
+
+    name = "leansam-efficientvit-s"
+    old = {"model": name, "method": "fp32", "bits": "-", "miou": {"all": 32.2}}
+    script = [sys.executable, str(REPO / "benchmarks" / "quantization.py"), "--models", name]
+    for setup in ({"weights_sha256": {name: "0" * 64}}, {}):  # other weights; not recorded
+        out = tmp_path / "record.json"
+        out.write_text(json.dumps({"runs": [old], "setup": setup}))
+        res = subprocess.run(
+            [*script, "--out", str(out)], capture_output=True, text=True, timeout=120
+        )
+        sha = file_sha256(pretrained_path(name))
+        assert res.returncode == 1 and res.stderr.strip() == (
+            f"{out} holds results of other {name} weights (sha256 "
+            f"{setup.get('weights_sha256', {}).get(name) or 'not recorded'}, shipped now "
+            f"{sha[:12]}...): move it away or pass another --out"
+        ), res.stderr
+        assert json.loads(out.read_text())["runs"] == [old]  # left as it was
+
+
 def test_w8a8_layer_sqnr_on_full_size_efficientvit_sam_l0():
     _check_w8a8("efficientvit-sam-l0", 30)
 

@@ -237,6 +237,37 @@ def test_synthetic_scenes(tmp_path):
     again, again_masks = make_scene(np.random.default_rng([0, 1]), size=128)
     assert np.array_equal(again_masks, masks) and np.array_equal(again, image)
     assert np.array_equal(ds[1].masks, masks)  # masks round-trip exactly through RLE
+    # the settings are recorded: another seed or size into the same folder is refused, --fresh
+    # replaces the scenes, and a folder of other SA-1B files is never mixed into
+    with pytest.raises(InputError, match=r"another configuration \(differs in seed\)"):
+        write_scenes(tmp_path, 4, seed=1, size=128)
+    assert write_scenes(tmp_path, 2, seed=1, size=128, fresh=True, progress=False) == 2
+    assert len(SA1BDataset(tmp_path)) == 2
+    _, other_masks = make_scene(np.random.default_rng([1, 1]), size=128)
+    assert np.array_equal(SA1BDataset(tmp_path)[1].masks, other_masks)  # seed 1's scene now
+    assert other_masks.shape != masks.shape or not np.array_equal(other_masks, masks)
+    (tmp_path / "synth.json").unlink()
+    with pytest.raises(InputError, match="holds SA-1B files not written by this synth"):
+        write_scenes(tmp_path, 2, seed=1, size=128)
+    with pytest.raises(InputError, match="is a file"):
+        write_scenes(tmp_path / "sa_0.jpg", 1)
+    with pytest.raises(InputError, match="--seed must be 0 or more"):
+        write_scenes(tmp_path / "neg", 1, seed=-1)
+    # the command line: scenes written without a bar, one line and exit 2 for another seed
+    cli = [sys.executable, "-m", "leansam.cli", "data", "synth", "--out", str(tmp_path / "c")]
+    ok = subprocess.run(
+        [*cli, "--count", "2", "--size", "64", "--no-progress"], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert ok.returncode == 0 and ok.stdout.startswith("wrote 2 scenes") and not ok.stderr
+    bad = subprocess.run(
+        [*cli, "--count", "2", "--size", "64", "--seed", "2"], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip().endswith(
+        "holds results of another configuration (differs in seed): use a new --out, or --fresh "
+        "to discard them"
+    ), bad.stderr
 
 
 def _color_sources(root) -> list:

@@ -132,7 +132,9 @@ def _markdown(report: dict) -> str:
         lines += [f"> {UNTRAINED}", ""]
     lines += [
         "Each image's largest annotated objects are segmented from their ground-truth boxes",
-        "(one batched decoder call per image) and compared with the ground-truth masks.",
+        "(one batched decoder call per image) and compared with the ground-truth masks. The",
+        "overlays label each mask with its IoU against the ground-truth mask (measured, not the",
+        "model's predicted IoU, which `report.json` lists as `predicted_iou`).",
         "",
         "| image | objects | mIoU | box-fill mIoU | embed ms | decode ms | overlay |",
         "|---|---:|---:|---:|---:|---:|---|",

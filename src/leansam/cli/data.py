@@ -30,7 +30,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     if args.count < 1:
         raise InputError("--count must be at least 1")
-    n = write_scenes(args.out, args.count, seed=args.seed, size=args.size)
+    if args.size < 64:
+        raise InputError("--size must be at least 64 pixels")
+    n = write_scenes(
+        args.out, args.count, seed=args.seed, size=args.size, fresh=args.fresh,
+        progress=not args.no_progress,
+    )  # fmt: skip
     print(f"wrote {n} scenes to {args.out} ({args.count - n} already there)")
     return 0
 
@@ -73,11 +78,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--seed",
         type=int,
         default=default_of(write_scenes, "seed"),
-        help="scene i depends only on the seed and i",
+        help="scene i depends only on the seed, i and --size (recorded in OUT/synth.json)",
     )
     syn.add_argument(
         "--size", type=int, default=default_of(write_scenes, "size"), help="long side in pixels"
     )
+    syn.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete the scenes of other settings in --out first (a rerun otherwise refuses them)",
+    )
+    syn.add_argument("--no-progress", action="store_true", help="no progress bar")
     syn.set_defaults(func=_cmd_synth)
     paste_help = (
         "copy-paste scenes: real objects cut out along their masks and pasted onto other "

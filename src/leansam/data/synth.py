@@ -78,18 +78,57 @@ def make_scene(rng: np.random.Generator, size: int = 512) -> tuple[np.ndarray, n
     return image, masks
 
 
-def write_scenes(out_dir: str | os.PathLike, count: int, *, seed: int = 0, size: int = 512) -> int:
+def write_scenes(
+    out_dir: str | os.PathLike,
+    count: int,
+    *,
+    seed: int = 0,
+    size: int = 512,
+    fresh: bool = False,
+    progress: bool = True,
+) -> int:
     """Write ``count`` scenes as ``sa_<i>.jpg`` + ``sa_<i>.json``; scene i depends only on (seed,
-    i), and existing pairs are kept (a rerun resumes). Returns the number written."""
+    i) and ``size`` (recorded in ``out_dir/synth.json``), and existing pairs are kept (a rerun
+    resumes); ``fresh`` deletes the scenes of other settings first. Returns the number written.
+    Raises InputError for an ``out_dir`` that is a file or holds other SA-1B files, a negative
+    seed, or a rerun with another seed or size without ``fresh``."""
+    from ..distributed import claim_run_folder
+    from ..errors import InputError
+    from ..progress import progress_bar
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    if seed < 0:
+        raise InputError(f"--seed must be 0 or more, not {seed}")
+    recorded = out / "synth.json"
+    if out.is_dir() and not recorded.exists() and any(out.glob("sa_*.json")) and not fresh:
+        raise InputError(
+            f"--out {out} holds SA-1B files not written by this synth: use a new folder, or "
+            "--fresh to delete them"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create --out {out}: {e.strerror}") from None
+
+    def clear() -> None:
+        for f in [*out.glob("sa_*.json"), *out.glob("sa_*.jpg")]:
+            f.unlink()
+
+    claim_run_folder(recorded, {"seed": seed, "size": size}, fresh=fresh, clear=clear)
+    todo = [i for i in range(count) if not (out / f"sa_{i}.json").exists()]
+    bar = progress_bar(
+        total=count, initial=count - len(todo), desc="synthetic scenes", unit="scene",
+        enabled=progress,
+    )  # fmt: skip
     written = 0
-    for i in range(count):
-        if (out / f"sa_{i}.json").exists():
-            continue
+    for i in todo:
         image, masks = make_scene(np.random.default_rng([seed, i]), size)
+        bar.update()
         if not len(masks):
             continue
         write_sa1b_scene(out, i, image, masks, i * 100)
         written += 1
+    bar.close()
     return written
