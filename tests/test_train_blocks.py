@@ -247,7 +247,9 @@ def test_synthetic_scenes(tmp_path):
     assert np.array_equal(SA1BDataset(tmp_path)[1].masks, other_masks)  # seed 1's scene now
     assert other_masks.shape != masks.shape or not np.array_equal(other_masks, masks)
     (tmp_path / "synth.json").unlink()
-    with pytest.raises(InputError, match="holds SA-1B files not written by this synth"):
+    with pytest.raises(
+        InputError, match="holds SA-1B files not written by synth: use a new folder"
+    ):
         write_scenes(tmp_path, 2, seed=1, size=128)
     with pytest.raises(InputError, match="is a file"):
         write_scenes(tmp_path / "sa_0.jpg", 1)

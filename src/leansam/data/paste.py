@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ..distributed import claim_run_folder
 from ..errors import InputError
 from ..io import read_json
 from ..progress import progress_bar
-from .sa1b import SA1BDataset, write_sa1b_scene
+from .sa1b import SA1BDataset, claim_scene_folder, write_sa1b_scene
 
 #: masks smaller than this many pixels are dropped (objects to cut, and visible parts kept)
 MIN_PIXELS = 30
@@ -167,28 +166,10 @@ def write_paste_scenes(
     out = Path(out_dir)
     if any(Path(s).resolve() == out.resolve() for s in sources):
         raise InputError(f"--out {out} is one of the sources: write the scenes elsewhere")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
-    if seed < 0:
-        raise InputError(f"--seed must be 0 or more, not {seed}")
-    recorded = out / "paste.json"
-    if out.is_dir() and not recorded.exists() and any(out.glob("sa_*.json")):
-        raise InputError(
-            f"--out {out} holds SA-1B files not written by copy-paste: use a new folder"
-        )
     pool = ObjectPool(sources)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create --out {out}: {e.strerror}") from None
     # the settings the scenes depend on: a rerun into the same folder must use the same ones
-    manifest = {"seed": seed, "size": size, "sources": [str(Path(p).resolve()) for p in sources]}
-
-    def clear() -> None:
-        for f in [*out.glob("sa_*.json"), *out.glob("sa_*.jpg")]:
-            f.unlink()
-
-    claim_run_folder(recorded, manifest, fresh=fresh, clear=clear)
+    settings = {"seed": seed, "size": size, "sources": [str(Path(p).resolve()) for p in sources]}
+    claim_scene_folder(out, "paste.json", settings, fresh=fresh, tool="copy-paste")
     todo = [i for i in range(count) if not (out / f"sa_{i}.json").exists()]
     bar = progress_bar(
         total=count, initial=count - len(todo), desc="copy-paste scenes", unit="scene",

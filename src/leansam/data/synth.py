@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .sa1b import write_sa1b_scene
+from .sa1b import claim_scene_folder, write_sa1b_scene
 
 
 def _texture(rng: np.random.Generator, h: int, w: int, color: np.ndarray) -> np.ndarray:
@@ -90,33 +90,12 @@ def write_scenes(
     """Write ``count`` scenes as ``sa_<i>.jpg`` + ``sa_<i>.json``; scene i depends only on (seed,
     i) and ``size`` (recorded in ``out_dir/synth.json``), and existing pairs are kept (a rerun
     resumes); ``fresh`` deletes the scenes of other settings first. Returns the number written.
-    Raises InputError for an ``out_dir`` that is a file or holds other SA-1B files, a negative
-    seed, or a rerun with another seed or size without ``fresh``."""
-    from ..distributed import claim_run_folder
-    from ..errors import InputError
+    Raises InputError as :func:`~leansam.data.sa1b.claim_scene_folder` does (a file as
+    ``out_dir``, other SA-1B files in it, a negative seed, a rerun with other settings)."""
     from ..progress import progress_bar
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
-    if seed < 0:
-        raise InputError(f"--seed must be 0 or more, not {seed}")
-    recorded = out / "synth.json"
-    if out.is_dir() and not recorded.exists() and any(out.glob("sa_*.json")) and not fresh:
-        raise InputError(
-            f"--out {out} holds SA-1B files not written by this synth: use a new folder, or "
-            "--fresh to delete them"
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create --out {out}: {e.strerror}") from None
-
-    def clear() -> None:
-        for f in [*out.glob("sa_*.json"), *out.glob("sa_*.jpg")]:
-            f.unlink()
-
-    claim_run_folder(recorded, {"seed": seed, "size": size}, fresh=fresh, clear=clear)
+    claim_scene_folder(out, "synth.json", {"seed": seed, "size": size}, fresh=fresh, tool="synth")
     todo = [i for i in range(count) if not (out / f"sa_{i}.json").exists()]
     bar = progress_bar(
         total=count, initial=count - len(todo), desc="synthetic scenes", unit="scene",
