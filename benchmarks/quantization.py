@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from leansam import SamPredictor, create_model
+from leansam.errors import CheckpointError
 from leansam.eval import EvalDataset, evaluate
 from leansam.io import atomic_write_json, file_sha256, load_image
 from leansam.pretrained import pretrained_path
@@ -73,16 +74,10 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     record = json.loads(out.read_text()) if out.exists() else {"runs": []}
     done = {(r["model"], _label(r), r["bits"]) for r in record["runs"]}
-    shas = record.get("setup", {}).get("weights_sha256", {})
-    for name in args.models.split(","):
-        sha = file_sha256(pretrained_path(name))
-        if any(r["model"] == name for r in record["runs"]) and shas.get(name) != sha:
-            sys.exit(
-                f"{out} holds results of other {name} weights (sha256 "
-                f"{shas.get(name) or 'not recorded'}, shipped now {sha[:12]}...): move it away "
-                "or pass another --out"
-            )
-        shas[name] = sha
+    try:
+        shas = weights_digests(record, args.models.split(","), out)
+    except CheckpointError as e:
+        sys.exit(str(e))
     val = EvalDataset.load(DATA / "val2017", DATA / "annotations" / "instances_val2017.json")
     record["setup"] = {
         "calibration": f"coco-mini train, first {args.calib_count} annotated images, <= 4 GT "
@@ -158,6 +153,24 @@ def run(args: argparse.Namespace) -> None:
                 record["runs"].append(row)
                 atomic_write_json(out, record)
                 print(json.dumps(row), flush=True)
+
+
+def weights_digests(record: dict, names: list[str], out: Path) -> dict[str, str]:
+    """The sha256 of each model's shipped weights, added to those ``record`` has of other models.
+    Raises CheckpointError when ``record`` holds runs of one of ``names`` measured on other
+    weights, or on weights it did not record (before they were recorded): its rows would be
+    skipped as done."""
+    shas = dict(record.get("setup", {}).get("weights_sha256", {}))
+    for name in names:
+        sha = file_sha256(pretrained_path(name))
+        if any(r["model"] == name for r in record["runs"]) and shas.get(name) != sha:
+            old = shas.get(name, "")[:12] + "..." if shas.get(name) else "not recorded"
+            raise CheckpointError(
+                f"{out} holds results of other {name} weights (sha256 {old}, shipped now "
+                f"{sha[:12]}...): move it away or pass another --out"
+            )
+        shas[name] = sha
+    return shas
 
 
 def _label(row: dict) -> str:

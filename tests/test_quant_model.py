@@ -531,25 +531,47 @@ def test_quantization_benchmark_refuses_a_record_of_other_weights(tmp_path):
     """benchmarks/quantization.py resumes a record only for the weights it was measured on (their
     sha256 in ``setup.weights_sha256``): after ``make weights`` republished the files it refuses,
     in one line and before any work, instead of skipping rows of the old model as done."""
+    import importlib.util
+
+    from leansam.errors import CheckpointError
     from leansam.io import file_sha256
     from leansam.pretrained import pretrained_path
 
-    name = "leansam-efficientvit-s"
-    old = {"model": name, "method": "fp32", "bits": "-", "miou": {"all": 32.2}}
-    script = [sys.executable, str(REPO / "benchmarks" / "quantization.py"), "--models", name]
-    for setup in ({"weights_sha256": {name: "0" * 64}}, {}):  # other weights; not recorded
-        out = tmp_path / "record.json"
-        out.write_text(json.dumps({"runs": [old], "setup": setup}))
-        res = subprocess.run(
-            [*script, "--out", str(out)], capture_output=True, text=True, timeout=120
+    spec = importlib.util.spec_from_file_location("qbench", REPO / "benchmarks/quantization.py")
+    qbench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qbench)
+    student, teacher = "leansam-efficientvit-s", "leansam-vit-s"
+    sha = {n: file_sha256(pretrained_path(n)) for n in (student, teacher)}
+    row = {"model": student, "method": "fp32", "bits": "-", "miou": {"all": 32.2}}
+    other = {"weights_sha256": {student: "ab" * 32}}
+    out = tmp_path / "record.json"
+    # accepted: a new record, and one of the same weights; other models' digests are kept
+    assert qbench.weights_digests({"runs": []}, [student], out) == {student: sha[student]}
+    same = {"runs": [row], "setup": {"weights_sha256": {student: sha[student], "x": "1"}}}
+    assert qbench.weights_digests(same, [student], out) == {student: sha[student], "x": "1"}
+    # a record with runs of another model only: stamped, whatever it had for that model
+    teacher_only = {"runs": [row], "setup": other}
+    stamped = qbench.weights_digests(teacher_only, [teacher], out)
+    assert stamped == {student: "ab" * 32, teacher: sha[teacher]}
+    # refused: other weights, or none recorded, also when only the second model differs
+    for setup, old in ((other, "abababababab..."), ({}, "not recorded")):
+        with pytest.raises(CheckpointError) as e:
+            qbench.weights_digests({"runs": [row], "setup": setup}, [teacher, student], out)
+        assert str(e.value) == (
+            f"{out} holds results of other {student} weights (sha256 {old}, shipped now "
+            f"{sha[student][:12]}...): move it away or pass another --out"
         )
-        sha = file_sha256(pretrained_path(name))
-        assert res.returncode == 1 and res.stderr.strip() == (
-            f"{out} holds results of other {name} weights (sha256 "
-            f"{setup.get('weights_sha256', {}).get(name) or 'not recorded'}, shipped now "
-            f"{sha[:12]}...): move it away or pass another --out"
-        ), res.stderr
-        assert json.loads(out.read_text())["runs"] == [old]  # left as it was
+    # the script: one line, exit 1, the record left as it was
+    out.write_text(json.dumps({"runs": [row], "setup": other}))
+    res = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/quantization.py"), "--models", student, "--out",
+         str(out)], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 1 and res.stderr.strip() == (
+        f"{out} holds results of other {student} weights (sha256 abababababab..., shipped now "
+        f"{sha[student][:12]}...): move it away or pass another --out"
+    ), res.stderr
+    assert json.loads(out.read_text())["runs"] == [row]
 
 
 def test_w8a8_layer_sqnr_on_full_size_efficientvit_sam_l0():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 
@@ -246,11 +247,15 @@ def test_synthetic_scenes(tmp_path):
     _, other_masks = make_scene(np.random.default_rng([1, 1]), size=128)
     assert np.array_equal(SA1BDataset(tmp_path)[1].masks, other_masks)  # seed 1's scene now
     assert other_masks.shape != masks.shape or not np.array_equal(other_masks, masks)
+    # a folder written before the settings were recorded: taken over when its first scene is
+    # the one the settings generate, else refused (never deleted: it may be someone's data)
     (tmp_path / "synth.json").unlink()
-    with pytest.raises(
-        InputError, match="holds SA-1B files not written by synth: use a new folder"
-    ):
-        write_scenes(tmp_path, 2, seed=1, size=128)
+    for fresh in (False, True):
+        with pytest.raises(InputError, match="holds SA-1B files not written by synth: use a new"):
+            write_scenes(tmp_path, 2, seed=0, size=128, fresh=fresh)
+        assert len(SA1BDataset(tmp_path)) == 2 and not (tmp_path / "synth.json").exists()
+    assert write_scenes(tmp_path, 3, seed=1, size=128, progress=False) == 1
+    assert json.loads((tmp_path / "synth.json").read_text()) == {"seed": 1, "size": 128}
     with pytest.raises(InputError, match="is a file"):
         write_scenes(tmp_path / "sa_0.jpg", 1)
     with pytest.raises(InputError, match="--seed must be 0 or more"):

@@ -86,7 +86,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     syn.add_argument(
         "--fresh",
         action="store_true",
-        help="delete the scenes of other settings in --out first (a rerun otherwise refuses them)",
+        help="delete the scenes in --out first (a rerun with other settings is otherwise refused)",
     )
     syn.add_argument("--no-progress", action="store_true", help="no progress bar")
     syn.set_defaults(func=_cmd_synth)
@@ -110,7 +110,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     paste.add_argument(
         "--fresh",
         action="store_true",
-        help="delete the scenes of other settings in --out first (a rerun otherwise refuses them)",
+        help="delete the scenes in --out first (a rerun with other settings is otherwise refused)",
     )
     paste.add_argument(
         "--seed",

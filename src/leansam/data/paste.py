@@ -23,7 +23,7 @@ from PIL import Image, ImageFilter
 from ..errors import InputError
 from ..io import read_json
 from ..progress import progress_bar
-from .sa1b import SA1BDataset, claim_scene_folder, write_sa1b_scene
+from .sa1b import SA1BDataset, check_scene_folder, claim_scene_folder, write_sa1b_scene
 
 #: masks smaller than this many pixels are dropped (objects to cut, and visible parts kept)
 MIN_PIXELS = 30
@@ -160,16 +160,17 @@ def write_paste_scenes(
     """Write ``count`` copy-paste scenes (:func:`make_paste_scene`) from the SA-1B folders
     ``sources`` as ``sa_<i>.jpg`` + ``sa_<i>.json`` in ``out_dir``; scene i depends only on
     (seed, i), ``size`` and the sources (recorded in ``out_dir/paste.json``), and existing pairs
-    are kept (a rerun resumes); ``fresh`` deletes the scenes of other settings first. Returns the
+    are kept (a rerun resumes); ``fresh`` deletes the scenes there first. Returns the
     number written. Raises InputError for a missing or empty source folder, an ``out_dir`` that is
     a source or a file, a negative seed, or a rerun with other settings without ``fresh``."""
     out = Path(out_dir)
     if any(Path(s).resolve() == out.resolve() for s in sources):
         raise InputError(f"--out {out} is one of the sources: write the scenes elsewhere")
+    check_scene_folder(out, "paste.json", seed, "copy-paste")
     pool = ObjectPool(sources)
     # the settings the scenes depend on: a rerun into the same folder must use the same ones
     settings = {"seed": seed, "size": size, "sources": [str(Path(p).resolve()) for p in sources]}
-    claim_scene_folder(out, "paste.json", settings, fresh=fresh, tool="copy-paste")
+    claim_scene_folder(out, "paste.json", settings, fresh=fresh)
     todo = [i for i in range(count) if not (out / f"sa_{i}.json").exists()]
     bar = progress_bar(
         total=count, initial=count - len(todo), desc="copy-paste scenes", unit="scene",

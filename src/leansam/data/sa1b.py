@@ -66,20 +66,24 @@ def write_sa1b_scene(
     write_sa1b_pair(out, image_id, buf.getvalue(), *image.shape[:2], records)
 
 
-def claim_scene_folder(out: Path, record: str, settings: dict, *, fresh: bool, tool: str) -> None:
-    """Start or resume writing generated scenes into ``out`` (``leansam data synth`` / ``paste``):
-    the settings the scenes depend on go to ``out/record``, and a rerun with other ones is refused
-    (``fresh``: their scenes are deleted first). Raises InputError for an ``out`` that is a file or
-    cannot be created, a negative ``settings["seed"]``, or a folder holding SA-1B files without
-    ``record`` (not written by ``tool``: never deleted, even with ``fresh``)."""
-    from ..distributed import claim_run_folder
-
+def check_scene_folder(out: Path, record: str, seed: int, tool: str) -> None:
+    """The cheap checks before generated scenes go to ``out`` (``leansam data synth`` / ``paste``;
+    run them before slow set-up). Raises InputError for an ``out`` that is a file, a negative
+    ``seed``, or a folder holding SA-1B files without ``record`` (not written by ``tool``: never
+    deleted, even with ``--fresh``)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder")
-    if settings["seed"] < 0:
-        raise InputError(f"--seed must be 0 or more, not {settings['seed']}")
+    if seed < 0:
+        raise InputError(f"--seed must be 0 or more, not {seed}")
     if out.is_dir() and not (out / record).exists() and any(out.glob("sa_*.json")):
         raise InputError(f"--out {out} holds SA-1B files not written by {tool}: use a new folder")
+
+
+def claim_scene_folder(out: Path, record: str, settings: dict, *, fresh: bool) -> None:
+    """Create ``out`` and record in ``out/record`` the settings its scenes depend on; a rerun with
+    other ones is refused (one-line InputError), ``fresh`` deletes the scenes there first."""
+    from ..distributed import claim_run_folder
+
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

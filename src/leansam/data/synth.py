@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .sa1b import claim_scene_folder, write_sa1b_scene
+from .sa1b import check_scene_folder, claim_scene_folder, mask_record, write_sa1b_scene
 
 
 def _texture(rng: np.random.Generator, h: int, w: int, color: np.ndarray) -> np.ndarray:
@@ -89,13 +89,18 @@ def write_scenes(
 ) -> int:
     """Write ``count`` scenes as ``sa_<i>.jpg`` + ``sa_<i>.json``; scene i depends only on (seed,
     i) and ``size`` (recorded in ``out_dir/synth.json``), and existing pairs are kept (a rerun
-    resumes); ``fresh`` deletes the scenes of other settings first. Returns the number written.
-    Raises InputError as :func:`~leansam.data.sa1b.claim_scene_folder` does (a file as
-    ``out_dir``, other SA-1B files in it, a negative seed, a rerun with other settings)."""
+    resumes); ``fresh`` deletes the scenes there first. Returns the number written.
+    A folder written before the settings were recorded is taken over when its first scene is the
+    one these settings generate. Raises InputError for a file as ``out_dir``, other SA-1B files in
+    it, a negative seed, or a rerun with other settings without ``fresh``."""
     from ..progress import progress_bar
 
     out = Path(out_dir)
-    claim_scene_folder(out, "synth.json", {"seed": seed, "size": size}, fresh=fresh, tool="synth")
+    settings = {"seed": seed, "size": size}
+    if out.is_dir() and not (out / "synth.json").exists() and seed >= 0:
+        _adopt_unrecorded(out, settings)
+    check_scene_folder(out, "synth.json", seed, "synth")
+    claim_scene_folder(out, "synth.json", settings, fresh=fresh)
     todo = [i for i in range(count) if not (out / f"sa_{i}.json").exists()]
     bar = progress_bar(
         total=count, initial=count - len(todo), desc="synthetic scenes", unit="scene",
@@ -111,3 +116,25 @@ def write_scenes(
         written += 1
     bar.close()
     return written
+
+
+def _adopt_unrecorded(out: Path, settings: dict) -> None:
+    """Record ``settings`` for a folder of scenes written before ``synth.json`` existed, when its
+    first scene's masks are, bit for bit, those the settings generate (else leave it unrecorded:
+    the caller then refuses it)."""
+    from ..errors import InputError
+    from ..io import atomic_write_json, read_json
+
+    files = sorted(out.glob("sa_*.json"), key=lambda f: (len(f.stem), f.stem))
+    if not files or not files[0].stem[3:].isdigit():
+        return
+    i = int(files[0].stem[3:])
+    try:
+        recorded = [
+            a["segmentation"]["counts"] for a in read_json(files[0], "SA-1B file")["annotations"]
+        ]
+    except (InputError, KeyError, TypeError):
+        return
+    _, masks = make_scene(np.random.default_rng([settings["seed"], i]), settings["size"])
+    if recorded == [mask_record(m, 0)["segmentation"]["counts"] for m in masks]:
+        atomic_write_json(out / "synth.json", settings)
