@@ -170,8 +170,7 @@ def write_paste_scenes(
     pool = ObjectPool(sources)
     # the settings the scenes depend on: a rerun into the same folder must use the same ones
     settings = {"seed": seed, "size": size, "sources": [str(Path(p).resolve()) for p in sources]}
-    claim_scene_folder(out, "paste.json", settings, fresh=fresh)
-    todo = [i for i in range(count) if not (out / f"sa_{i}.json").exists()]
+    todo = claim_scene_folder(out, "paste.json", settings, count, fresh=fresh)
     bar = progress_bar(
         total=count, initial=count - len(todo), desc="copy-paste scenes", unit="scene",
         enabled=progress,

@@ -79,9 +79,12 @@ def check_scene_folder(out: Path, record: str, seed: int, tool: str) -> None:
         raise InputError(f"--out {out} holds SA-1B files not written by {tool}: use a new folder")
 
 
-def claim_scene_folder(out: Path, record: str, settings: dict, *, fresh: bool) -> None:
+def claim_scene_folder(
+    out: Path, record: str, settings: dict, count: int, *, fresh: bool
+) -> list[int]:
     """Create ``out`` and record in ``out/record`` the settings its scenes depend on; a rerun with
-    other ones is refused (one-line InputError), ``fresh`` deletes the scenes there first."""
+    other ones is refused (one-line InputError), ``fresh`` deletes the scenes there first.
+    Returns the indices among ``range(count)`` whose ``sa_<i>.json`` is not there yet."""
     from ..distributed import claim_run_folder
 
     try:
@@ -94,6 +97,7 @@ def claim_scene_folder(out: Path, record: str, settings: dict, *, fresh: bool) -
             f.unlink()
 
     claim_run_folder(out / record, settings, fresh=fresh, clear=clear)
+    return [i for i in range(count) if not (out / f"sa_{i}.json").exists()]
 
 
 def coco_to_sa1b(

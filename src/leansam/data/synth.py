@@ -100,8 +100,7 @@ def write_scenes(
     if out.is_dir() and not (out / "synth.json").exists() and seed >= 0:
         _adopt_unrecorded(out, settings)
     check_scene_folder(out, "synth.json", seed, "synth")
-    claim_scene_folder(out, "synth.json", settings, fresh=fresh)
-    todo = [i for i in range(count) if not (out / f"sa_{i}.json").exists()]
+    todo = claim_scene_folder(out, "synth.json", settings, count, fresh=fresh)
     bar = progress_bar(
         total=count, initial=count - len(todo), desc="synthetic scenes", unit="scene",
         enabled=progress,
